@@ -1,1 +1,2 @@
+pub mod ipam;
 pub mod netns;
