@@ -12,6 +12,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CniError, ErrorCode};
+use crate::ipam::DEFAULT_STATE_DIR;
 
 /// Spec versions we accept in a configuration. 0.3.x share 0.4.0's result
 /// format; CHECK needs 0.4.0, STATUS and GC need 1.1.0.
@@ -270,8 +271,6 @@ pub struct NetConf {
     pub attachments: Option<Vec<GcAttachment>>,
 }
 
-/// Default IPAM state directory.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshward/ipam";
 /// Default agent notification socket.
 pub const DEFAULT_AGENT_SOCKET: &str = "/run/meshward/cni.sock";
 /// Underlay MTU assumed when the configuration gives none.
