@@ -586,3 +586,41 @@ fn agent_is_notified_when_listening() {
     let other = Netns::new("p");
     node.add(&conf, "quiet", &other).ok();
 }
+
+#[test]
+fn busy_lock_asks_to_try_again_and_corrupt_state_is_kept() {
+    let node = Node::new("198.18.0.11");
+    let conf = node.conf("1.0.0", "198.19.11.0/24");
+    let pod = Netns::new("p");
+    // Another process holds the IPAM lock for longer than the plugin waits.
+    let lock_path = node.state.path().join("meshward.lock");
+    let lock_file = std::fs::File::create(&lock_path).unwrap();
+    let held = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let err = node.add(&conf, "waits", &pod).err(11);
+    assert!(
+        err["details"].as_str().unwrap().contains("meshward.lock"),
+        "{err}"
+    );
+    drop(held);
+    let (_, links) = pod.exec(&["ip", "-o", "link"]);
+    assert!(
+        !links.contains("eth0"),
+        "a refused ADD created an interface"
+    );
+
+    // A corrupt state file is reported (I/O failure) and left as it is.
+    let state = node.state.path().join("meshward.json");
+    std::fs::write(&state, b"{\"version\": 1, \"allocations\": [").unwrap();
+    let err = node.add(&conf, "corrupt", &pod).err(5);
+    assert!(
+        err["details"].as_str().unwrap().contains("meshward.json"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        b"{\"version\": 1, \"allocations\": [",
+        "the corrupt state was overwritten"
+    );
+}
