@@ -1,0 +1,293 @@
+//! `meshward lab`: a cluster of network namespaces on this machine.
+//!
+//! See DESIGN.md, "The lab". Every namespace of lab NAME is called
+//! `mwl-NAME-...` and its state lives in /run/meshward-lab/NAME/; nothing is
+//! linked to the host's interfaces or routed out.
+
+mod build;
+mod cni;
+mod links;
+mod netns;
+mod state;
+mod status;
+mod topology;
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+
+use state::Lab;
+use status::Status;
+use topology::{LabName, Target};
+
+/// How long processes inside a lab get to exit after SIGTERM on `lab down`.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// Lab name (1-12 of a-z, 0-9); its namespaces are called mwl-NAME-*
+    #[arg(long, global = true, default_value = "lab", value_name = "NAME")]
+    name: LabName,
+
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCommand {
+    /// Build the lab: fabric, external namespace, nodes and their pods (needs root)
+    Up(UpArgs),
+    /// Remove the lab, including whatever a killed earlier lab of this name left
+    Down,
+    /// Show nodes, pods and addresses
+    Status {
+        /// Output format
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Run a command inside a lab member's network namespace; its exit code is passed through
+    Exec {
+        /// A pod (node1-pod1), a node (node1), `external` or `fabric`
+        target: Target,
+        /// The command and its arguments
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<OsString>,
+    },
+    /// Print the address of a pod, a node or `external`
+    Ip {
+        /// A pod (node1-pod1), a node (node1) or `external`
+        target: Target,
+    },
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    /// Number of nodes (node I has underlay 198.18.0.I/24 and pod CIDR 198.19.I.0/24)
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    nodes: u32,
+    /// Pods per node, each created with a CNI ADD of meshward-cni
+    #[arg(long, default_value_t = 2, value_name = "P")]
+    pods: u32,
+    /// The meshward-cni binary [default: next to this executable, else on PATH]
+    #[arg(long, value_name = "PATH")]
+    cni_bin: Option<PathBuf>,
+    /// Remove an existing lab of the same name first
+    #[arg(long)]
+    replace: bool,
+    /// Leave a half-built lab in place when a step fails (for debugging)
+    #[arg(long)]
+    keep_on_error: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+/// Runs a `meshward lab` command.
+pub fn run(args: LabArgs) -> Result<ExitCode> {
+    let lab = &args.name;
+    match args.command {
+        LabCommand::Up(up_args) => up(lab, up_args)?,
+        LabCommand::Down => down(lab)?,
+        LabCommand::Status { output } => status(lab, output)?,
+        LabCommand::Exec { target, command } => return exec(lab, target, command),
+        LabCommand::Ip { target } => ip(lab, target)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        bail!("`meshward lab {what}` needs root: it creates and enters network namespaces")
+    }
+}
+
+fn up(lab: &LabName, args: UpArgs) -> Result<()> {
+    let (nodes, pods) = topology::check_size(args.nodes, args.pods).map_err(|e| anyhow!(e))?;
+    require_root("up")?;
+    let cni_bin = if pods > 0 || args.cni_bin.is_some() {
+        Some(cni::locate(args.cni_bin.as_deref())?)
+    } else {
+        None
+    };
+
+    let leftovers = netns::list_with_prefix(&lab.prefix())?;
+    let dir = state::state_dir(lab);
+    if !leftovers.is_empty() || dir.exists() {
+        if !args.replace {
+            bail!(
+                "lab {lab} already exists ({} namespaces named {}*, state in {}): run `meshward lab --name {lab} down` first, or pass --replace",
+                leftovers.len(),
+                lab.prefix(),
+                dir.display()
+            );
+        }
+        tracing::info!(lab = %lab, "replacing the existing lab");
+        teardown(lab)?;
+    }
+
+    tracing::info!(lab = %lab, nodes, pods, "building lab");
+    match build::build(lab, nodes, pods, cni_bin.as_deref()) {
+        Ok(state) => {
+            print!("{}", current_status(lab, &state)?.table());
+            Ok(())
+        }
+        Err(e) if args.keep_on_error => {
+            tracing::warn!("leaving the half-built lab in place (--keep-on-error)");
+            Err(e.context(format!("building lab {lab}")))
+        }
+        Err(e) => {
+            if let Err(cleanup) = teardown(lab) {
+                tracing::warn!("removing the half-built lab: {cleanup:#}");
+            }
+            Err(e.context(format!(
+                "building lab {lab} (the half-built lab was removed)"
+            )))
+        }
+    }
+}
+
+fn down(lab: &LabName) -> Result<()> {
+    require_root("down")?;
+    let (namespaces, processes) = teardown(lab)?;
+    if namespaces == 0 {
+        println!("lab {lab}: nothing to remove");
+    } else {
+        println!("lab {lab}: removed {namespaces} namespaces, stopped {processes} processes");
+    }
+    Ok(())
+}
+
+/// Removes every namespace named with the lab's prefix (stopping the
+/// processes inside first) and the state directory, with or without
+/// lab.json. Returns (namespaces removed, processes stopped).
+fn teardown(lab: &LabName) -> Result<(usize, usize)> {
+    let names = netns::list_with_prefix(&lab.prefix())?;
+    let processes = netns::kill_processes_in(&names, KILL_GRACE)?;
+    let mut failures = Vec::new();
+    // Reverse order: pods before their node, nodes before fabric.
+    for name in names.iter().rev() {
+        tracing::debug!(namespace = %name, "deleting namespace");
+        if let Err(e) = netns::delete(name) {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    let dir = state::state_dir(lab);
+    match fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => failures.push(format!("removing {}: {e}", dir.display())),
+    }
+    if !failures.is_empty() {
+        bail!("removing lab {lab}: {}", failures.join("; "));
+    }
+    Ok((names.len(), processes))
+}
+
+/// lab.json of a lab that must be up, with a hint when it is not.
+fn load_up(lab: &LabName) -> Result<Lab> {
+    if let Some(state) = Lab::load(lab)? {
+        return Ok(state);
+    }
+    let leftovers = netns::list_with_prefix(&lab.prefix())?;
+    if leftovers.is_empty() {
+        bail!("lab {lab} is not up: start it with `meshward lab --name {lab} up`");
+    }
+    bail!(
+        "lab {lab} is not up, but a killed lab left namespaces behind ({}): run `meshward lab --name {lab} down`",
+        leftovers.join(", ")
+    )
+}
+
+fn current_status(lab: &LabName, state: &Lab) -> Result<Status> {
+    let present: BTreeSet<String> = netns::list_with_prefix(&lab.prefix())?
+        .into_iter()
+        .filter(|n| netns::exists(n))
+        .collect();
+    let dir = state::state_dir(lab).display().to_string();
+    Ok(Status::new(state, dir, &present))
+}
+
+fn status(lab: &LabName, format: Format) -> Result<()> {
+    let state = load_up(lab)?;
+    let status = current_status(lab, &state)?;
+    match format {
+        Format::Table => print!("{}", status.table()),
+        Format::Json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&status).context("encoding status")?
+            )
+        }
+    }
+    Ok(())
+}
+
+fn ip(lab: &LabName, target: Target) -> Result<()> {
+    let state = load_up(lab)?;
+    let missing = || anyhow!("lab {lab} has no {target}");
+    let address = match target {
+        Target::Fabric => bail!("the fabric has no address: it is only a bridge"),
+        Target::External => state.external.address,
+        Target::Node(n) => state.node(n).ok_or_else(missing)?.address,
+        Target::Pod(n, _) => {
+            let name = target.to_string();
+            state
+                .node(n)
+                .and_then(|node| node.pods.iter().find(|p| p.name == name))
+                .ok_or_else(missing)?
+                .address
+        }
+    };
+    println!("{}", address.addr());
+    Ok(())
+}
+
+/// Replaces this process with `command` running inside the target's
+/// namespace (like `ip netns exec`), so its exit code and signals are the
+/// caller's. Returns only when that fails.
+fn exec(lab: &LabName, target: Target, command: Vec<OsString>) -> Result<ExitCode> {
+    require_root("exec")?;
+    let namespace = lab.target_ns(target);
+    if !netns::exists(&namespace) {
+        bail!("lab {lab} has no {target}: network namespace {namespace} does not exist");
+    }
+    let ns = netns::open(&namespace)?;
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| anyhow!("no command given to run in {target}"))?;
+    let fd = ns.as_raw_fd();
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    // SAFETY: setns(2) only; the namespace fd stays open until exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let err = cmd.exec();
+    drop(ns);
+    let program = program.to_string_lossy();
+    eprintln!("error: running {program} in {target} ({namespace}): {err}");
+    Ok(ExitCode::from(if err.kind() == io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    }))
+}

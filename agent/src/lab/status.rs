@@ -1,0 +1,228 @@
+//! `lab status`: one row per lab member, as a table or a JSON document.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use super::state::Lab;
+
+/// The JSON document of `lab status -o json`. Field names and order are
+/// stable; fields that do not apply to a row are null.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub lab: String,
+    pub state_dir: String,
+    pub members: Vec<Row>,
+    /// Lab namespaces in /run/netns that lab.json does not describe.
+    pub stray_namespaces: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Row {
+    pub name: String,
+    /// `fabric`, `external`, `node` or `pod`.
+    pub kind: &'static str,
+    pub namespace: String,
+    /// CIDR notation; null for the fabric, which has no address.
+    pub address: Option<String>,
+    /// The node a pod runs on.
+    pub node: Option<String>,
+    /// A node's pod CIDR.
+    pub pod_cidr: Option<String>,
+    /// `ok` or `missing namespace`.
+    pub state: &'static str,
+}
+
+impl Status {
+    /// Builds the status of `lab`, given which namespaces exist
+    /// (`lab_namespaces`: every /run/netns name with the lab's prefix that
+    /// has a namespace mounted).
+    pub fn new(lab: &Lab, state_dir: String, lab_namespaces: &BTreeSet<String>) -> Status {
+        let state = |ns: &str| {
+            if lab_namespaces.contains(ns) {
+                "ok"
+            } else {
+                "missing namespace"
+            }
+        };
+        let mut members = vec![
+            Row {
+                name: "fabric".into(),
+                kind: "fabric",
+                namespace: lab.fabric.namespace.clone(),
+                address: None,
+                node: None,
+                pod_cidr: None,
+                state: state(&lab.fabric.namespace),
+            },
+            Row {
+                name: "external".into(),
+                kind: "external",
+                namespace: lab.external.namespace.clone(),
+                address: Some(lab.external.address.to_string()),
+                node: None,
+                pod_cidr: None,
+                state: state(&lab.external.namespace),
+            },
+        ];
+        for node in &lab.nodes {
+            members.push(Row {
+                name: node.name.clone(),
+                kind: "node",
+                namespace: node.namespace.clone(),
+                address: Some(node.address.to_string()),
+                node: None,
+                pod_cidr: Some(node.pod_cidr.to_string()),
+                state: state(&node.namespace),
+            });
+            for pod in &node.pods {
+                members.push(Row {
+                    name: pod.name.clone(),
+                    kind: "pod",
+                    namespace: pod.namespace.clone(),
+                    address: Some(pod.address.to_string()),
+                    node: Some(node.name.clone()),
+                    pod_cidr: None,
+                    state: state(&pod.namespace),
+                });
+            }
+        }
+        let known: BTreeSet<&str> = members.iter().map(|r| r.namespace.as_str()).collect();
+        let stray_namespaces = lab_namespaces
+            .iter()
+            .filter(|ns| !known.contains(ns.as_str()))
+            .cloned()
+            .collect();
+        Status {
+            lab: lab.name.clone(),
+            state_dir,
+            members,
+            stray_namespaces,
+        }
+    }
+
+    /// The table form: NAME KIND NAMESPACE ADDRESS NODE STATE.
+    pub fn table(&self) -> String {
+        let header = ["NAME", "KIND", "NAMESPACE", "ADDRESS", "NODE", "STATE"];
+        let rows: Vec<[&str; 6]> = self
+            .members
+            .iter()
+            .map(|r| {
+                [
+                    r.name.as_str(),
+                    r.kind,
+                    r.namespace.as_str(),
+                    r.address.as_deref().unwrap_or("-"),
+                    r.node.as_deref().unwrap_or("-"),
+                    r.state,
+                ]
+            })
+            .collect();
+        let mut widths = header.map(str::len);
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        let mut out = String::new();
+        for row in std::iter::once(&header).chain(&rows) {
+            let line: Vec<String> = row
+                .iter()
+                .zip(widths)
+                .map(|(cell, w)| format!("{cell:<w$}"))
+                .collect();
+            out += line.join("  ").trim_end();
+            out.push('\n');
+        }
+        for ns in &self.stray_namespaces {
+            out += &format!(
+                "warning: stray namespace {ns} is not part of lab {} (`lab down` removes it)\n",
+                self.lab
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::state::{External, Fabric, Node, Pod};
+
+    fn lab() -> Lab {
+        Lab {
+            version: 1,
+            name: "x".into(),
+            cni_bin: None,
+            fabric: Fabric {
+                namespace: "mwl-x-fabric".into(),
+                bridge: "br0".into(),
+            },
+            external: External {
+                namespace: "mwl-x-ext".into(),
+                interface: "eth0".into(),
+                address: "198.18.100.1/24".parse().unwrap(),
+            },
+            nodes: vec![Node {
+                name: "node1".into(),
+                index: 1,
+                namespace: "mwl-x-node1".into(),
+                interface: "eth0".into(),
+                address: "198.18.0.1/24".parse().unwrap(),
+                pod_cidr: "198.19.1.0/24".parse().unwrap(),
+                ipam_dir: "/run/meshward-lab/x/node1/ipam".into(),
+                agent_socket: "/run/meshward-lab/x/node1/agent.sock".into(),
+                pods: vec![Pod {
+                    name: "node1-pod1".into(),
+                    namespace: "mwl-x-node1-pod1".into(),
+                    container_id: "mwl-x-node1-pod1".into(),
+                    interface: "eth0".into(),
+                    address: "198.19.1.2/32".parse().unwrap(),
+                    cni_result: serde_json::json!({}),
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn rows_states_and_strays() {
+        let present: BTreeSet<String> = ["mwl-x-fabric", "mwl-x-ext", "mwl-x-node1", "mwl-x-node7"]
+            .map(String::from)
+            .into();
+        let status = Status::new(&lab(), "/run/meshward-lab/x".into(), &present);
+        let rows: Vec<(&str, &str, &str)> = status
+            .members
+            .iter()
+            .map(|r| (r.name.as_str(), r.kind, r.state))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("fabric", "fabric", "ok"),
+                ("external", "external", "ok"),
+                ("node1", "node", "ok"),
+                ("node1-pod1", "pod", "missing namespace"),
+            ]
+        );
+        assert_eq!(status.stray_namespaces, ["mwl-x-node7"]);
+
+        let table = status.table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NAME        KIND      NAMESPACE         ADDRESS          NODE   STATE"
+        );
+        assert_eq!(
+            lines[4],
+            "node1-pod1  pod       mwl-x-node1-pod1  198.19.1.2/32    node1  missing namespace"
+        );
+        assert!(lines[5].contains("stray namespace mwl-x-node7"));
+
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["members"][2]["podCidr"], "198.19.1.0/24");
+        assert_eq!(json["members"][3]["node"], "node1");
+        assert_eq!(json["members"][0]["address"], serde_json::Value::Null);
+    }
+}

@@ -1,0 +1,474 @@
+//! Integration tests of `meshward lab`: they run the built `meshward`
+//! binary as root, each on a lab of its own name, and always take it down.
+//!
+//! Pod tests need the real `meshward-cni` binary next to `meshward` in the
+//! target directory (`cargo build --workspace` puts it there).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+const MESHWARD: &str = env!("CARGO_BIN_EXE_meshward");
+
+/// A lab for one test, named `t` + tag + this process's id, removed on drop
+/// (also when the test fails).
+struct TestLab {
+    name: String,
+}
+
+impl TestLab {
+    /// `tag`: up to 3 characters of a-z0-9, unique per test.
+    fn new(tag: &str) -> TestLab {
+        require_root();
+        let name = format!("t{tag}{:x}", std::process::id());
+        assert!(name.len() <= 12, "test lab name {name} too long");
+        let lab = TestLab { name };
+        // A previous run with the same pid may have left it: start clean.
+        lab.run(&["down"]);
+        lab
+    }
+
+    /// Runs `meshward lab --name NAME ARGS...`.
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(MESHWARD)
+            .args(["lab", "--name", &self.name])
+            .args(args)
+            .output()
+            .expect("running meshward")
+    }
+
+    /// Runs a lab command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "meshward lab --name {} {} failed ({}):\nstdout: {}\nstderr: {}",
+            self.name,
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Runs a lab command that must fail; returns its stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "meshward lab --name {} {} succeeded but should fail:\nstdout: {}",
+            self.name,
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).expect("utf-8 output")
+    }
+
+    fn up(&self, nodes: u32, pods: u32) {
+        let (nodes, pods) = (nodes.to_string(), pods.to_string());
+        let mut args = vec!["up", "--nodes", &nodes, "--pods", &pods];
+        let cni = if pods == "0" { None } else { Some(cni_bin()) };
+        if let Some(cni) = &cni {
+            args.extend(["--cni-bin", cni.to_str().expect("utf-8 path")]);
+        }
+        self.ok(&args);
+    }
+
+    fn prefix(&self) -> String {
+        format!("mwl-{}-", self.name)
+    }
+
+    /// This lab's names in /run/netns.
+    fn namespaces(&self) -> Vec<String> {
+        let prefix = self.prefix();
+        let mut names: Vec<String> = std::fs::read_dir("/run/netns")
+            .map(|dir| {
+                dir.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    fn ip(&self, target: &str) -> String {
+        self.ok(&["ip", target]).trim().to_string()
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_str(&self.ok(&["status", "-o", "json"])).expect("status is JSON")
+    }
+
+    /// True when `from` gets an echo reply from `to` (a few tries, so a
+    /// slow first ARP does not make a reachable peer look unreachable).
+    fn reaches(&self, from: &str, to: &str) -> bool {
+        (0..3).any(|_| self.ping_once(from, to))
+    }
+
+    fn ping_once(&self, from: &str, to: &str) -> bool {
+        let mut args = vec!["exec", from, "--"];
+        args.extend(ping_command());
+        args.extend(["-c", "1", "-w", "2", to]);
+        self.run(&args).status.success()
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let out = self.run(&["down"]);
+        if !out.status.success() {
+            eprintln!(
+                "cleaning up lab {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the lab tests need root (they create network namespaces)"
+    );
+}
+
+/// `ping`, or busybox's when no ping is installed.
+fn ping_command() -> Vec<&'static str> {
+    static PING: OnceLock<Vec<&'static str>> = OnceLock::new();
+    PING.get_or_init(|| {
+        if on_path("ping") {
+            vec!["ping"]
+        } else if on_path("busybox") {
+            vec!["busybox", "ping"]
+        } else {
+            panic!("the lab tests need `ping` (iputils-ping or busybox)")
+        }
+    })
+    .clone()
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|dir| dir.join(program).is_file()))
+}
+
+/// The meshward-cni binary: in the same target directory as meshward.
+fn cni_bin() -> PathBuf {
+    let path = Path::new(MESHWARD)
+        .parent()
+        .expect("meshward has a directory")
+        .join("meshward-cni");
+    assert!(
+        path.is_file(),
+        "{} not found: run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+fn members(status: &Value) -> &Vec<Value> {
+    status["members"].as_array().expect("members is an array")
+}
+
+fn member<'a>(status: &'a Value, name: &str) -> &'a Value {
+    members(status)
+        .iter()
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("no member {name} in {status:#}"))
+}
+
+#[test]
+fn nodes_and_external_reach_each_other_over_the_fabric() {
+    let lab = TestLab::new("fab");
+    lab.up(3, 0);
+    assert_eq!(lab.ip("node2"), "198.18.0.2");
+    assert_eq!(lab.ip("external"), "198.18.100.1");
+
+    assert!(lab.reaches("node1", "198.18.0.2"), "node1 -> node2");
+    assert!(lab.reaches("node3", "198.18.0.1"), "node3 -> node1");
+    assert!(lab.reaches("external", "198.18.0.3"), "external -> node3");
+    assert!(lab.reaches("node2", "198.18.100.1"), "node2 -> external");
+
+    // Pod CIDRs of other nodes fail closed until the mesh routes them.
+    let out = lab.run(&[
+        "exec",
+        "node1",
+        "--",
+        "ip",
+        "-4",
+        "route",
+        "get",
+        "198.19.2.7",
+    ]);
+    assert!(!out.status.success(), "node1 has a route to node2's pods");
+
+    // Nothing routes out of the lab.
+    for member in ["fabric", "external", "node1", "node2", "node3"] {
+        let routes = lab.ok(&["exec", member, "--", "ip", "-4", "route", "show", "default"]);
+        assert!(
+            routes.trim().is_empty(),
+            "{member} has a default route: {routes}"
+        );
+        let out = lab.run(&[
+            "exec",
+            member,
+            "--",
+            "ip",
+            "-4",
+            "route",
+            "get",
+            "192.0.2.1",
+        ]);
+        assert!(!out.status.success(), "{member} routes 192.0.2.1");
+    }
+}
+
+#[test]
+fn status_describes_the_lab() {
+    let lab = TestLab::new("st");
+    lab.up(2, 0);
+
+    let status = lab.status();
+    assert_eq!(status["lab"], lab.name.as_str());
+    let kinds: Vec<(&str, &str)> = members(&status)
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap(), m["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("fabric", "fabric"),
+            ("external", "external"),
+            ("node1", "node"),
+            ("node2", "node")
+        ]
+    );
+    let node2 = member(&status, "node2");
+    assert_eq!(node2["namespace"], format!("{}node2", lab.prefix()));
+    assert_eq!(node2["address"], "198.18.0.2/24");
+    assert_eq!(node2["podCidr"], "198.19.2.0/24");
+    assert_eq!(member(&status, "external")["address"], "198.18.100.1/24");
+    assert!(members(&status).iter().all(|m| m["state"] == "ok"));
+    assert_eq!(status["strayNamespaces"], serde_json::json!([]));
+
+    let table = lab.ok(&["status"]);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "KIND", "NAMESPACE", "ADDRESS", "NODE", "STATE"]
+    );
+    assert!(table.contains("198.18.0.1/24"), "{table}");
+
+    // A namespace that vanished shows as missing.
+    let gone = format!("{}node2", lab.prefix());
+    let out = Command::new("ip")
+        .args(["netns", "delete", &gone])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(member(&lab.status(), "node2")["state"], "missing namespace");
+}
+
+#[test]
+fn down_removes_everything() {
+    let lab = TestLab::new("dn");
+    lab.up(2, 0);
+    assert_eq!(
+        lab.namespaces(),
+        ["ext", "fabric", "node1", "node2"].map(|n| format!("{}{n}", lab.prefix()))
+    );
+    let state_dir = PathBuf::from("/run/meshward-lab").join(&lab.name);
+    assert!(state_dir.join("lab.json").is_file());
+
+    lab.ok(&["down"]);
+    assert_eq!(lab.namespaces(), Vec::<String>::new());
+    assert!(!state_dir.exists(), "{} left behind", state_dir.display());
+    assert!(lab.fails(&["status"]).contains("is not up"));
+    assert!(lab.ok(&["down"]).contains("nothing to remove"));
+}
+
+#[test]
+fn down_cleans_up_after_a_killed_lab() {
+    let lab = TestLab::new("kil");
+    // What a lab killed half-way leaves: a namespace, a process inside, no lab.json.
+    let stray = format!("{}node9", lab.prefix());
+    let out = Command::new("ip")
+        .args(["netns", "add", &stray])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip netns add {stray}");
+    let mut sleeper = Command::new("ip")
+        .args(["netns", "exec", &stray, "sleep", "300"])
+        .spawn()
+        .unwrap();
+
+    assert!(lab.fails(&["status"]).contains("left namespaces behind"));
+    let refused = lab.fails(&["up", "--nodes", "1", "--pods", "0"]);
+    assert!(
+        refused.contains("already exists") && refused.contains("down"),
+        "{refused}"
+    );
+
+    lab.ok(&["down"]);
+    assert_eq!(lab.namespaces(), Vec::<String>::new());
+    let status = sleeper.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the process inside the stray namespace was not stopped"
+    );
+}
+
+#[test]
+fn up_on_an_existing_lab_needs_down_or_replace() {
+    let lab = TestLab::new("rep");
+    lab.up(1, 0);
+    let refused = lab.fails(&["up", "--nodes", "2", "--pods", "0"]);
+    assert!(refused.contains("already exists"), "{refused}");
+    assert_eq!(
+        members(&lab.status()).len(),
+        3,
+        "the refused up changed the lab"
+    );
+
+    lab.ok(&["up", "--replace", "--nodes", "2", "--pods", "0"]);
+    assert_eq!(lab.ip("node2"), "198.18.0.2");
+    assert!(lab.reaches("node2", "198.18.0.1"));
+}
+
+#[test]
+fn exec_passes_the_exit_code_through() {
+    let lab = TestLab::new("ex");
+    lab.up(1, 0);
+    let out = lab.run(&["exec", "node1", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    let out = lab.run(&[
+        "exec", "external", "--", "ip", "-4", "-o", "addr", "show", "eth0",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("198.18.100.1/24"));
+    let out = lab.run(&["exec", "node1", "--", "/nonexistent/program"]);
+    assert_eq!(out.status.code(), Some(127));
+}
+
+#[test]
+fn invalid_arguments_get_clear_errors() {
+    let lab = TestLab::new("inv");
+
+    let bad_name = Command::new(MESHWARD)
+        .args(["lab", "--name", "Bad-Name", "status"])
+        .output()
+        .unwrap();
+    assert!(!bad_name.status.success());
+    assert!(String::from_utf8_lossy(&bad_name.stderr).contains("lab name"));
+
+    assert!(lab.fails(&["up", "--nodes", "0"]).contains("--nodes 0"));
+    assert!(lab.fails(&["up", "--nodes", "300"]).contains("1 to 254"));
+    assert!(lab
+        .fails(&["up", "--nodes", "1", "--pods", "254"])
+        .contains("0 to 253"));
+    assert!(lab.fails(&["up", "--nodes", "two"]).contains("--nodes"));
+    let no_cni = lab.fails(&[
+        "up",
+        "--nodes",
+        "1",
+        "--pods",
+        "1",
+        "--cni-bin",
+        "/nonexistent/cni",
+    ]);
+    assert!(no_cni.contains("/nonexistent/cni"), "{no_cni}");
+    assert!(lab
+        .fails(&["exec", "pod1", "--", "true"])
+        .contains("unknown lab target"));
+    assert!(lab.fails(&["exec", "node1"]).contains("required"));
+    assert!(lab.fails(&["ip", "node1"]).contains("is not up"));
+    assert!(lab
+        .fails(&["exec", "node1", "--", "true"])
+        .contains("does not exist"));
+    assert_eq!(
+        lab.namespaces(),
+        Vec::<String>::new(),
+        "a failed command left namespaces"
+    );
+
+    lab.up(1, 0);
+    assert!(lab.fails(&["ip", "node2"]).contains("has no node2"));
+    assert!(lab.fails(&["ip", "fabric"]).contains("no address"));
+    assert!(lab
+        .fails(&["exec", "node5", "--", "true"])
+        .contains("has no node5"));
+}
+
+// --- pods: these call the real meshward-cni ---
+
+#[test]
+fn pods_get_addresses_from_their_node() {
+    let lab = TestLab::new("pa");
+    lab.up(2, 2);
+    let status = lab.status();
+    for (pod, node, cidr) in [
+        ("node1-pod1", "node1", "198.19.1."),
+        ("node1-pod2", "node1", "198.19.1."),
+        ("node2-pod1", "node2", "198.19.2."),
+        ("node2-pod2", "node2", "198.19.2."),
+    ] {
+        let m = member(&status, pod);
+        assert_eq!(m["kind"], "pod");
+        assert_eq!(m["node"], node);
+        assert_eq!(m["state"], "ok");
+        assert_eq!(m["namespace"], format!("{}{pod}", lab.prefix()));
+        let address = m["address"].as_str().unwrap();
+        assert!(
+            address.starts_with(cidr) && address.ends_with("/32"),
+            "{pod}: {address}"
+        );
+        assert_eq!(lab.ip(pod), address.trim_end_matches("/32"));
+    }
+    assert_ne!(lab.ip("node1-pod1"), lab.ip("node1-pod2"));
+}
+
+#[test]
+fn pods_reach_pods_on_their_node_and_their_node() {
+    let lab = TestLab::new("pl");
+    lab.up(2, 2);
+    let pod2 = lab.ip("node1-pod2");
+    assert!(lab.reaches("node1-pod1", &pod2), "node1-pod1 -> node1-pod2");
+    assert!(
+        lab.reaches("node2-pod2", &lab.ip("node2-pod1")),
+        "node2-pod2 -> node2-pod1"
+    );
+    assert!(
+        lab.reaches("node1-pod1", "198.18.0.1"),
+        "node1-pod1 -> node1"
+    );
+    assert!(lab.reaches("node1", &pod2), "node1 -> node1-pod2");
+}
+
+#[test]
+fn cross_node_pod_traffic_fails_closed_without_the_mesh() {
+    let lab = TestLab::new("px");
+    lab.up(2, 1);
+    assert!(
+        lab.reaches("node1-pod1", "198.18.0.1"),
+        "the pod works at all"
+    );
+    let remote = lab.ip("node2-pod1");
+    assert!(
+        !lab.ping_once("node1-pod1", &remote),
+        "node1-pod1 -> node2-pod1 flowed in plaintext"
+    );
+    assert!(
+        !lab.ping_once("node2-pod1", &lab.ip("node1-pod1")),
+        "node2-pod1 -> node1-pod1 flowed in plaintext"
+    );
+    assert!(
+        !lab.ping_once("node1", &remote),
+        "node1 -> node2-pod1 flowed in plaintext"
+    );
+}
