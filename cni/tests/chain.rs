@@ -17,18 +17,22 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{files_mentioning, run, Attachment, Chain, Netns, PodPlugin, TempDir, CMD_TIMEOUT};
+use common::{
+    files_mentioning, http_get, run, Attachment, Chain, Netns, PodPlugin, TempDir, CMD_TIMEOUT,
+};
 use serde_json::{json, Value};
 
 const NODE_ADDR: &str = "198.18.240.1";
 const POD_CIDR: &str = "198.19.240.0/24";
 const NETWORK: &str = "mwtchain";
+/// What the runtimes we meet speak (Debian's plugins: up to 1.0.0).
+const CNI_VERSION: &str = "1.0.0";
 const HOST_PORT: u16 = 18080;
 const CONTAINER_PORT: u16 = 80;
 const RATE_BPS: u64 = 10_000_000;
@@ -43,7 +47,11 @@ fn pod_plugin_config(plugin: PodPlugin, state: &TempDir) -> Value {
 }
 
 fn conflist(plugins: Vec<Value>) -> Value {
-    json!({ "cniVersion": "1.0.0", "name": NETWORK, "plugins": plugins })
+    conflist_v(CNI_VERSION, plugins)
+}
+
+fn conflist_v(version: &str, plugins: Vec<Value>) -> Value {
+    json!({ "cniVersion": version, "name": NETWORK, "plugins": plugins })
 }
 
 fn bandwidth() -> Value {
@@ -72,7 +80,11 @@ fn nat_rules(host: &Netns) -> String {
 
 /// The pod's IPv4 address and the host-side interface named in a result.
 fn parse_result(result: &Value, pod: &Netns) -> (Ipv4Addr, Vec<String>) {
-    assert_eq!(result["cniVersion"], "1.0.0", "result: {result}");
+    parse_result_v(result, pod, CNI_VERSION)
+}
+
+fn parse_result_v(result: &Value, pod: &Netns, version: &str) -> (Ipv4Addr, Vec<String>) {
+    assert_eq!(result["cniVersion"], version, "result: {result}");
     let ips = result["ips"].as_array().expect("ips");
     assert_eq!(ips.len(), 1, "one IPv4 address expected: {result}");
     let ip = &ips[0];
@@ -150,37 +162,6 @@ impl Drop for PodHttp {
             let _ = t.join();
         }
     }
-}
-
-/// GET / from a socket opened in `host`; returns the body. Retried for at
-/// most 5 s.
-fn http_get(host: &Netns, dst: SocketAddr) -> Result<String, String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut last = String::new();
-    for _ in 0..50 {
-        let attempt = host.in_netns(|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp)?;
-            Ok(resp)
-        });
-        match attempt {
-            Ok(resp) => {
-                return resp
-                    .split_once("\r\n\r\n")
-                    .map(|(_, body)| body.to_owned())
-                    .ok_or(resp)
-            }
-            Err(e) => last = e.to_string(),
-        }
-        if Instant::now() > deadline {
-            break;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    Err(last)
 }
 
 #[test]
@@ -398,4 +379,56 @@ fn chain_add_del_reuse_and_del_without_prev_result() {
     assert!(host.links_of_type("ifb").is_empty());
     assert!(!nat_rules(&host).contains(":CNI-DN-"));
     assert!(files_mentioning(state.path(), &att_b.container_id).is_empty());
+}
+
+/// Runtimes still speaking 0.3.1 / 0.4.0 (containerd 1.6 configs, older
+/// kubelets' conflists): the same chain works and results keep the
+/// requested version; CHECK exists from 0.4.0 on.
+#[test]
+fn chain_with_older_spec_versions() {
+    let plugin = PodPlugin::under_test();
+    for version in ["0.3.1", "0.4.0"] {
+        let host = Netns::new();
+        let pod = Netns::new();
+        let state = TempDir::new();
+        let chain = Chain::new(
+            conflist_v(
+                version,
+                vec![pod_plugin_config(plugin, &state), bandwidth(), portmap()],
+            ),
+            PodPlugin::cni_path(),
+            runtime_config(),
+        );
+        let cid = format!("{}-v{version}", pod.name());
+        let att = Attachment::new(&cid, pod.path());
+        let last = chain
+            .add(&host, &att)
+            .unwrap_or_else(|e| panic!("{version} ADD: {e}"));
+        let (addr, _) = parse_result_v(&last, &pod, version);
+        let veths = host.links_of_type("veth");
+        assert_eq!(veths.len(), 1, "{version}: {veths:?}");
+        assert!(host.qdisc_kinds(&veths[0]).iter().any(|k| k == "tbf"));
+        assert!(nat_rules(&host).contains(&format!("--to-destination {addr}:{CONTAINER_PORT}")));
+        if version == "0.4.0" {
+            let check = Chain::new(
+                conflist_v(
+                    version,
+                    vec![pod_plugin_config(plugin, &state), bandwidth()],
+                ),
+                PodPlugin::cni_path(),
+                runtime_config(),
+            );
+            check
+                .check(&host, &att, &last)
+                .unwrap_or_else(|e| panic!("{version} CHECK: {e}"));
+        }
+        for round in ["DEL", "second DEL"] {
+            chain
+                .del(&host, &att, Some(&last))
+                .unwrap_or_else(|e| panic!("{version} {round}: {e}"));
+        }
+        assert!(host.links_of_type("veth").is_empty());
+        assert!(!nat_rules(&host).contains(&cid));
+        assert!(files_mentioning(state.path(), &cid).is_empty());
+    }
 }

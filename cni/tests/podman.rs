@@ -15,7 +15,7 @@
 mod common;
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -89,13 +89,31 @@ conmon_env_vars = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
         let conflist = json!({
             "cniVersion": "1.0.0",
             "name": NETWORK,
-            "plugins": [plugin.config(POD_CIDR, &dir.join("ipam"), BRIDGE)]
+            "plugins": [
+                plugin.config(POD_CIDR, &dir.join("ipam"), BRIDGE),
+                // podman fills portMappings from `-p` for this capability.
+                { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true }
+            ]
         });
         fs::write(
             dir.join(format!("net.d/{NETWORK}.conflist")),
             serde_json::to_vec_pretty(&conflist).unwrap(),
         )
         .expect("write conflist");
+
+        // If this test process is killed, the next one runs this before
+        // removing the dir: containers stop and podman runs their DEL.
+        let d = dir.path().display();
+        let script = format!(
+            r#"# written by cni/tests/podman.rs for a killed test's leftovers
+export CONTAINERS_CONF={d}/containers.conf CONTAINERS_STORAGE_CONF={d}/storage.conf CONTAINERS_REGISTRIES_CONF={d}/registries.conf TMPDIR={d}/tmp
+ns=/run/netns/{ns}
+if [ -e "$ns" ]; then set -- nsenter --net="$ns"; else set -- unshare --net; fi
+exec timeout 100 "$@" podman --root {d}/root --runroot {d}/runroot --storage-driver vfs --log-level error rm --all --force --time 0
+"#,
+            ns = host.name()
+        );
+        fs::write(dir.join(common::STALE_CLEANUP_SCRIPT), script).expect("write cleanup script");
 
         let podman = Podman { host, dir };
         podman.import_busybox();
@@ -377,4 +395,70 @@ fn podman_detached_lifecycle_and_pod_to_pod() {
     assert!(podman.podman(&["ps", "-aq"]).trim().is_empty());
     assert_released(&podman, &cid_a, a);
     assert_released(&podman, &cid_b, b);
+}
+
+/// `podman run -p HOSTPORT:80`: podman passes the mapping to portmap as the
+/// portMappings capability, chained after our plugin; the node reaches the
+/// container's server through the host port. `podman restart` (DEL + ADD
+/// of the same container) leaves exactly one working attachment.
+#[test]
+fn podman_port_mapping_and_restart() {
+    let plugin = PodPlugin::under_test();
+    let host = node();
+    let podman = Podman::new(&host, plugin);
+    let serve =
+        "mkdir -p /www && echo meshward-pod > /www/index.html && exec httpd -f -p 80 -h /www";
+    let cid = podman
+        .podman(&[
+            "run",
+            "-d",
+            "--pull",
+            "never",
+            "--name",
+            "web",
+            "--network",
+            NETWORK,
+            "-p",
+            "18080:80/tcp",
+            IMAGE,
+            "sh",
+            "-c",
+            serve,
+        ])
+        .trim()
+        .to_owned();
+    let node_addr: Ipv4Addr = NODE_ADDR.parse().unwrap();
+    let via_port = common::http_get(&host, SocketAddr::from((node_addr, 18080)));
+    assert_eq!(
+        via_port.as_deref(),
+        Ok("meshward-pod\n"),
+        "node -> hostPort 18080"
+    );
+    let nat = host.exec("iptables-save", &["-t", "nat"]);
+    assert!(nat.contains(&cid), "no portmap rules for {cid}:\n{nat}");
+
+    podman.podman(&["restart", "--time", "0", "web"]);
+    let out = podman.podman(&[
+        "exec", "web", "ip", "-4", "-o", "addr", "show", "dev", "eth0",
+    ]);
+    let (addr, len) = eth0_address(&out);
+    assert_pod_address(plugin, addr, len);
+    assert_eq!(podman.host_veths().len(), 1, "one attachment after restart");
+    let via_port = common::http_get(&host, SocketAddr::from((node_addr, 18080)));
+    assert_eq!(
+        via_port.as_deref(),
+        Ok("meshward-pod\n"),
+        "hostPort after restart"
+    );
+    let direct = common::http_get(&host, SocketAddr::from((addr, 80)));
+    assert_eq!(
+        direct.as_deref(),
+        Ok("meshward-pod\n"),
+        "node -> pod {addr}"
+    );
+
+    podman.podman(&["rm", "--force", "--time", "0", "web"]);
+    assert_released(&podman, &cid, addr);
+    let nat = host.exec("iptables-save", &["-t", "nat"]);
+    assert!(!nat.contains(&cid), "portmap rules for {cid} left:\n{nat}");
 }

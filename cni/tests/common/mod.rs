@@ -380,31 +380,50 @@ fn pid_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
-/// Removes leftovers of test processes that no longer exist: namespaces in
-/// /run/netns and directories in the temp dir named `mwt-<pid>-*`. Runs once
-/// per process; it never touches names of live processes (other tests
-/// running in parallel) or names without our prefix.
+/// Name of a script a test may leave in its temp dir to stop what it
+/// started there (podman containers) if the test process gets killed.
+pub const STALE_CLEANUP_SCRIPT: &str = "stale-cleanup.sh";
+
+/// Removes leftovers of test processes that no longer exist: directories in
+/// the temp dir named `mwt-<pid>-*` (first running their
+/// [`STALE_CLEANUP_SCRIPT`], bounded in time) and then namespaces in
+/// /run/netns. Runs once per process; it never touches names of live
+/// processes (other tests running in parallel) or names without our prefix.
+/// scripts/test does the same before cargo runs.
 pub fn cleanup_stale() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let me = std::process::id();
         let stale =
             |name: &str| matches!(owner_pid(name), Some(pid) if pid != me && !pid_alive(pid));
+        if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !(stale(&name) && e.path().is_dir()) {
+                    continue;
+                }
+                eprintln!("removing stale test directory {}", e.path().display());
+                let script = e.path().join(STALE_CLEANUP_SCRIPT);
+                if script.is_file() {
+                    match run(
+                        Command::new("bash").arg(&script),
+                        b"",
+                        Duration::from_secs(120),
+                    ) {
+                        Ok(r) if r.success() => {}
+                        Ok(r) => eprintln!("warning: {}: {r}", script.display()),
+                        Err(err) => eprintln!("warning: {}: {err}", script.display()),
+                    }
+                }
+                remove_tree(&e.path());
+            }
+        }
         if let Ok(entries) = fs::read_dir("/run/netns") {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if stale(&name) {
                     eprintln!("removing stale test namespace {name}");
                     delete_netns(&name);
-                }
-            }
-        }
-        if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if stale(&name) && e.path().is_dir() {
-                    eprintln!("removing stale test directory {}", e.path().display());
-                    remove_tree(&e.path());
                 }
             }
         }
@@ -498,6 +517,38 @@ pub fn files_mentioning(dir: &Path, needle: &str) -> Vec<PathBuf> {
         }
     }
     hits
+}
+
+/// HTTP/1.0 GET / from a socket opened in `ns`; returns the body. Retried
+/// for at most 5 s (a server may still be starting).
+pub fn http_get(ns: &Netns, dst: std::net::SocketAddr) -> Result<String, String> {
+    use std::net::TcpStream;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = String::new();
+    for _ in 0..50 {
+        let attempt = ns.in_netns(|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            Ok(resp)
+        });
+        match attempt {
+            Ok(resp) => {
+                return resp
+                    .split_once("\r\n\r\n")
+                    .map(|(_, body)| body.to_owned())
+                    .ok_or(resp)
+            }
+            Err(e) => last = format!("{dst}: {e}"),
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Err(last)
 }
 
 // ---------------------------------------------------------------------------
