@@ -1,120 +1,16 @@
-//! Test fixtures: network namespaces the test owns, and the real
-//! `meshward-cni` binary run exactly as a runtime runs it.
-//!
-//! Namespaces are named `mwt-<pid>-<n>`, removed on drop (also when a test
-//! fails), and any left by a killed earlier run (dead pid) are removed on
-//! first use. Addresses come only from 198.18.0.0/15.
+//! Test fixtures: a node namespace with its own IPAM directory, and the real
+//! `meshward-cni` binary run exactly as a runtime runs it. Namespaces come
+//! from `meshward-testkit` (owned by the test, removed on drop).
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
 
 use serde_json::Value;
 
 pub const PLUGIN: &str = env!("CARGO_BIN_EXE_meshward-cni");
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-static CLEAN_STALE: Once = Once::new();
-
-/// Removes `mwt-<pid>-*` namespaces whose creating process is gone.
-fn clean_stale() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        let Some(rest) = name.strip_prefix("mwt-") else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next() else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        }
-    }
-}
-
-/// A network namespace that exists as long as this value does.
-pub struct Netns {
-    pub name: String,
-    deleted: bool,
-}
-
-impl Netns {
-    pub fn new(role: &str) -> Netns {
-        CLEAN_STALE.call_once(clean_stale);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("mwt-{}-{n}{role}", std::process::id());
-        sh(&["ip", "netns", "add", &name]);
-        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        Netns {
-            name,
-            deleted: false,
-        }
-    }
-
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
-    }
-
-    pub fn path_str(&self) -> String {
-        self.path().display().to_string()
-    }
-
-    /// Runs a command inside the namespace; returns (success, stdout+stderr).
-    pub fn exec(&self, cmd: &[&str]) -> (bool, String) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(cmd)
-            .output()
-            .expect("run ip netns exec");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
-
-    pub fn ping(&self, ip: &str) -> bool {
-        self.exec(&["ping", "-c", "1", "-W", "2", "-q", ip]).0
-    }
-
-    /// Deletes the namespace now (e.g. to simulate a container that died).
-    pub fn delete(&mut self) {
-        if !self.deleted {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .status();
-            self.deleted = true;
-        }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        self.delete();
-    }
-}
-
-/// Runs a command that must succeed.
-pub fn sh(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
+pub use meshward_testkit::{sh, Netns};
 
 /// A node: the namespace the plugin runs in (the runtime's "host"), with its
 /// own address on lo so pods can reach it, and a private IPAM directory.
