@@ -1,4 +1,5 @@
-//! Shared helpers for the runtime-facing tests and the add/del benchmark.
+//! Shared helpers for the runtime-facing tests (podman.rs, chain.rs) and the
+//! add/del benchmark (benches/add_del.rs includes this file by path).
 //!
 //! - [`Netns`]: a network namespace created for one test (`mwt-<pid>-<n>`)
 //!   and deleted when the guard drops, also when the test fails.
@@ -31,8 +32,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-/// Prefix of every namespace, interface-free temp dir and network name the
-/// tests create; the stale cleanup only ever looks at names with it.
+/// Prefix of every namespace and temp dir these helpers create (as
+/// `mwt-<pid>-<n>`, the scheme meshward-testkit shares); the stale cleanup
+/// only ever looks at names with it.
 pub const PREFIX: &str = "mwt";
 
 /// Directory of Debian's reference CNI plugins (containernetworking-plugins).
@@ -555,9 +557,10 @@ pub fn http_get(ns: &Netns, dst: std::net::SocketAddr) -> Result<String, String>
 // The pod network plugin under test
 // ---------------------------------------------------------------------------
 
-/// Which plugin creates the pod interface. Kept in one place so the runtime
-/// tests can be pointed at Debian's bridge while meshward-cni is unfinished:
-/// `MESHWARD_TEST_PLUGIN=bridge` (default: meshward).
+/// Which plugin creates the pod interface, chosen in one place: meshward-cni
+/// by default; `MESHWARD_TEST_PLUGIN=bridge` runs the same runtime tests
+/// against Debian's bridge + host-local (a baseline that tells a runtime or
+/// environment problem from a plugin bug).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PodPlugin {
     Meshward,
