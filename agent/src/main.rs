@@ -1,5 +1,10 @@
 //! `meshward`: the meshward node agent and its tools.
 
+// config and datastore are wired into `meshward agent` together with the mesh.
+#[allow(dead_code)]
+mod config;
+#[allow(dead_code)]
+mod datastore;
 mod lab;
 
 use std::io::IsTerminal;

@@ -1,0 +1,549 @@
+//! The agent's configuration: a YAML file, a few command-line overrides.
+//!
+//! ```yaml
+//! nodeName: node1                  # default: the hostname, lowercased
+//! stateDir: /var/lib/meshward      # default
+//! datastore: dir:/etc/meshward/cluster   # or: kubernetes (required)
+//! endpoint: 198.18.0.1:51871       # underlay ip[:port] peers send to (required; port default: listenPort)
+//! listenPort: 51871                # default
+//! underlayMTU: 1500                # default
+//! mtu: 1420                        # of the mesh interface; default: underlayMTU - 80
+//! keyRotationInterval: 24h         # optional; humantime ("90m", "7d", "1h 30m")
+//! strictMode: true                 # default
+//! socketPath: /run/meshward/agent.sock   # default
+//! ```
+//!
+//! Unknown keys are errors. Relative paths in the file are relative to the
+//! file's directory; on the command line, to the working directory.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::datastore::{check_endpoint, validate_node_name, DatastoreSpec};
+
+pub const DEFAULT_PORT: u16 = 51871;
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshward";
+pub const DEFAULT_SOCKET: &str = "/run/meshward/agent.sock";
+pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+/// WireGuard's overhead over an IPv4 / IPv6 underlay: IP + UDP + 32.
+const OVERHEAD_V4: u32 = 20 + 8 + 32;
+const OVERHEAD_V6: u32 = 40 + 8 + 32;
+/// The smallest MTU the mesh interface may have (IPv6's minimum).
+const MIN_MTU: u32 = 1280;
+const MIN_KEY_ROTATION: Duration = Duration::from_secs(60);
+
+/// `meshward agent` command-line arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// The agent's configuration file (YAML)
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Overrides the file's datastore: dir:PATH or kubernetes
+    #[arg(long, value_name = "dir:PATH|kubernetes")]
+    pub datastore: Option<DatastoreSpec>,
+    /// Overrides the file's nodeName
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+}
+
+/// The agent's configuration, validated and with defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub datastore: DatastoreSpec,
+    /// Published to peers.
+    pub endpoint: SocketAddr,
+    pub listen_port: u16,
+    /// Of the mesh interface.
+    pub mtu: u32,
+    pub underlay_mtu: u32,
+    pub key_rotation_interval: Option<Duration>,
+    pub strict_mode: bool,
+    pub socket_path: PathBuf,
+}
+
+/// Command-line values that win over the file's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub datastore: Option<DatastoreSpec>,
+    pub node_name: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {}: {message}", file.display())]
+    Parse { file: PathBuf, message: String },
+    /// `field` is the file's key, or the command-line flag that set it.
+    #[error("config file {}: {field}: {message}", file.display())]
+    Invalid {
+        file: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+/// The file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    node_name: Option<String>,
+    state_dir: Option<PathBuf>,
+    datastore: Option<String>,
+    endpoint: Option<String>,
+    listen_port: Option<u16>,
+    mtu: Option<u32>,
+    #[serde(rename = "underlayMTU")]
+    underlay_mtu: Option<u32>,
+    key_rotation_interval: Option<String>,
+    strict_mode: Option<bool>,
+    socket_path: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads `args.config` and applies the command-line overrides.
+    pub fn load(args: &AgentArgs) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(&args.config).map_err(|source| ConfigError::Read {
+            file: args.config.clone(),
+            source,
+        })?;
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        let overrides = Overrides {
+            datastore: args.datastore.clone().map(|d| match d {
+                DatastoreSpec::Dir(p) => DatastoreSpec::Dir(cwd.join(p)),
+                other => other,
+            }),
+            node_name: args.node_name.clone(),
+        };
+        Config::parse(&text, &args.config, &overrides, hostname)
+    }
+
+    /// Parses and validates a config file's text. `hostname` supplies the
+    /// default node name.
+    pub fn parse(
+        text: &str,
+        file: &Path,
+        overrides: &Overrides,
+        hostname: impl FnOnce() -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw = parse_raw(text, file)?;
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            field: field.to_string(),
+            message,
+        };
+        let base = file.parent().unwrap_or(Path::new(""));
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+
+        let node_name = match (&overrides.node_name, raw.node_name) {
+            (Some(name), _) => {
+                validate_node_name(name).map_err(|m| invalid("--node-name", m))?;
+                name.clone()
+            }
+            (None, Some(name)) => {
+                validate_node_name(&name).map_err(|m| invalid("nodeName", m))?;
+                name
+            }
+            (None, None) => {
+                let host = hostname()
+                    .ok_or_else(|| invalid("nodeName", "not set, and no hostname".into()))?
+                    .to_lowercase();
+                validate_node_name(&host).map_err(|m| {
+                    invalid(
+                        "nodeName",
+                        format!("not set, and the hostname is no good: {m}"),
+                    )
+                })?;
+                host
+            }
+        };
+
+        let datastore = match (&overrides.datastore, raw.datastore) {
+            (Some(d), _) => d.clone(),
+            (None, Some(text)) => match text.parse() {
+                Ok(DatastoreSpec::Dir(p)) => DatastoreSpec::Dir(resolve(p)),
+                Ok(other) => other,
+                Err(m) => return Err(invalid("datastore", m)),
+            },
+            (None, None) => {
+                return Err(invalid(
+                    "datastore",
+                    "missing (dir:PATH or kubernetes)".into(),
+                ))
+            }
+        };
+
+        let listen_port = raw.listen_port.unwrap_or(DEFAULT_PORT);
+        if listen_port == 0 {
+            return Err(invalid("listenPort", "must not be 0".into()));
+        }
+
+        let endpoint = match raw.endpoint {
+            None => {
+                return Err(invalid(
+                    "endpoint",
+                    "missing: the underlay address peers reach this node at (ip or ip:port)".into(),
+                ))
+            }
+            Some(text) => {
+                let text = text.trim();
+                let bare = text
+                    .strip_prefix('[')
+                    .and_then(|t| t.strip_suffix(']'))
+                    .unwrap_or(text);
+                let addr = match bare.parse::<IpAddr>() {
+                    Ok(ip) => SocketAddr::new(ip, listen_port),
+                    Err(_) => text.parse::<SocketAddr>().map_err(|_| {
+                        invalid(
+                            "endpoint",
+                            format!("{text:?} is not ip or ip:port (e.g. 198.18.0.1:51871)"),
+                        )
+                    })?,
+                };
+                check_endpoint(addr).map_err(|m| invalid("endpoint", m))?;
+                addr
+            }
+        };
+
+        let underlay_mtu = raw.underlay_mtu.unwrap_or(DEFAULT_UNDERLAY_MTU);
+        if !(MIN_MTU + OVERHEAD_V4..=65535).contains(&underlay_mtu) {
+            return Err(invalid(
+                "underlayMTU",
+                format!(
+                    "{underlay_mtu} is outside {}..=65535",
+                    MIN_MTU + OVERHEAD_V4
+                ),
+            ));
+        }
+        let overhead = if endpoint.is_ipv4() {
+            OVERHEAD_V4
+        } else {
+            OVERHEAD_V6
+        };
+        let mtu = match raw.mtu {
+            Some(mtu) => {
+                if mtu < MIN_MTU || mtu + overhead > underlay_mtu {
+                    return Err(invalid(
+                        "mtu",
+                        format!(
+                            "{mtu} must be at least {MIN_MTU} and at most underlayMTU - {overhead} \
+                             = {} (WireGuard over {})",
+                            underlay_mtu.saturating_sub(overhead),
+                            if endpoint.is_ipv4() { "IPv4" } else { "IPv6" }
+                        ),
+                    ));
+                }
+                mtu
+            }
+            // the same for both families, as wg-quick does
+            None => underlay_mtu.saturating_sub(OVERHEAD_V6).max(MIN_MTU),
+        };
+
+        let key_rotation_interval = match raw.key_rotation_interval {
+            None => None,
+            Some(text) => {
+                let d = humantime::parse_duration(text.trim()).map_err(|e| {
+                    invalid(
+                        "keyRotationInterval",
+                        format!("{text:?}: {e} (e.g. 24h, 90m, 7d)"),
+                    )
+                })?;
+                if d < MIN_KEY_ROTATION {
+                    return Err(invalid(
+                        "keyRotationInterval",
+                        format!("{text:?} is shorter than 1m"),
+                    ));
+                }
+                Some(d)
+            }
+        };
+
+        let state_dir = resolve(raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()));
+        let socket_path = resolve(raw.socket_path.unwrap_or_else(|| DEFAULT_SOCKET.into()));
+        for (field, path) in [("stateDir", &state_dir), ("socketPath", &socket_path)] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(field, "empty path".into()));
+            }
+        }
+
+        Ok(Config {
+            node_name,
+            state_dir,
+            datastore,
+            endpoint,
+            listen_port,
+            mtu,
+            underlay_mtu,
+            key_rotation_interval,
+            strict_mode: raw.strict_mode.unwrap_or(true),
+            socket_path,
+        })
+    }
+}
+
+fn parse_raw(text: &str, file: &Path) -> Result<RawConfig, ConfigError> {
+    let options = serde_saphyr::options! { with_snippet: false };
+    let mut path = None;
+    let result: Result<Option<RawConfig>, _> =
+        serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                path = Some(e.path().to_string());
+                e.into_inner()
+            })
+        });
+    match result {
+        // an empty file: all defaults (and errors for what is required)
+        Ok(raw) => Ok(raw.unwrap_or_default()),
+        Err(e) => {
+            let message = match path.filter(|p| p != ".") {
+                Some(p) => format!("{p}: {e}"),
+                None => e.to_string(),
+            };
+            Err(ConfigError::Parse {
+                file: file.to_path_buf(),
+                message,
+            })
+        }
+    }
+}
+
+fn hostname() -> Option<String> {
+    nix::unistd::gethostname()
+        .ok()?
+        .into_string()
+        .ok()
+        .filter(|h| !h.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/etc/meshward/agent.yaml";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new(FILE), &Overrides::default(), || {
+            Some("Host-1".into())
+        })
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    const MINIMAL: &str = "datastore: dir:/srv/cluster\nendpoint: 198.18.0.1\n";
+
+    #[test]
+    fn defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            c,
+            Config {
+                node_name: "host-1".into(),
+                state_dir: DEFAULT_STATE_DIR.into(),
+                datastore: DatastoreSpec::Dir("/srv/cluster".into()),
+                endpoint: "198.18.0.1:51871".parse().unwrap(),
+                listen_port: 51871,
+                mtu: 1420,
+                underlay_mtu: 1500,
+                key_rotation_interval: None,
+                strict_mode: true,
+                socket_path: DEFAULT_SOCKET.into(),
+            }
+        );
+    }
+
+    #[test]
+    fn everything_set() {
+        let c = parse(
+            "nodeName: node1\nstateDir: state\ndatastore: kubernetes\n\
+             endpoint: '[fd00::1]:4000'\nlistenPort: 5000\nunderlayMTU: 9001\nmtu: 8921\n\
+             keyRotationInterval: 24h\nstrictMode: false\nsocketPath: /tmp/a.sock\n",
+        )
+        .unwrap();
+        assert_eq!(c.node_name, "node1");
+        assert_eq!(c.state_dir, PathBuf::from("/etc/meshward/state"));
+        assert_eq!(c.datastore, DatastoreSpec::Kubernetes);
+        assert_eq!(c.endpoint, "[fd00::1]:4000".parse().unwrap());
+        assert_eq!(c.listen_port, 5000);
+        assert_eq!((c.mtu, c.underlay_mtu), (8921, 9001));
+        assert_eq!(c.key_rotation_interval, Some(Duration::from_secs(86400)));
+        assert!(!c.strict_mode);
+        assert_eq!(c.socket_path, PathBuf::from("/tmp/a.sock"));
+    }
+
+    #[test]
+    fn endpoint_port_defaults_to_listen_port_and_paths_resolve() {
+        let c = parse("datastore: dir:cluster\nendpoint: 198.18.0.1\nlistenPort: 7000\n").unwrap();
+        assert_eq!(c.endpoint, "198.18.0.1:7000".parse().unwrap());
+        assert_eq!(
+            c.datastore,
+            DatastoreSpec::Dir("/etc/meshward/cluster".into())
+        );
+    }
+
+    #[test]
+    fn overrides_win() {
+        let o = Overrides {
+            datastore: Some(DatastoreSpec::Dir("/x".into())),
+            node_name: Some("other".into()),
+        };
+        let c = Config::parse(MINIMAL, Path::new(FILE), &o, || None).unwrap();
+        assert_eq!(c.node_name, "other");
+        assert_eq!(c.datastore, DatastoreSpec::Dir("/x".into()));
+        let o = Overrides {
+            node_name: Some("Bad_Name".into()),
+            ..Default::default()
+        };
+        let e = Config::parse(MINIMAL, Path::new(FILE), &o, || None).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("config file {FILE}: --node-name: ")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = error(&format!("{MINIMAL}listenport: 1\n"));
+        assert!(
+            e.starts_with(&format!(
+                "config file {FILE}: listenport: unknown field `listenport`"
+            )),
+            "{e}"
+        );
+        assert!(e.contains("line 3"), "{e}");
+        let e = error(&format!("{MINIMAL}underlayMtu: 1500\n"));
+        assert!(e.contains("unknown field `underlayMtu`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let cases = [
+            ("endpoint: 198.18.0.1\n", "datastore"),
+            ("datastore: dir:/a\n", "endpoint"),
+            ("datastore: etcd\nendpoint: 198.18.0.1\n", "datastore"),
+            ("datastore: 'dir:'\nendpoint: 198.18.0.1\n", "datastore"),
+            ("datastore: kubernetes\nendpoint: host:1\n", "endpoint"),
+            ("datastore: kubernetes\nendpoint: 0.0.0.0\n", "endpoint"),
+            (
+                "datastore: kubernetes\nendpoint: 198.18.0.1:0\n",
+                "endpoint",
+            ),
+            (
+                "datastore: kubernetes\nendpoint: 198.18.0.1\nnodeName: A_B\n",
+                "nodeName",
+            ),
+            (
+                "datastore: kubernetes\nendpoint: 198.18.0.1\nlistenPort: 0\n",
+                "listenPort",
+            ),
+            (
+                "datastore: kubernetes\nendpoint: 198.18.0.1\nmtu: 1500\n",
+                "mtu",
+            ),
+            (
+                "datastore: kubernetes\nendpoint: 198.18.0.1\nmtu: 1000\n",
+                "mtu",
+            ),
+            (
+                "datastore: kubernetes\nendpoint: '[fd00::1]'\nmtu: 1440\n",
+                "mtu",
+            ),
+            (
+                "datastore: kubernetes\nendpoint: 198.18.0.1\nunderlayMTU: 100\n",
+                "underlayMTU",
+            ),
+            (
+                "datastore: kubernetes\nendpoint: 198.18.0.1\nkeyRotationInterval: soon\n",
+                "keyRotationInterval",
+            ),
+            (
+                "datastore: kubernetes\nendpoint: 198.18.0.1\nkeyRotationInterval: 5s\n",
+                "keyRotationInterval",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = error(text);
+            assert!(
+                e.starts_with(&format!("config file {FILE}: {field}: ")),
+                "{text}: {e}"
+            );
+        }
+        // type errors come from the parser, with the key and the line
+        let e = error(&format!("{MINIMAL}listenPort: many\n"));
+        assert!(
+            e.starts_with(&format!("config file {FILE}: listenPort: ")),
+            "{e}"
+        );
+        assert!(e.contains("line 3"), "{e}");
+        let e = error(&format!("{MINIMAL}strictMode: [\n"));
+        assert!(e.starts_with(&format!("config file {FILE}: ")), "{e}");
+    }
+
+    #[test]
+    fn an_ipv6_endpoint_fits_the_default_mtu() {
+        let c = parse("datastore: kubernetes\nendpoint: '[fd00::1]'\n").unwrap();
+        assert_eq!(c.mtu, 1420);
+        let c = parse("datastore: kubernetes\nendpoint: 198.18.0.1\nmtu: 1440\n").unwrap();
+        assert_eq!(c.mtu, 1440);
+    }
+
+    #[test]
+    fn hostname_default() {
+        let e =
+            Config::parse(MINIMAL, Path::new(FILE), &Overrides::default(), || None).unwrap_err();
+        assert!(e.to_string().contains("nodeName: not set"), "{e}");
+        let e = Config::parse(MINIMAL, Path::new(FILE), &Overrides::default(), || {
+            Some("under_score".into())
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("nodeName: not set, and the hostname"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_file_and_missing_file() {
+        assert!(error("").contains(": datastore: missing"));
+        let args = AgentArgs {
+            config: "/nonexistent/agent.yaml".into(),
+            datastore: None,
+            node_name: None,
+        };
+        let e = Config::load(&args).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot read config file /nonexistent/agent.yaml: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn load_reads_the_file_and_resolves_the_cli_datastore() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("agent.yaml");
+        std::fs::write(&file, format!("nodeName: n1\n{MINIMAL}")).unwrap();
+        let args = AgentArgs {
+            config: file,
+            datastore: Some("dir:rel".parse().unwrap()),
+            node_name: None,
+        };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(
+            c.datastore,
+            DatastoreSpec::Dir(std::env::current_dir().unwrap().join("rel"))
+        );
+    }
+}
