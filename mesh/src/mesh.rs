@@ -151,6 +151,12 @@ impl Mesh {
                 allowed_ips: config.allowed_ips,
             });
         }
+        let kept: HashSet<u32> = entries.iter().map(|entry| entry.peer.id).collect();
+        for entry in &old.peers {
+            if !kept.contains(&entry.peer.id) {
+                tracing::info!(peer = %entry.peer.name, "peer removed");
+            }
+        }
         self.table
             .store(Arc::new(Table::build(Arc::clone(&old.keys), entries)));
         Ok(())

@@ -50,8 +50,6 @@ pub(crate) struct Tunnel {
     /// 24 bits: `peer_id << 2 | slot`.
     pub index: u32,
     pub created: Instant,
-    /// A session on this tunnel is known to work both ways.
-    pub confirmed: bool,
     /// Start a handshake at the next tick (new tunnels handshake eagerly so
     /// the first packet does not wait).
     pub needs_initiation: bool,
@@ -82,7 +80,6 @@ impl Tunnel {
             local_public: local.public,
             index,
             created: now,
-            confirmed: false,
             needs_initiation: true,
             expired_reported: false,
             largest_queued: 0,
@@ -304,11 +301,12 @@ impl PeerState {
         tunnel.map(|t| (t, &mut self.traffic))
     }
 
-    /// Records that a session on `slot` works both ways, and switches traffic
-    /// to it if it was the pending one.
+    /// Records that a session on `slot` works both ways (we got the handshake
+    /// response, or the peer sent data on it): switches traffic to it if it
+    /// was the pending tunnel, keeps a draining one alive.
     pub fn confirmed(&mut self, slot: Slot, now: Instant, name: &str) {
         match slot {
-            Slot::Active => self.active.confirmed = true,
+            Slot::Active => {}
             Slot::Draining => {
                 if let Some(draining) = &mut self.draining {
                     draining.last_rx = now;
@@ -316,7 +314,6 @@ impl PeerState {
             }
             Slot::Pending => {
                 if let Some(mut pending) = self.pending.take() {
-                    pending.confirmed = true;
                     pending.needs_initiation = false;
                     let old = std::mem::replace(&mut self.active, pending);
                     self.draining = old.has_session().then_some(Draining {
@@ -416,7 +413,6 @@ fn drive_timers(
         // new handshake. Reported once per failure, not every tick.
         TunnResult::Err(WireGuardError::ConnectionExpired) if !tunnel.expired_reported => {
             tunnel.expired_reported = true;
-            tunnel.confirmed = false;
             tracing::debug!(peer = name, "connection expired");
         }
         TunnResult::Err(WireGuardError::ConnectionExpired) => {}
