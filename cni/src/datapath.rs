@@ -92,6 +92,9 @@ pub fn format_mac(mac: &[u8]) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodLink {
     pub pod_mac: String,
+    /// False when the pod already had a default route (a second interface,
+    /// e.g. from a multi-network runtime): the first one keeps it.
+    pub default_route: bool,
 }
 
 /// Runs `f` with a netlink handle in the calling thread's network namespace.
@@ -272,15 +275,18 @@ async fn configure_pod(h: &Handle, pod_ifname: &str, ip: Ipv4Addr) -> Result<Pod
         .output_interface(link.index)
         .onlink()
         .build();
-    h.route()
-        .add(default)
-        .execute()
-        .await
-        .map_err(netlink(format!(
-            "add default route via {GATEWAY} dev {pod_ifname}"
-        )))?;
+    let default_route = match h.route().add(default).execute().await {
+        Ok(()) => true,
+        Err(e) if errno_of(&e) == Some(libc::EEXIST) => false,
+        Err(e) => {
+            return Err(netlink(format!(
+                "add default route via {GATEWAY} dev {pod_ifname}"
+            ))(e))
+        }
+    };
     Ok(PodLink {
         pod_mac: format_mac(&link.mac),
+        default_route,
     })
 }
 
@@ -301,7 +307,15 @@ pub fn delete_host_link(host_ifname: &str) -> Result<bool> {
 }
 
 /// Verifies what ADD built is still in place.
-pub fn check(ns: &File, host_ifname: &str, pod_ifname: &str, ip: Ipv4Addr, mtu: u32) -> Result<()> {
+/// `default_route`: whether ADD reported the default route as ours.
+pub fn check(
+    ns: &File,
+    host_ifname: &str,
+    pod_ifname: &str,
+    ip: Ipv4Addr,
+    mtu: u32,
+    default_route: bool,
+) -> Result<()> {
     let mismatch = |m: String| Err(DatapathError::Mismatch(m));
     with_handle(async |h| {
         let Some(link) = link_by_name(&h, host_ifname).await? else {
@@ -349,7 +363,9 @@ pub fn check(ns: &File, host_ifname: &str, pod_ifname: &str, ip: Ipv4Addr, mtu: 
         if !found {
             return mismatch(format!("pod interface {pod_ifname} lacks {ip}/32"));
         }
-        if !has_route(&h, Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY), link.index).await? {
+        if default_route
+            && !has_route(&h, Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY), link.index).await?
+        {
             return mismatch(format!(
                 "pod default route via {GATEWAY} dev {pod_ifname} is missing"
             ));

@@ -181,6 +181,7 @@ fn add(env: &Env, conf: &NetConf, version: Version) -> Result<serde_json::Value,
         netns: netns_path.display().to_string(),
         mtu,
         ip: alloc.ip,
+        default_route: link.default_route,
     };
     notify::send(
         &conf.agent_socket(),
@@ -252,6 +253,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         &key.ifname,
         alloc.ip,
         conf.pod_mtu(),
+        prev.has_default_route(),
     )
     .map_err(datapath_error)
 }

@@ -495,6 +495,8 @@ pub struct Attachment {
     pub netns: String,
     pub mtu: u32,
     pub ip: Ipv4Addr,
+    /// Whether the pod's default route is ours (not for a second interface).
+    pub default_route: bool,
 }
 
 impl CniResult {
@@ -533,10 +535,12 @@ impl CniResult {
             gateway: Some(GATEWAY.to_string()),
             interface: Some(result.interfaces.len() - 1),
         });
-        result.routes.push(Route {
-            dst: "0.0.0.0/0".into(),
-            gw: Some(GATEWAY.to_string()),
-        });
+        if att.default_route {
+            result.routes.push(Route {
+                dst: "0.0.0.0/0".into(),
+                gw: Some(GATEWAY.to_string()),
+            });
+        }
         if let Some(dns) = dns {
             result.dns = dns.clone();
         }
@@ -559,6 +563,14 @@ impl CniResult {
                 e.into_inner().to_string(),
             )
         })
+    }
+
+    /// Whether the result routes the default route through our gateway.
+    pub fn has_default_route(&self) -> bool {
+        let gateway = GATEWAY.to_string();
+        self.routes
+            .iter()
+            .any(|r| r.dst == "0.0.0.0/0" && r.gw.as_deref() == Some(gateway.as_str()))
     }
 
     /// The addresses (without prefix) the result gives the interface `ifname`.
@@ -723,6 +735,7 @@ mod tests {
             netns: "/run/netns/p".into(),
             mtu: 1420,
             ip: Ipv4Addr::new(198, 19, 1, 2),
+            default_route: true,
         }
     }
 

@@ -624,3 +624,40 @@ fn busy_lock_asks_to_try_again_and_corrupt_state_is_kept() {
         "the corrupt state was overwritten"
     );
 }
+
+#[test]
+fn a_second_interface_keeps_the_first_default_route() {
+    let node = Node::new("198.18.0.12");
+    let conf = node.conf("1.0.0", "198.19.12.0/24");
+    let pod = Netns::new("p");
+    node.add(&conf, "multi", &pod).ok();
+    let second = node
+        .cni(
+            &with_var(
+                &attachment_env("ADD", "multi", Some(&pod.path_str())),
+                "CNI_IFNAME",
+                "eth1",
+            ),
+            conf.to_string().as_bytes(),
+        )
+        .ok();
+    assert!(second.get("routes").is_none(), "{second}");
+    let (_, route) = pod.exec(&["ip", "route", "show", "default"]);
+    assert!(
+        route.contains("dev eth0") && !route.contains("eth1"),
+        "{route}"
+    );
+    assert!(pod.ping(&node.address));
+    // CHECK of the second interface does not ask for a default route.
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = second;
+    node.cni(
+        &with_var(
+            &attachment_env("CHECK", "multi", Some(&pod.path_str())),
+            "CNI_IFNAME",
+            "eth1",
+        ),
+        with_prev.to_string().as_bytes(),
+    )
+    .ok_empty();
+}
