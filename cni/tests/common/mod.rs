@@ -1,8 +1,12 @@
-//! The CNI helpers shared by the runtime-facing tests (podman.rs, chain.rs)
-//! and the add/del benchmark (benches/add_del.rs includes this file by
-//! path). Everything generic (namespaces, commands with time limits, temp
-//! dirs, stale cleanup, http_get) lives in meshward-testkit.
+//! The CNI helpers shared by every cni test (commands.rs, chain.rs,
+//! podman.rs) and the add/del benchmark (benches/add_del.rs includes this
+//! file by path). Everything generic (namespaces, commands with time
+//! limits, temp dirs, stale cleanup, http_get) lives in meshward-testkit.
 //!
+//! - [`Node`] and [`run_plugin`]: the real meshward-cni binary run exactly
+//!   as a runtime runs it (exact environment, config on stdin) inside a
+//!   node namespace with its own IPAM directory; [`Outcome`] checks results
+//!   and error objects.
 //! - [`PodPlugin`]: which plugin creates the pod interface (meshward-cni, or
 //!   Debian's bridge as a baseline).
 //! - [`exec_plugin`] and [`Chain`]: run CNI plugin binaries the way libcni
@@ -16,17 +20,180 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
-use meshward_testkit::{run, Netns, Run, CMD_TIMEOUT};
+use meshward_testkit::{run, Netns, Run, TempDir, CMD_TIMEOUT};
 use serde_json::{json, Map, Value};
+
+/// The meshward-cni binary cargo built for this test or bench.
+pub const PLUGIN: &str = env!("CARGO_BIN_EXE_meshward-cni");
 
 /// Directory of Debian's reference CNI plugins (containernetworking-plugins).
 pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
 
 /// Path of the meshward-cni binary cargo built for this test or bench.
 pub fn meshward_cni_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_meshward-cni"))
+    PathBuf::from(PLUGIN)
+}
+
+// ---------------------------------------------------------------------------
+// meshward-cni run as a runtime runs it, on a node namespace
+// ---------------------------------------------------------------------------
+
+/// A node: the namespace the plugin runs in (the runtime's "host"), with its
+/// own address on lo so pods can reach it, and a private IPAM directory.
+pub struct Node {
+    pub ns: Netns,
+    pub state: TempDir,
+    pub address: String,
+}
+
+impl Node {
+    pub fn new(address: &str) -> Node {
+        let ns = Netns::new("h");
+        ns.ip(&["addr", "add", &format!("{address}/32"), "dev", "lo"]);
+        Node {
+            ns,
+            state: TempDir::new(),
+            address: address.to_string(),
+        }
+    }
+
+    /// A plugin configuration for this node.
+    pub fn conf(&self, version: &str, pod_cidr: &str) -> Value {
+        json!({
+            "cniVersion": version,
+            "name": "meshward",
+            "type": "meshward-cni",
+            "podCIDR": pod_cidr,
+            "stateDir": self.state.path(),
+            "agentSocket": self.state.path().join("agent.sock"),
+        })
+    }
+
+    /// The IPAM state file as JSON (empty allocations when absent).
+    pub fn allocations(&self) -> Vec<Value> {
+        let path = self.state.path().join("meshward.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let v: Value = serde_json::from_slice(&bytes).expect("state is JSON");
+                v["allocations"].as_array().cloned().unwrap_or_default()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub fn host_links(&self) -> String {
+        self.ns.ip(&["-o", "link", "show"])
+    }
+
+    /// Runs the plugin inside this node's namespace.
+    pub fn cni(&self, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
+        run_plugin(Some(&self.ns.name), env, stdin)
+    }
+
+    pub fn add(&self, conf: &Value, container: &str, pod: &Netns) -> Outcome {
+        self.cni(
+            &attachment_env("ADD", container, Some(&pod.path_str())),
+            conf.to_string().as_bytes(),
+        )
+    }
+
+    pub fn del(&self, conf: &Value, container: &str, netns: Option<&str>) -> Outcome {
+        self.cni(
+            &attachment_env("DEL", container, netns),
+            conf.to_string().as_bytes(),
+        )
+    }
+}
+
+/// The CNI_* environment of one call for container `container` (ifname
+/// eth0, pod "web" in namespace "default").
+pub fn attachment_env<'a>(
+    command: &'a str,
+    container: &'a str,
+    netns: Option<&'a str>,
+) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", container),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", DEBIAN_CNI_DIR),
+        (
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web",
+        ),
+    ];
+    if let Some(ns) = netns {
+        env.push(("CNI_NETNS", ns));
+    }
+    env
+}
+
+/// What one plugin run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", self.stdout))
+    }
+
+    /// Asserts success and returns the printed result.
+    pub fn ok(&self) -> Value {
+        assert!(
+            self.success,
+            "plugin failed: {} {}",
+            self.stdout, self.stderr
+        );
+        self.json()
+    }
+
+    /// Asserts failure with `code` and returns the error object.
+    pub fn err(&self, code: u64) -> Value {
+        assert!(
+            !self.success,
+            "plugin succeeded unexpectedly: {}",
+            self.stdout
+        );
+        let v = self.json();
+        assert_eq!(v["code"], code, "unexpected error: {v}");
+        assert!(
+            v["msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "error without msg: {v}"
+        );
+        v
+    }
+}
+
+/// Runs the plugin binary with exactly `env` (nothing inherited but PATH)
+/// and `stdin`, inside namespace `ns` (`ip netns exec`) if given; killed
+/// after [`CMD_TIMEOUT`].
+pub fn run_plugin(ns: Option<&str>, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, PLUGIN]);
+            c
+        }
+        None => Command::new(PLUGIN),
+    };
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied());
+    let r = run(&mut cmd, stdin, CMD_TIMEOUT).expect("spawn meshward-cni");
+    assert!(!r.timed_out, "meshward-cni did not finish: {r}");
+    Outcome {
+        success: r.status.success(),
+        stdout: r.stdout,
+        stderr: r.stderr,
+    }
 }
 
 // ---------------------------------------------------------------------------
