@@ -16,7 +16,8 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{exec_plugin, find_plugin, Attachment, Chain, Netns, PodPlugin, TempDir};
+use common::{exec_plugin, find_plugin, Attachment, Chain, PodPlugin};
+use meshward_testkit::{Netns, TempDir};
 use serde_json::{json, Value};
 
 const WARMUP: usize = 3;
@@ -55,7 +56,7 @@ impl Subject {
 
     /// One ADD + DEL in a fresh pod namespace; returns (add, del) latency.
     fn cycle(&self, host: &Netns, n: usize) -> (Duration, Duration) {
-        let pod = Netns::new();
+        let pod = Netns::new("p");
         let att = Attachment::new(&format!("{}-{}-{n}", pod.name(), self.label), pod.path());
         let plugin = &self.chain.conflist["plugins"][0];
         let add_conf = self.chain.plugin_config(plugin, None);
@@ -119,11 +120,11 @@ fn env_usize(key: &str, default: usize) -> usize {
 }
 
 fn main() {
-    common::require_root();
+    meshward_testkit::require_root();
     let cycles = env_usize("MESHWARD_BENCH_CYCLES", 200).clamp(1, MAX_CYCLES);
     let budget = Duration::from_secs(env_usize("MESHWARD_BENCH_MAX_SECS", 300) as u64);
 
-    let host = Netns::new();
+    let host = Netns::new("h");
     // "ours" is meshward-cni; MESHWARD_TEST_PLUGIN=bridge turns the run into
     // a bridge-vs-bridge calibration (ratios should be ~1).
     let ours = PodPlugin::under_test();

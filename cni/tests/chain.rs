@@ -23,9 +23,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{
-    files_mentioning, http_get, run, Attachment, Chain, Netns, PodPlugin, TempDir, CMD_TIMEOUT,
-};
+use common::{Attachment, Chain, PodPlugin};
+use meshward_testkit::{files_mentioning, http_get, run, Netns, TempDir, CMD_TIMEOUT};
 use serde_json::{json, Value};
 
 const NODE_ADDR: &str = "198.18.240.1";
@@ -75,7 +74,7 @@ fn runtime_config() -> Value {
 }
 
 fn nat_rules(host: &Netns) -> String {
-    host.exec("iptables-save", &["-t", "nat"])
+    host.must(&["iptables-save", "-t", "nat"])
 }
 
 /// The pod's IPv4 address and the host-side interface named in a result.
@@ -124,7 +123,7 @@ struct PodHttp {
 impl PodHttp {
     fn start(pod: &Netns) -> PodHttp {
         let listener = pod
-            .in_netns(|| TcpListener::bind(("0.0.0.0", CONTAINER_PORT)))
+            .run(|| TcpListener::bind(("0.0.0.0", CONTAINER_PORT)))
             .expect("listen in the pod namespace");
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -167,9 +166,9 @@ impl Drop for PodHttp {
 #[test]
 fn chain_with_bandwidth_and_portmap() {
     let plugin = PodPlugin::under_test();
-    let host = Netns::new();
+    let host = Netns::new("h");
     host.ip(&["addr", "add", &format!("{NODE_ADDR}/32"), "dev", "lo"]);
-    let pod = Netns::new();
+    let pod = Netns::new("p");
     let state = TempDir::new();
     let cni_path = PodPlugin::cni_path();
     let chain = Chain::new(
@@ -244,7 +243,7 @@ fn chain_with_bandwidth_and_portmap() {
         nat.contains(&format!("--to-destination {addr}:{CONTAINER_PORT}")),
         "no DNAT to {addr}:{CONTAINER_PORT}:\n{nat}"
     );
-    let nft = host.exec("nft", &["list", "table", "ip", "nat"]);
+    let nft = host.must(&["nft", "list", "table", "ip", "nat"]);
     assert!(
         nft.contains("CNI-HOSTPORT-DNAT"),
         "iptables-nft rules not in nftables:\n{nft}"
@@ -317,7 +316,7 @@ fn chain_with_bandwidth_and_portmap() {
     chain
         .del(&host, &att, Some(last))
         .unwrap_or_else(|e| panic!("second DEL: {e}"));
-    let pod_path = pod.path().to_path_buf();
+    let pod_path = pod.path();
     drop(pod);
     let gone = Attachment::new(&cid, &pod_path);
     chain
@@ -331,7 +330,7 @@ fn chain_with_bandwidth_and_portmap() {
 #[test]
 fn chain_add_del_reuse_and_del_without_prev_result() {
     let plugin = PodPlugin::under_test();
-    let host = Netns::new();
+    let host = Netns::new("h");
     let state = TempDir::new();
     let chain = Chain::new(
         conflist(vec![
@@ -342,8 +341,8 @@ fn chain_add_del_reuse_and_del_without_prev_result() {
         PodPlugin::cni_path(),
         runtime_config(),
     );
-    let pod_a = Netns::new();
-    let pod_b = Netns::new();
+    let pod_a = Netns::new("p");
+    let pod_b = Netns::new("p");
     let att_a = Attachment::new(&format!("{}-a", pod_a.name()), pod_a.path());
     let att_b = Attachment::new(&format!("{}-b", pod_b.name()), pod_b.path());
     let ra = chain
@@ -388,8 +387,8 @@ fn chain_add_del_reuse_and_del_without_prev_result() {
 fn chain_with_older_spec_versions() {
     let plugin = PodPlugin::under_test();
     for version in ["0.3.1", "0.4.0"] {
-        let host = Netns::new();
-        let pod = Netns::new();
+        let host = Netns::new("h");
+        let pod = Netns::new("p");
         let state = TempDir::new();
         let chain = Chain::new(
             conflist_v(

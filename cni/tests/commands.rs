@@ -1,15 +1,16 @@
 //! The real meshward-cni binary, run as a runtime runs it, inside network
 //! namespaces this test creates: every command and every error path.
 
-mod support;
+mod common;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
+use common::*;
+use meshward_testkit::{sh, Netns};
 use serde_json::{json, Value};
-use support::*;
 
 const CIDR: &str = "198.19.1.0/24";
 

@@ -20,7 +20,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{files_mentioning, run, Netns, PodPlugin, Run, TempDir, CMD_TIMEOUT};
+use common::PodPlugin;
+use meshward_testkit::{
+    files_mentioning, http_get, run, run_ok, Netns, Run, TempDir, CMD_TIMEOUT, STALE_CLEANUP_SCRIPT,
+};
 use serde_json::json;
 
 const NODE_ADDR: &str = "198.18.250.1";
@@ -113,7 +116,7 @@ exec timeout 100 "$@" podman --root {d}/root --runroot {d}/runroot --storage-dri
 "#,
             ns = host.name()
         );
-        fs::write(dir.join(common::STALE_CLEANUP_SCRIPT), script).expect("write cleanup script");
+        fs::write(dir.join(STALE_CLEANUP_SCRIPT), script).expect("write cleanup script");
 
         let podman = Podman { host, dir };
         podman.import_busybox();
@@ -156,7 +159,7 @@ exec timeout 100 "$@" podman --root {d}/root --runroot {d}/runroot --storage-dri
     fn import_busybox(&self) {
         let rootfs = self.dir.join("rootfs");
         fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy /bin/busybox");
-        let list = common::run_ok(Command::new("/bin/busybox").arg("--list"), CMD_TIMEOUT);
+        let list = run_ok(Command::new("/bin/busybox").arg("--list"), CMD_TIMEOUT);
         for applet in list.stdout.lines().map(str::trim) {
             if !applet.is_empty() && applet != "busybox" && !applet.contains('/') {
                 let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
@@ -166,7 +169,7 @@ exec timeout 100 "$@" podman --root {d}/root --runroot {d}/runroot --storage-dri
             fs::create_dir_all(rootfs.join(d)).unwrap();
         }
         let tar = self.dir.join("rootfs.tar");
-        common::run_ok(
+        run_ok(
             Command::new("tar")
                 .arg("-C")
                 .arg(&rootfs)
@@ -208,7 +211,7 @@ impl Drop for Podman<'_> {
 
 /// The node namespace: loopback up, node address on it.
 fn node() -> Netns {
-    let host = Netns::new();
+    let host = Netns::new("h");
     host.ip(&["addr", "add", &format!("{NODE_ADDR}/32"), "dev", "lo"]);
     host
 }
@@ -428,13 +431,13 @@ fn podman_port_mapping_and_restart() {
         .trim()
         .to_owned();
     let node_addr: Ipv4Addr = NODE_ADDR.parse().unwrap();
-    let via_port = common::http_get(&host, SocketAddr::from((node_addr, 18080)));
+    let via_port = http_get(&host, SocketAddr::from((node_addr, 18080)));
     assert_eq!(
         via_port.as_deref(),
         Ok("meshward-pod\n"),
         "node -> hostPort 18080"
     );
-    let nat = host.exec("iptables-save", &["-t", "nat"]);
+    let nat = host.must(&["iptables-save", "-t", "nat"]);
     assert!(nat.contains(&cid), "no portmap rules for {cid}:\n{nat}");
 
     podman.podman(&["restart", "--time", "0", "web"]);
@@ -444,13 +447,13 @@ fn podman_port_mapping_and_restart() {
     let (addr, len) = eth0_address(&out);
     assert_pod_address(plugin, addr, len);
     assert_eq!(podman.host_veths().len(), 1, "one attachment after restart");
-    let via_port = common::http_get(&host, SocketAddr::from((node_addr, 18080)));
+    let via_port = http_get(&host, SocketAddr::from((node_addr, 18080)));
     assert_eq!(
         via_port.as_deref(),
         Ok("meshward-pod\n"),
         "hostPort after restart"
     );
-    let direct = common::http_get(&host, SocketAddr::from((addr, 80)));
+    let direct = http_get(&host, SocketAddr::from((addr, 80)));
     assert_eq!(
         direct.as_deref(),
         Ok("meshward-pod\n"),
@@ -459,6 +462,6 @@ fn podman_port_mapping_and_restart() {
 
     podman.podman(&["rm", "--force", "--time", "0", "web"]);
     assert_released(&podman, &cid, addr);
-    let nat = host.exec("iptables-save", &["-t", "nat"]);
+    let nat = host.must(&["iptables-save", "-t", "nat"]);
     assert!(!nat.contains(&cid), "portmap rules for {cid} left:\n{nat}");
 }

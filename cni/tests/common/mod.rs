@@ -1,12 +1,14 @@
-//! Shared helpers for the runtime-facing tests (podman.rs, chain.rs) and the
-//! add/del benchmark (benches/add_del.rs includes this file by path).
+//! The CNI helpers shared by every cni test (commands.rs, chain.rs,
+//! podman.rs) and the add/del benchmark (benches/add_del.rs includes this
+//! file by path). Everything generic (namespaces, commands with time
+//! limits, temp dirs, stale cleanup, http_get) lives in meshward-testkit.
 //!
-//! - [`Netns`]: a network namespace created for one test (`mwt-<pid>-<n>`)
-//!   and deleted when the guard drops, also when the test fails.
-//! - [`cleanup_stale`]: removes `mwt-*` namespaces and temp dirs left behind
-//!   by test processes that are gone (killed before their guards ran).
-//! - [`run`]: runs a command with stdin, a hard time limit and captured
-//!   output; [`Netns::command`] places a command inside a namespace.
+//! - [`Node`] and [`run_plugin`]: the real meshward-cni binary run exactly
+//!   as a runtime runs it (exact environment, config on stdin) inside a
+//!   node namespace with its own IPAM directory; [`Outcome`] checks results
+//!   and error objects.
+//! - [`PodPlugin`]: which plugin creates the pod interface (meshward-cni, or
+//!   Debian's bridge as a baseline).
 //! - [`exec_plugin`] and [`Chain`]: run CNI plugin binaries the way libcni
 //!   does (environment, stdin config, prevResult, runtimeConfig
 //!   capabilities, ADD in order, DEL in reverse).
@@ -16,541 +18,182 @@
 //! the host's real interfaces; every wait is bounded in time.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
-use std::ffi::OsStr;
 use std::fmt;
-use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex, Once};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use meshward_testkit::{run, Netns, Run, TempDir, CMD_TIMEOUT};
 use serde_json::{json, Map, Value};
 
-/// Prefix of every namespace and temp dir these helpers create (as
-/// `mwt-<pid>-<n>`, the scheme meshward-testkit shares); the stale cleanup
-/// only ever looks at names with it.
-pub const PREFIX: &str = "mwt";
+/// The meshward-cni binary cargo built for this test or bench.
+pub const PLUGIN: &str = env!("CARGO_BIN_EXE_meshward-cni");
 
 /// Directory of Debian's reference CNI plugins (containernetworking-plugins).
 pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
 
-/// Default limit for one external command (ip, tc, iptables-save, a plugin).
-pub const CMD_TIMEOUT: Duration = Duration::from_secs(30);
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A name unique per test process and call: `mwt-<pid>-<n>`.
-pub fn unique_name() -> String {
-    format!(
-        "{PREFIX}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
-/// The tests need root (netns, veth, podman). Fails loudly when not root so
-/// CI can never pass by skipping.
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "these tests create network namespaces and must run as root"
-    );
-}
-
 /// Path of the meshward-cni binary cargo built for this test or bench.
 pub fn meshward_cni_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_meshward-cni"))
+    PathBuf::from(PLUGIN)
 }
 
 // ---------------------------------------------------------------------------
-// Running commands with a time limit
+// meshward-cni run as a runtime runs it, on a node namespace
 // ---------------------------------------------------------------------------
 
-/// Outcome of [`run`].
-#[derive(Debug)]
-pub struct Run {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-    /// From spawn to exit (not including reading leftover output).
-    pub elapsed: Duration,
-    pub timed_out: bool,
+/// A node: the namespace the plugin runs in (the runtime's "host"), with its
+/// own address on lo so pods can reach it, and a private IPAM directory.
+pub struct Node {
+    pub ns: Netns,
+    pub state: TempDir,
+    pub address: String,
 }
 
-impl Run {
-    pub fn success(&self) -> bool {
-        self.status.success() && !self.timed_out
-    }
-}
-
-impl fmt::Display for Run {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "status {}{} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.status,
-            if self.timed_out {
-                " (killed: timed out)"
-            } else {
-                ""
-            },
-            self.elapsed,
-            self.stdout.trim_end(),
-            self.stderr.trim_end()
-        )
-    }
-}
-
-fn spawn_reader<R: Read + Send + 'static>(mut r: R) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        let _ = tx.send(buf);
-    });
-    rx
-}
-
-/// Runs `cmd` with `stdin` as its input and kills it (SIGKILL, by its own
-/// pid) when it is still running after `timeout`. The child is waited for
-/// without being reaped first, so the watchdog can never signal a recycled
-/// pid. Output left open by grandchildren (daemons such as conmon) is read
-/// for at most two more seconds after the child exits.
-pub fn run(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> std::io::Result<Run> {
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let start = Instant::now();
-    let mut child = cmd.spawn()?;
-    let pid = child.id() as libc::pid_t;
-
-    let (stop_tx, stop_rx) = mpsc::channel::<()>();
-    let watchdog = thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(timeout) {
-            // SAFETY: the child is not reaped before this thread is joined,
-            // so `pid` still names our child (running or a zombie).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            true
-        } else {
-            false
-        }
-    });
-
-    let out_rx = spawn_reader(child.stdout.take().expect("piped stdout"));
-    let err_rx = spawn_reader(child.stderr.take().expect("piped stderr"));
-    if let Some(mut input) = child.stdin.take() {
-        let data = stdin.to_vec();
-        thread::spawn(move || {
-            // A child that exits without reading its input gets EPIPE: fine.
-            let _ = input.write_all(&data);
-        });
-    }
-
-    // Wait for exit without reaping (WNOWAIT).
-    loop {
-        // SAFETY: siginfo_t is plain old data; waitid fills it.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: valid pointer, pid of our own child.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
-        if rc == 0 {
-            break;
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err);
+impl Node {
+    pub fn new(address: &str) -> Node {
+        let ns = Netns::new("h");
+        ns.ip(&["addr", "add", &format!("{address}/32"), "dev", "lo"]);
+        Node {
+            ns,
+            state: TempDir::new(),
+            address: address.to_string(),
         }
     }
-    let elapsed = start.elapsed();
-    let _ = stop_tx.send(());
-    let timed_out = watchdog.join().unwrap_or(false);
-    let status = child.wait()?;
 
-    let grace = Duration::from_secs(2);
-    let stdout = out_rx.recv_timeout(grace).unwrap_or_default();
-    let stderr = err_rx.recv_timeout(grace).unwrap_or_default();
-    Ok(Run {
-        status,
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-        elapsed,
-        timed_out,
-    })
-}
-
-/// Runs a command that must succeed; panics with its output otherwise.
-pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Run {
-    let what = format!("{cmd:?}");
-    let r = run(cmd, b"", timeout).unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-    assert!(r.success(), "{what} failed: {r}");
-    r
-}
-
-// ---------------------------------------------------------------------------
-// Network namespaces
-// ---------------------------------------------------------------------------
-
-/// `ip netns add` mounts /run/netns on first use; serialise our calls so two
-/// threads never race on that first mount.
-static NETNS_LOCK: Mutex<()> = Mutex::new(());
-
-/// A network namespace owned by one test, removed on drop.
-pub struct Netns {
-    name: String,
-    path: PathBuf,
-    file: Arc<File>,
-}
-
-impl Netns {
-    /// Creates `mwt-<pid>-<n>` with its loopback up. Runs the stale cleanup
-    /// once per process first.
-    pub fn new() -> Netns {
-        require_root();
-        cleanup_stale();
-        let name = unique_name();
-        {
-            let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-            run_ok(
-                Command::new("ip").args(["netns", "add", &name]),
-                CMD_TIMEOUT,
-            );
-        }
-        let path = PathBuf::from("/run/netns").join(&name);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) => {
-                delete_netns(&name);
-                panic!("open {}: {e}", path.display());
-            }
-        };
-        let ns = Netns {
-            name,
-            path,
-            file: Arc::new(file),
-        };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// `/run/netns/<name>`: what CNI_NETNS takes.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// A command that runs inside this namespace (setns in the child before
-    /// exec; the mount namespace stays the host's, so /sys/fs/cgroup and
-    /// /run/netns are the real ones, as podman and runc need).
-    pub fn command<S: AsRef<OsStr>>(&self, program: S) -> Command {
-        let mut cmd = Command::new(program);
-        let file = Arc::clone(&self.file);
-        // SAFETY: between fork and exec the closure only calls setns(2), which
-        // is async-signal-safe; `file` is kept open by the Arc the closure owns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd
-    }
-
-    /// Runs `f` on a short-lived thread that joined this namespace (the
-    /// caller's threads never move). Sockets created in `f` stay in it.
-    pub fn in_netns<F, T>(&self, f: F) -> T
-    where
-        F: FnOnce() -> T + Send,
-        T: Send,
-    {
-        let fd = self.file.as_raw_fd();
-        thread::scope(|s| {
-            s.spawn(move || {
-                // SAFETY: fd is a namespace file kept open by self.file.
-                let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("thread inside the namespace panicked")
+    /// A plugin configuration for this node.
+    pub fn conf(&self, version: &str, pod_cidr: &str) -> Value {
+        json!({
+            "cniVersion": version,
+            "name": "meshward",
+            "type": "meshward-cni",
+            "podCIDR": pod_cidr,
+            "stateDir": self.state.path(),
+            "agentSocket": self.state.path().join("agent.sock"),
         })
     }
 
-    /// Runs `program args` inside the namespace; panics unless it succeeds.
-    pub fn exec(&self, program: &str, args: &[&str]) -> String {
-        run_ok(self.command(program).args(args), CMD_TIMEOUT).stdout
+    /// The IPAM state file as JSON (empty allocations when absent).
+    pub fn allocations(&self) -> Vec<Value> {
+        let path = self.state.path().join("meshward.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let v: Value = serde_json::from_slice(&bytes).expect("state is JSON");
+                v["allocations"].as_array().cloned().unwrap_or_default()
+            }
+            Err(_) => Vec::new(),
+        }
     }
 
-    /// `ip -n <ns> args`; panics unless it succeeds; returns stdout.
-    pub fn ip(&self, args: &[&str]) -> String {
-        run_ok(
-            Command::new("ip").arg("-n").arg(&self.name).args(args),
-            CMD_TIMEOUT,
+    pub fn host_links(&self) -> String {
+        self.ns.ip(&["-o", "link", "show"])
+    }
+
+    /// Runs the plugin inside this node's namespace.
+    pub fn cni(&self, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
+        run_plugin(Some(&self.ns.name), env, stdin)
+    }
+
+    pub fn add(&self, conf: &Value, container: &str, pod: &Netns) -> Outcome {
+        self.cni(
+            &attachment_env("ADD", container, Some(&pod.path_str())),
+            conf.to_string().as_bytes(),
         )
-        .stdout
     }
 
-    /// `ip -j -n <ns> args` parsed as JSON (an empty output is `[]`).
-    pub fn ip_json(&self, args: &[&str]) -> Value {
-        let mut full = vec!["-j"];
-        full.extend_from_slice(args);
-        let out = self.ip(&full);
-        if out.trim().is_empty() {
-            return json!([]);
+    pub fn del(&self, conf: &Value, container: &str, netns: Option<&str>) -> Outcome {
+        self.cni(
+            &attachment_env("DEL", container, netns),
+            conf.to_string().as_bytes(),
+        )
+    }
+}
+
+/// The CNI_* environment of one call for container `container` (ifname
+/// eth0, pod "web" in namespace "default").
+pub fn attachment_env<'a>(
+    command: &'a str,
+    container: &'a str,
+    netns: Option<&'a str>,
+) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", container),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", DEBIAN_CNI_DIR),
+        (
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web",
+        ),
+    ];
+    if let Some(ns) = netns {
+        env.push(("CNI_NETNS", ns));
+    }
+    env
+}
+
+/// What one plugin run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", self.stdout))
+    }
+
+    /// Asserts success and returns the printed result.
+    pub fn ok(&self) -> Value {
+        assert!(
+            self.success,
+            "plugin failed: {} {}",
+            self.stdout, self.stderr
+        );
+        self.json()
+    }
+
+    /// Asserts failure with `code` and returns the error object.
+    pub fn err(&self, code: u64) -> Value {
+        assert!(
+            !self.success,
+            "plugin succeeded unexpectedly: {}",
+            self.stdout
+        );
+        let v = self.json();
+        assert_eq!(v["code"], code, "unexpected error: {v}");
+        assert!(
+            v["msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "error without msg: {v}"
+        );
+        v
+    }
+}
+
+/// Runs the plugin binary with exactly `env` (nothing inherited but PATH)
+/// and `stdin`, inside namespace `ns` (`ip netns exec`) if given; killed
+/// after [`CMD_TIMEOUT`].
+pub fn run_plugin(ns: Option<&str>, env: &[(&str, &str)], stdin: &[u8]) -> Outcome {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, PLUGIN]);
+            c
         }
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip {args:?}: {e}: {out}"))
+        None => Command::new(PLUGIN),
+    };
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied());
+    let r = run(&mut cmd, stdin, CMD_TIMEOUT).expect("spawn meshward-cni");
+    assert!(!r.timed_out, "meshward-cni did not finish: {r}");
+    Outcome {
+        success: r.status.success(),
+        stdout: r.stdout,
+        stderr: r.stderr,
     }
-
-    /// Names of the links of a given kind (`veth`, `ifb`, `bridge`, ...).
-    pub fn links_of_type(&self, kind: &str) -> Vec<String> {
-        self.ip_json(&["link", "show", "type", kind])
-            .as_array()
-            .map(|links| {
-                links
-                    .iter()
-                    .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// `tc -j qdisc show dev <dev>` kinds inside the namespace.
-    pub fn qdisc_kinds(&self, dev: &str) -> Vec<String> {
-        let out = self.exec("tc", &["-j", "qdisc", "show", "dev", dev]);
-        let v: Value = serde_json::from_str(out.trim()).unwrap_or(json!([]));
-        v.as_array()
-            .map(|qs| {
-                qs.iter()
-                    .filter_map(|q| q["kind"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Reads a sysctl as seen inside the namespace, e.g.
-    /// `net/ipv4/ip_forward` (/proc/sys/net follows the reader's netns).
-    pub fn sysctl(&self, key: &str) -> String {
-        let path = format!("/proc/sys/{key}");
-        self.exec("cat", &[&path]).trim().to_owned()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        delete_netns(&self.name);
-    }
-}
-
-fn delete_netns(name: &str) {
-    let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    match run(
-        Command::new("ip").args(["netns", "del", name]),
-        b"",
-        CMD_TIMEOUT,
-    ) {
-        Ok(r) if r.success() => {}
-        Ok(r) => eprintln!("warning: ip netns del {name}: {r}"),
-        Err(e) => eprintln!("warning: ip netns del {name}: {e}"),
-    }
-}
-
-/// The pid inside a name `mwt-<pid>-...`, if it has that shape.
-fn owner_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix(PREFIX)?.strip_prefix('-')?;
-    rest.split('-').next()?.parse().ok()
-}
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new("/proc").join(pid.to_string()).exists()
-}
-
-/// Name of a script a test may leave in its temp dir to stop what it
-/// started there (podman containers) if the test process gets killed.
-pub const STALE_CLEANUP_SCRIPT: &str = "stale-cleanup.sh";
-
-/// Removes leftovers of test processes that no longer exist: directories in
-/// the temp dir named `mwt-<pid>-*` (first running their
-/// [`STALE_CLEANUP_SCRIPT`], bounded in time) and then namespaces in
-/// /run/netns. Runs once per process; it never touches names of live
-/// processes (other tests running in parallel) or names without our prefix.
-/// scripts/test does the same before cargo runs.
-pub fn cleanup_stale() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let me = std::process::id();
-        let stale =
-            |name: &str| matches!(owner_pid(name), Some(pid) if pid != me && !pid_alive(pid));
-        if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !(stale(&name) && e.path().is_dir()) {
-                    continue;
-                }
-                eprintln!("removing stale test directory {}", e.path().display());
-                let script = e.path().join(STALE_CLEANUP_SCRIPT);
-                if script.is_file() {
-                    match run(
-                        Command::new("bash").arg(&script),
-                        b"",
-                        Duration::from_secs(120),
-                    ) {
-                        Ok(r) if r.success() => {}
-                        Ok(r) => eprintln!("warning: {}: {r}", script.display()),
-                        Err(err) => eprintln!("warning: {}: {err}", script.display()),
-                    }
-                }
-                remove_tree(&e.path());
-            }
-        }
-        if let Ok(entries) = fs::read_dir("/run/netns") {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if stale(&name) {
-                    eprintln!("removing stale test namespace {name}");
-                    delete_netns(&name);
-                }
-            }
-        }
-    });
-}
-
-/// Mount points at or below `dir` (from /proc/self/mountinfo), deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut seen = HashSet::new();
-    let mut mounts: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(m.replace("\\040", " ")))
-        .filter(|m| m.starts_with(dir))
-        .filter(|m| seen.insert(m.clone()))
-        .collect();
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-    mounts
-}
-
-/// Lazily unmounts anything mounted below `dir` (container shm and the like)
-/// and removes the tree.
-pub fn remove_tree(dir: &Path) {
-    for m in mounts_under(dir) {
-        if let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) {
-            // SAFETY: valid C string; MNT_DETACH on a path below our own dir.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-    if let Err(e) = fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            eprintln!("warning: remove {}: {e}", dir.display());
-        }
-    }
-}
-
-/// A temp directory `mwt-<pid>-<n>` removed on drop (after unmounting
-/// anything left below it).
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new() -> TempDir {
-        cleanup_stale();
-        let path = std::env::temp_dir().join(unique_name());
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn join<P: AsRef<Path>>(&self, p: P) -> PathBuf {
-        self.path.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        remove_tree(&self.path);
-    }
-}
-
-/// Every file below `dir` whose content mentions `needle` (IPAM stores list
-/// container ids; this is how tests see that DEL released an address).
-pub fn files_mentioning(dir: &Path, needle: &str) -> Vec<PathBuf> {
-    let mut hits = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    let mut budget = 10_000; // bounded walk
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            budget -= 1;
-            if budget == 0 {
-                return hits;
-            }
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if fs::read(&p)
-                .map(|b| String::from_utf8_lossy(&b).contains(needle))
-                .unwrap_or(false)
-            {
-                hits.push(p);
-            }
-        }
-    }
-    hits
-}
-
-/// HTTP/1.0 GET / from a socket opened in `ns`; returns the body. Retried
-/// for at most 5 s (a server may still be starting).
-pub fn http_get(ns: &Netns, dst: std::net::SocketAddr) -> Result<String, String> {
-    use std::net::TcpStream;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut last = String::new();
-    for _ in 0..50 {
-        let attempt = ns.in_netns(|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp)?;
-            Ok(resp)
-        });
-        match attempt {
-            Ok(resp) => {
-                return resp
-                    .split_once("\r\n\r\n")
-                    .map(|(_, body)| body.to_owned())
-                    .ok_or(resp)
-            }
-            Err(e) => last = format!("{dst}: {e}"),
-        }
-        if Instant::now() > deadline {
-            break;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    Err(last)
 }
 
 // ---------------------------------------------------------------------------
@@ -661,10 +304,10 @@ pub struct Attachment {
 }
 
 impl Attachment {
-    pub fn new(container_id: &str, netns: &Path) -> Attachment {
+    pub fn new(container_id: &str, netns: impl AsRef<Path>) -> Attachment {
         Attachment {
             container_id: container_id.to_owned(),
-            netns: netns.to_path_buf(),
+            netns: netns.as_ref().to_path_buf(),
             ifname: "eth0".to_owned(),
             args: vec![
                 ("IgnoreUnknown".into(), "1".into()),
