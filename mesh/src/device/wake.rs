@@ -1,0 +1,87 @@
+//! Stopping blocked workers: every descriptor is non-blocking and a worker
+//! that runs dry waits in `poll` on its descriptor *and* one eventfd shared
+//! by the device. Shutdown writes the eventfd once; it stays readable, so
+//! every worker wakes, sees the flag and returns.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+pub(crate) struct Stop {
+    flag: AtomicBool,
+    event: EventFd,
+}
+
+/// Why a wait returned.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Wait {
+    Ready,
+    TimedOut,
+    Stop,
+}
+
+impl Stop {
+    pub fn new() -> io::Result<Stop> {
+        let event =
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(io::Error::from)?;
+        Ok(Stop {
+            flag: AtomicBool::new(false),
+            event,
+        })
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+        // Cannot fail short of the counter overflowing, which one write never does.
+        let _ = self.event.write(1);
+    }
+
+    /// Waits until `fd` has `events` (`POLLIN`/`POLLOUT`), the device stops,
+    /// or `timeout` passes (`None`: no timeout).
+    pub fn wait(&self, fd: BorrowedFd<'_>, events: PollFlags, timeout: Option<Duration>) -> Wait {
+        if self.stopped() {
+            return Wait::Stop;
+        }
+        let timeout = match timeout {
+            None => PollTimeout::NONE,
+            Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
+        };
+        let mut fds = [
+            PollFd::new(fd, events),
+            PollFd::new(self.event.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, timeout) {
+            Ok(0) => Wait::TimedOut,
+            Ok(_) if self.stopped() => Wait::Stop,
+            Ok(_) => Wait::Ready,
+            // A signal: let the caller retry its I/O.
+            Err(Errno::EINTR) => Wait::Ready,
+            Err(_) => {
+                // poll itself failing (EFAULT, ENOMEM) should not spin a core.
+                std::thread::sleep(Duration::from_millis(10));
+                Wait::Ready
+            }
+        }
+    }
+
+    /// Sleeps up to `timeout`, returning early (`true`) when the device stops.
+    pub fn sleep(&self, timeout: Duration) -> bool {
+        if self.stopped() {
+            return true;
+        }
+        let mut fds = [PollFd::new(self.event.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        let _ = poll(&mut fds, timeout);
+        self.stopped()
+    }
+}
