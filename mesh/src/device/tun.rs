@@ -8,6 +8,8 @@ use std::io;
 
 use tun_rs::{DeviceBuilder, SyncDevice};
 
+const TX_QUEUE_LEN: u32 = 1000;
+
 pub(crate) struct Tun {
     pub queues: Vec<SyncDevice>,
     pub name: String,
@@ -23,6 +25,8 @@ pub(crate) fn create(name: &str, mtu: u16, queues: usize) -> io::Result<Tun> {
         DeviceBuilder::new()
             .name(name)
             .mtu(mtu)
+            // Room for bursts while a worker is descheduled (default 500).
+            .tx_queue_len(TX_QUEUE_LEN)
             .offload(offload)
             .multi_queue(queues > 1)
             .build_sync()

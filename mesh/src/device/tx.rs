@@ -158,9 +158,7 @@ impl Worker {
     }
 }
 
-/// Sends the datagrams, coalescing each run of consecutive datagrams to the
-/// same destination, of the same size (the last may be shorter), into one
-/// GSO send. False when the device stops.
+/// Sends the datagrams, one `sendmsg` per GSO run. False when the device stops.
 fn send_runs(
     shared: &Shared,
     udp: &Udp,
@@ -168,20 +166,53 @@ fn send_runs(
     sealed: &[u8],
     datagrams: &[(SocketAddr, Range<usize>)],
 ) -> bool {
-    let max_segments = udp.max_segments();
-    let mut i = 0;
     let mut sends = 0;
-    while i < datagrams.len() {
-        let (to, first) = &datagrams[i];
+    for run in gso_runs(datagrams, udp.max_segments()) {
+        if !udp.send(
+            run.to,
+            &sealed[run.bytes.clone()],
+            run.segment,
+            &shared.stop,
+            &shared.log,
+        ) {
+            return false;
+        }
+        sends += 1;
+    }
+    counters.add(&counters.udp_sends, sends);
+    counters.add(&counters.udp_datagrams_sent, datagrams.len() as u64);
+    true
+}
+
+/// Datagrams one UDP GSO send carries.
+#[derive(Debug, PartialEq, Eq)]
+struct Run {
+    to: SocketAddr,
+    bytes: Range<usize>,
+    /// The segment size when the run holds more than one datagram.
+    segment: Option<usize>,
+}
+
+/// Groups back-to-back datagrams into GSO runs: consecutive, same
+/// destination, same size (the last may be shorter, as GSO allows), at most
+/// `max_segments` of them and at most one IP datagram's worth of bytes.
+fn gso_runs(
+    datagrams: &[(SocketAddr, Range<usize>)],
+    max_segments: usize,
+) -> impl Iterator<Item = Run> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let (to, first) = datagrams.get(i)?;
         let segment = first.len();
         let limit = max_batch_bytes(to);
         let mut end = first.end;
         let mut j = i + 1;
-        while j < datagrams.len() && j - i < max_segments {
+        while j < datagrams.len() && j - i < max_segments.max(1) {
             let (next_to, next) = &datagrams[j];
             if next_to != to
                 || next.start != end
                 || next.len() > segment
+                || next.is_empty()
                 || next.end - first.start > limit
             {
                 break;
@@ -192,20 +223,88 @@ fn send_runs(
                 break;
             }
         }
-        let segments = j - i;
-        if !udp.send(
-            *to,
-            &sealed[first.start..end],
-            (segments > 1).then_some(segment),
-            &shared.stop,
-            &shared.log,
-        ) {
-            return false;
-        }
-        sends += 1;
+        let run = Run {
+            to: *to,
+            bytes: first.start..end,
+            segment: (j - i > 1).then_some(segment),
+        };
         i = j;
+        Some(run)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([198, 18, 0, n], 51871))
     }
-    counters.add(&counters.udp_sends, sends);
-    counters.add(&counters.udp_datagrams_sent, datagrams.len() as u64);
-    true
+
+    /// Back-to-back datagrams of these (destination, size).
+    fn layout(spec: &[(u8, usize)]) -> Vec<(SocketAddr, Range<usize>)> {
+        let mut pos = 0;
+        spec.iter()
+            .map(|(n, len)| {
+                let range = pos..pos + len;
+                pos += len;
+                (addr(*n), range)
+            })
+            .collect()
+    }
+
+    fn runs(spec: &[(u8, usize)], max: usize) -> Vec<(u8, usize, Option<usize>)> {
+        gso_runs(&layout(spec), max)
+            .map(|run| {
+                let SocketAddr::V4(v4) = run.to else { panic!() };
+                (v4.ip().octets()[3], run.bytes.len(), run.segment)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn equal_sizes_to_one_peer_make_one_run_with_a_shorter_tail() {
+        assert_eq!(
+            runs(&[(2, 1452), (2, 1452), (2, 1452), (2, 500)], 64),
+            vec![(2, 3 * 1452 + 500, Some(1452))]
+        );
+    }
+
+    #[test]
+    fn a_shorter_datagram_ends_the_run_and_a_longer_one_starts_a_new_one() {
+        assert_eq!(
+            runs(&[(2, 100), (2, 60), (2, 100), (2, 148), (2, 148)], 64),
+            vec![(2, 160, Some(100)), (2, 100, None), (2, 296, Some(148))]
+        );
+    }
+
+    #[test]
+    fn a_new_destination_starts_a_new_run() {
+        assert_eq!(
+            runs(&[(2, 80), (3, 80), (3, 80), (2, 80)], 64),
+            vec![(2, 80, None), (3, 160, Some(80)), (2, 80, None)]
+        );
+    }
+
+    #[test]
+    fn runs_stop_at_the_segment_count_and_at_64_kib() {
+        assert_eq!(
+            runs(&[(2, 10); 5], 2),
+            vec![(2, 20, Some(10)), (2, 20, Some(10)), (2, 10, None)]
+        );
+        // 45 full datagrams fit in one IPv4 datagram, the 46th does not.
+        let spec = vec![(2u8, 1452usize); 46];
+        assert_eq!(
+            runs(&spec, 64),
+            vec![(2, 45 * 1452, Some(1452)), (2, 1452, None)]
+        );
+        // Without GSO every datagram goes alone.
+        assert_eq!(runs(&[(2, 10); 3], 1).len(), 3);
+    }
+
+    #[test]
+    fn gaps_split_runs() {
+        let datagrams = vec![(addr(2), 0..10), (addr(2), 20..30)];
+        assert_eq!(gso_runs(&datagrams, 64).count(), 2);
+    }
 }
