@@ -13,7 +13,7 @@
 //!
 //! The TUN has one queue per worker (`IFF_MULTI_QUEUE`, flows spread by the
 //! kernel's hash) and the sockets share the port through `SO_REUSEPORT`.
-//! Every descriptor is non-blocking; a worker that runs dry waits in `poll`
+//! Every descriptor is non-blocking; a worker that runs dry waits in epoll
 //! together with a shared eventfd, which is how [`Device::shutdown`] wakes it.
 //!
 //! The protocol stays in [`Mesh`]: this module only moves bytes. The TUN

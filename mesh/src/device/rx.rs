@@ -6,7 +6,6 @@
 use std::io::{self, IoSliceMut};
 use std::os::fd::AsFd;
 
-use nix::poll::PollFlags;
 use quinn_udp::{RecvMeta, BATCH_SIZE};
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
@@ -39,6 +38,7 @@ pub(crate) fn run(shared: &Shared, index: usize) {
         gro: GROTable::new(),
     };
     let mut backoff = Backoff::default();
+    let readable = shared.stop.readable(udp.socket.as_fd());
     while !shared.stop.stopped() {
         let received = {
             let mut chunks = storage.chunks_mut(RECV_LEN);
@@ -52,11 +52,7 @@ pub(crate) fn run(shared: &Shared, index: usize) {
                 count
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if shared
-                    .stop
-                    .wait(udp.socket.as_fd(), PollFlags::POLLIN, None)
-                    == Wait::Stop
-                {
+                if readable.wait() == Wait::Stop {
                     return;
                 }
                 continue;

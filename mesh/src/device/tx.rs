@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::fd::AsFd;
 
-use nix::poll::PollFlags;
 use tun_rs::{SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::udp::{max_batch_bytes, Udp};
@@ -36,6 +35,7 @@ pub(crate) fn run(shared: &Shared, queue: usize) {
         datagrams: Vec::with_capacity(SLOTS),
     };
     let mut backoff = Backoff::default();
+    let readable = shared.stop.readable(tun.as_fd());
     while !shared.stop.stopped() {
         let read = worker.read(shared, tun, counters, &mut backoff);
         if read == 0 {
@@ -43,7 +43,7 @@ pub(crate) fn run(shared: &Shared, queue: usize) {
                 if shared.stop.sleep(backoff.next()) {
                     return;
                 }
-            } else if shared.stop.wait(tun.as_fd(), PollFlags::POLLIN, None) == Wait::Stop {
+            } else if readable.wait() == Wait::Stop {
                 return;
             }
             continue;
