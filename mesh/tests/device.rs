@@ -684,3 +684,31 @@ fn start_refuses_a_port_in_use_and_leaves_nothing() {
         Some(std::io::ErrorKind::InvalidInput)
     );
 }
+
+#[test]
+fn a_tun_deleted_under_a_running_device_neither_hangs_nor_spins() {
+    let node = Netns::new("n");
+    node.ip(&["addr", "add", "198.18.0.1/24", "dev", "lo"]);
+    let mesh = Arc::new(Mesh::new(secret(1)));
+    let device = node
+        .run(move || {
+            Device::start(
+                mesh,
+                DeviceConfig {
+                    tun_name: "mw0".into(),
+                    mtu: MTU,
+                    listen: underlay(1),
+                    workers: 2,
+                },
+            )
+        })
+        .expect("start");
+    node.ip(&["link", "del", "mw0"]);
+    thread::sleep(Duration::from_millis(500));
+    // The workers back off instead of spinning on EBADFD: a few reads at most.
+    let stats = device.stats();
+    assert!(stats.errors < 100, "error loop: {stats:?}");
+    let start = Instant::now();
+    device.shutdown();
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
