@@ -712,3 +712,27 @@ fn a_tun_deleted_under_a_running_device_neither_hangs_nor_spins() {
     device.shutdown();
     assert!(start.elapsed() < Duration::from_secs(2));
 }
+
+#[test]
+fn a_second_device_with_the_same_tun_name_is_refused() {
+    let cluster = Cluster::new([1, 1]);
+    cluster.wait_up();
+    let mesh = Arc::new(Mesh::new(secret(9)));
+    let second = cluster.nodes[0].run(move || {
+        Device::start(
+            mesh,
+            DeviceConfig {
+                tun_name: "mw0".into(),
+                mtu: MTU,
+                listen: SocketAddr::from((Ipv4Addr::new(198, 18, 0, 1), 0)),
+                workers: 1,
+            },
+        )
+    });
+    assert_eq!(
+        second.err().map(|e| e.kind()),
+        Some(std::io::ErrorKind::AlreadyExists)
+    );
+    // The first device still owns every queue: traffic flows.
+    tcp_transfer(&cluster, 7005, 4 << 20, Duration::from_secs(60));
+}

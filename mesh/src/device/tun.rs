@@ -21,6 +21,14 @@ pub(crate) struct Tun {
 /// Creates `name` with `queues` queues, sets the MTU and brings it up.
 pub(crate) fn create(name: &str, mtu: u16, queues: usize) -> io::Result<Tun> {
     let queues = queues.max(1);
+    // A multi-queue TUN open elsewhere would be joined, not refused: one
+    // device owner at a time (a handover will attach on purpose).
+    if nix::net::if_::if_nametoindex(name).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("network device {name} already exists"),
+        ));
+    }
     let build = |offload: bool| {
         DeviceBuilder::new()
             .name(name)
@@ -28,7 +36,10 @@ pub(crate) fn create(name: &str, mtu: u16, queues: usize) -> io::Result<Tun> {
             // Room for bursts while a worker is descheduled (default 500).
             .tx_queue_len(TX_QUEUE_LEN)
             .offload(offload)
-            .multi_queue(queues > 1)
+            // Multi-queue even with one queue: a successor process can then
+            // attach its own queues to the live device (by name) before this
+            // one lets go, so the device and its routes outlive a handover.
+            .multi_queue(true)
             .build_sync()
     };
     let first = match build(true) {
