@@ -16,10 +16,15 @@
 //! Every descriptor is non-blocking; a worker that runs dry waits in epoll
 //! together with a shared eventfd, which is how [`Device::shutdown`] wakes it.
 //!
-//! The protocol stays in [`Mesh`]: this module only moves bytes. The TUN
-//! queues and sockets are opened first and the workers started on them, so a
-//! later `from_fds` (an agent handing its descriptors to its successor) only
-//! needs another way to open them.
+//! The protocol stays in [`Mesh`]: this module only moves bytes.
+//!
+//! Handover (not built yet): the TUN queues and sockets are opened first and
+//! the workers started on them (`Device::run`), so a `from_fds` only needs
+//! another way to open them. The TUN is always `IFF_MULTI_QUEUE`, so a
+//! successor can also attach fresh queues to the live `mw0` by name (tun-rs
+//! cannot adopt a descriptor that has the virtio-net header on); the UDP
+//! sockets are `SO_REUSEPORT`, but handing them over by `SCM_RIGHTS` keeps
+//! the port check of `start` meaningful.
 
 mod rx;
 mod tun;
