@@ -167,6 +167,10 @@ impl Device {
             threads: Vec::new(),
             local_addr,
         };
+        // One thread per direction per worker. Measured on 2 cores against
+        // one thread doing both directions (TUN and socket in one epoll set,
+        // as boringtun does): no better in latency, a little worse in
+        // throughput, since encryption and decryption then share a thread.
         for i in 0..shared.tun.queues.len() {
             device.spawn(format!("mw-tx-{i}"), move |shared| tx::run(shared, i))?;
         }

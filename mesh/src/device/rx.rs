@@ -22,56 +22,82 @@ const WRITE_SLOTS: usize = IDEAL_BATCH_SIZE;
 /// Where plaintext starts in a write slot: room for the virtio-net header.
 const OFFSET: usize = VIRTIO_NET_HDR_LEN;
 
-pub(crate) fn run(shared: &Shared, index: usize) {
-    let Some(udp) = shared.sockets.get(index) else {
-        return;
-    };
-    let tun = &shared.tun.queues[index % shared.tun.queues.len()];
-    let counters = &shared.counters[index];
-    let mut storage = vec![0u8; BATCH_SIZE * RECV_LEN];
-    let mut meta = [RecvMeta::default(); BATCH_SIZE];
-    let mut writer = Writer {
-        slots: (0..WRITE_SLOTS)
-            .map(|_| Vec::with_capacity(OFFSET + 65535))
-            .collect(),
-        used: 0,
-        gro: GROTable::new(),
-    };
-    let mut backoff = Backoff::default();
-    let readable = shared.stop.readable(udp.socket.as_fd());
-    while !shared.stop.stopped() {
+/// What one step of a direction did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Moved packets (or hit an error worth retrying at once).
+    Worked,
+    /// Nothing to read: wait for the descriptor (or back off after errors).
+    Dry,
+    /// The device is stopping.
+    Stop,
+}
+
+/// The UDP → TUN direction of one worker: its buffers and state.
+pub(crate) struct Receiver {
+    storage: Vec<u8>,
+    meta: [RecvMeta; BATCH_SIZE],
+    writer: Writer,
+    pub backoff: Backoff,
+}
+
+impl Receiver {
+    pub fn new() -> Receiver {
+        Receiver {
+            storage: vec![0u8; BATCH_SIZE * RECV_LEN],
+            meta: [RecvMeta::default(); BATCH_SIZE],
+            writer: Writer {
+                slots: (0..WRITE_SLOTS)
+                    .map(|_| Vec::with_capacity(OFFSET + 65535))
+                    .collect(),
+                used: 0,
+                gro: GROTable::new(),
+            },
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// One `recvmmsg` batch, opened and written to the TUN.
+    pub fn step(
+        &mut self,
+        shared: &Shared,
+        udp: &Udp,
+        tun: &SyncDevice,
+        counters: &Counters,
+    ) -> Step {
         let received = {
-            let mut chunks = storage.chunks_mut(RECV_LEN);
+            let mut chunks = self.storage.chunks_mut(RECV_LEN);
             let mut bufs: [IoSliceMut<'_>; BATCH_SIZE] =
                 std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-            udp.recv(&mut bufs, &mut meta)
+            udp.recv(&mut bufs, &mut self.meta)
         };
         let count = match received {
             Ok(count) => {
-                backoff.reset();
+                self.backoff.reset();
                 count
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if readable.wait() == Wait::Stop {
-                    return;
-                }
-                continue;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Dry,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Step::Worked,
             Err(e) => {
                 // E.g. a queued ICMP error (ECONNREFUSED): reported once, gone.
                 shared.log.error("udp receive", &e, None);
                 counters.add(&counters.errors, 1);
-                backoff.fail();
-                if backoff.failing() && shared.stop.sleep(backoff.next()) {
-                    return;
-                }
-                continue;
+                self.backoff.fail();
+                return if self.backoff.failing() {
+                    Step::Dry
+                } else {
+                    Step::Worked
+                };
             }
         };
         counters.add(&counters.udp_recvs, 1);
         let mut datagrams = 0u64;
-        for (meta, buf) in meta.iter().zip(storage.chunks(RECV_LEN)).take(count) {
+        for (meta, buf) in self
+            .meta
+            .iter()
+            .zip(self.storage.chunks(RECV_LEN))
+            .take(count)
+        {
             let Some(data) = buf.get(..meta.len) else {
                 continue;
             };
@@ -85,15 +111,47 @@ pub(crate) fn run(shared: &Shared, index: usize) {
             }
             for datagram in data.chunks(stride) {
                 datagrams += 1;
-                writer.open(shared, udp, meta, datagram);
-                if writer.used == WRITE_SLOTS {
-                    writer.flush(shared, tun, counters);
+                self.writer.open(shared, udp, meta, datagram);
+                if self.writer.used == WRITE_SLOTS {
+                    self.writer.flush(shared, tun, counters);
                 }
             }
         }
         counters.add(&counters.udp_datagrams_received, datagrams);
         // Never hold packets across a wait: latency matters as much as batching.
-        writer.flush(shared, tun, counters);
+        self.writer.flush(shared, tun, counters);
+        if shared.stop.stopped() {
+            Step::Stop
+        } else {
+            Step::Worked
+        }
+    }
+}
+
+/// A worker that only moves UDP → TUN (socket `index`).
+pub(crate) fn run(shared: &Shared, index: usize) {
+    let Some(udp) = shared.sockets.get(index) else {
+        return;
+    };
+    let tun = &shared.tun.queues[index % shared.tun.queues.len()];
+    let counters = &shared.counters[index];
+    let mut receiver = Receiver::new();
+    let readable = shared.stop.readable(&[udp.socket.as_fd()]);
+    loop {
+        match receiver.step(shared, udp, tun, counters) {
+            Step::Worked => {}
+            Step::Stop => return,
+            Step::Dry => {
+                let stop = if receiver.backoff.failing() {
+                    shared.stop.sleep(receiver.backoff.next())
+                } else {
+                    readable.wait() == Wait::Stop
+                };
+                if stop {
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::os::fd::AsFd;
 
 use tun_rs::{SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
+use super::rx::Step;
 use super::udp::{max_batch_bytes, Udp};
 use super::wake::Wait;
 use super::{Backoff, Counters, Shared};
@@ -21,35 +22,72 @@ const SLOTS: usize = 2 * IDEAL_BATCH_SIZE;
 /// A slot holds any packet the TUN can hand over, even after an MTU raise.
 const SLOT_LEN: usize = 65535;
 
+/// A worker that only moves TUN → UDP (queue `queue`).
 pub(crate) fn run(shared: &Shared, queue: usize) {
     let Some(tun) = shared.tun.queues.get(queue) else {
         return;
     };
     let udp = &shared.sockets[queue % shared.sockets.len()];
     let counters = &shared.counters[queue];
-    let mut worker = Worker {
-        original: vec![0u8; VIRTIO_NET_HDR_LEN + 65535],
-        slots: (0..SLOTS).map(|_| vec![0u8; SLOT_LEN]).collect(),
-        sizes: vec![0; SLOTS],
-        sealed: vec![0u8; SLOTS * (usize::from(shared.mtu) + DATA_OVERHEAD) + 148],
-        datagrams: Vec::with_capacity(SLOTS),
-    };
-    let mut backoff = Backoff::default();
-    let readable = shared.stop.readable(tun.as_fd());
-    while !shared.stop.stopped() {
-        let read = worker.read(shared, tun, counters, &mut backoff);
-        if read == 0 {
-            if backoff.failing() {
-                if shared.stop.sleep(backoff.next()) {
+    let mut sender = Sender::new(shared.mtu);
+    let readable = shared.stop.readable(&[tun.as_fd()]);
+    loop {
+        match sender.step(shared, tun, udp, counters) {
+            Step::Worked => {}
+            Step::Stop => return,
+            Step::Dry => {
+                let stop = if sender.backoff.failing() {
+                    shared.stop.sleep(sender.backoff.next())
+                } else {
+                    readable.wait() == Wait::Stop
+                };
+                if stop {
                     return;
                 }
-            } else if readable.wait() == Wait::Stop {
-                return;
             }
-            continue;
         }
-        if !worker.seal_and_send(shared, udp, counters, read) {
-            return;
+    }
+}
+
+/// The TUN → UDP direction of one worker: its buffers and state.
+pub(crate) struct Sender {
+    worker: Worker,
+    pub backoff: Backoff,
+}
+
+impl Sender {
+    pub fn new(mtu: u16) -> Sender {
+        Sender {
+            worker: Worker {
+                original: vec![0u8; VIRTIO_NET_HDR_LEN + 65535],
+                slots: (0..SLOTS).map(|_| vec![0u8; SLOT_LEN]).collect(),
+                sizes: vec![0; SLOTS],
+                sealed: vec![0u8; SLOTS * (usize::from(mtu) + DATA_OVERHEAD) + 148],
+                datagrams: Vec::with_capacity(SLOTS),
+            },
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Reads what the TUN has (up to a batch), seals and sends it.
+    pub fn step(
+        &mut self,
+        shared: &Shared,
+        tun: &SyncDevice,
+        udp: &Udp,
+        counters: &Counters,
+    ) -> Step {
+        if shared.stop.stopped() {
+            return Step::Stop;
+        }
+        let read = self.worker.read(shared, tun, counters, &mut self.backoff);
+        if read == 0 {
+            return Step::Dry;
+        }
+        if self.worker.seal_and_send(shared, udp, counters, read) {
+            Step::Worked
+        } else {
+            Step::Stop
         }
     }
 }

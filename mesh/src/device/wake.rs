@@ -80,9 +80,11 @@ impl Stop {
     /// add and remove both wait-queue entries on every wait: measurable
     /// per packet when traffic is sparse). Falls back to `poll` if epoll
     /// cannot be set up.
-    pub fn readable<'a>(&'a self, fd: BorrowedFd<'a>) -> Waiter<'a> {
+    pub fn readable<'a>(&'a self, fds: &[BorrowedFd<'a>]) -> Waiter<'a> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).and_then(|epoll| {
-            epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, 0))?;
+            for fd in fds {
+                epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, 0))?;
+            }
             epoll.add(&self.event, EpollEvent::new(EpollFlags::EPOLLIN, 1))?;
             Ok(epoll)
         });
@@ -91,7 +93,7 @@ impl Stop {
         }
         Waiter {
             stop: self,
-            fd,
+            fds: fds.to_vec(),
             epoll: epoll.ok(),
         }
     }
@@ -110,21 +112,40 @@ impl Stop {
 
 pub(crate) struct Waiter<'a> {
     stop: &'a Stop,
-    fd: BorrowedFd<'a>,
+    fds: Vec<BorrowedFd<'a>>,
     epoll: Option<Epoll>,
 }
 
 impl Waiter<'_> {
-    /// Waits until the descriptor is readable or the device stops.
+    /// Waits until a descriptor is readable or the device stops.
     pub fn wait(&self) -> Wait {
         if self.stop.stopped() {
             return Wait::Stop;
         }
         let Some(epoll) = &self.epoll else {
-            return self.stop.wait(self.fd, PollFlags::POLLIN, None);
+            return self.poll_all();
         };
-        let mut events = [EpollEvent::empty(); 2];
+        let mut events = [EpollEvent::empty(); 3];
         match epoll.wait(&mut events, EpollTimeout::NONE) {
+            Ok(_) if self.stop.stopped() => Wait::Stop,
+            Ok(_) | Err(Errno::EINTR) => Wait::Ready,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(10));
+                Wait::Ready
+            }
+        }
+    }
+}
+
+impl Waiter<'_> {
+    fn poll_all(&self) -> Wait {
+        let mut fds: Vec<PollFd<'_>> = self
+            .fds
+            .iter()
+            .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+            .collect();
+        fds.push(PollFd::new(self.stop.event.as_fd(), PollFlags::POLLIN));
+        match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) if self.stop.stopped() => Wait::Stop,
             Ok(_) | Err(Errno::EINTR) => Wait::Ready,
             Err(_) => {
