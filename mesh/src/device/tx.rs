@@ -16,8 +16,10 @@ use super::{Backoff, Counters, Shared};
 use crate::{Outbound, DATA_OVERHEAD};
 
 /// Packet slots per batch. Every read is given at least `IDEAL_BATCH_SIZE`
-/// free slots (the most segments tun-rs splits one super-packet into), so a
-/// batch holds one to two super-packets or up to 256 small packets.
+/// (128) free slots, enough for a 64 KiB super-packet down to an MSS of
+/// about 512 (one with more segments is dropped by tun-rs, as by
+/// wireguard-go); a batch holds up to three 1400-MSS super-packets or 256
+/// small packets.
 const SLOTS: usize = 2 * IDEAL_BATCH_SIZE;
 /// A slot holds any packet the TUN can hand over, even after an MTU raise.
 const SLOT_LEN: usize = 65535;
