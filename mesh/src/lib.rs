@@ -12,6 +12,8 @@
 //! TUN→UDP and UDP→TUN threads only meet on the same peer, for one packet.
 
 mod config;
+#[cfg(target_os = "linux")]
+pub mod device;
 mod keys;
 mod mesh;
 mod packet;
@@ -23,6 +25,8 @@ mod time;
 
 pub use boringtun::x25519::{PublicKey, StaticSecret};
 pub use config::{ConfigError, MeshConfig, PeerConfig, MAX_PEERS};
+#[cfg(target_os = "linux")]
+pub use device::{Device, DeviceConfig, DeviceStats};
 pub use ipnet::Ipv4Net;
 pub use mesh::{Inbound, Mesh, Outbound};
 pub use packet::DATA_OVERHEAD;
