@@ -55,8 +55,8 @@ pub(crate) struct Tunnel {
     pub needs_initiation: bool,
     /// `ConnectionExpired` was already reported for the current failure.
     pub expired_reported: bool,
-    /// Largest packet boringtun queued while handshaking: sizes the buffer
-    /// needed to flush the queue.
+    /// Largest packet boringtun queued on this tunnel (a high-water mark,
+    /// never lowered): sizes the buffer needed to flush the queue.
     pub largest_queued: usize,
 }
 
@@ -118,7 +118,10 @@ impl Tunnel {
                 _ => break,
             }
         }
-        self.largest_queued = 0;
+        // Not reset: a flush can end with packets still queued. A responder
+        // has no session it may send on until the initiator confirms, so
+        // boringtun puts the packet back; the next flush must still size
+        // its buffer for it (boringtun panics on a buffer too small).
     }
 }
 

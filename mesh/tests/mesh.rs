@@ -368,6 +368,59 @@ fn a_peer_with_a_queued_packet_larger_than_the_reply_buffer_still_gets_it() {
     assert_eq!(sent[1].1.len(), big.len() + 32);
 }
 
+/// Hands every datagram on the wire over with a buffer only as large as a
+/// data plane gives (the datagram, at least 148 bytes).
+fn deliver_with_small_buffers(net: &mut Net) {
+    for _ in 0..1000 {
+        let Some(d) = net.wire.pop_front() else {
+            return;
+        };
+        let i = if d.to == underlay(1) { 0 } else { 1 };
+        let mut out = vec![0u8; d.bytes.len().max(148)];
+        let mut replies = Vec::new();
+        let node = &mut net.nodes[i];
+        let result = node.mesh.inbound(d.from, &d.bytes, &mut out, |to, r| {
+            replies.push((to, r.to_vec()))
+        });
+        if let meshward_mesh::Inbound::Tunnel(packet) = result {
+            node.tun.push(packet.to_vec());
+        }
+        let from = node.addr;
+        for (to, bytes) in replies {
+            net.wire.push_back(Datagram { from, to, bytes });
+        }
+    }
+    panic!("the wire never drained");
+}
+
+/// Both sides queue a packet and initiate at once (as two nodes whose pods
+/// talk at start-up do). Each answers the other's initiation as responder,
+/// which cannot send yet, so its queued packet goes back to boringtun's
+/// queue; a later flush must still size its buffer for that packet
+/// (boringtun panics on one too small), with the small buffers a data plane
+/// hands over.
+#[test]
+fn packets_queued_on_both_sides_of_crossing_handshakes_survive_small_buffers() {
+    let mut net = Net::new(2);
+    let a = ipv4(pod(1, 10), pod(2, 10), &[1u8; 600]);
+    let b = ipv4(pod(2, 10), pod(1, 10), &[2u8; 600]);
+    assert_eq!(net.send_packet(1, &a), Sent::OnWire);
+    assert_eq!(net.send_packet(2, &b), Sent::OnWire);
+    deliver_with_small_buffers(&mut net);
+    // On a mock clock the crossing handshakes need the retry timer.
+    for _ in 0..3 {
+        if !net.node(1).tun.is_empty() && !net.node(2).tun.is_empty() {
+            break;
+        }
+        #[cfg(feature = "mock-time")]
+        meshward_mesh::MockClock::advance(std::time::Duration::from_secs(6));
+        net.tick_all();
+        deliver_with_small_buffers(&mut net);
+    }
+    assert_eq!(net.node(2).tun, vec![a]);
+    assert_eq!(net.node(1).tun, vec![b]);
+}
+
 #[test]
 fn mesh_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
