@@ -11,15 +11,17 @@
 //! keyRotationInterval: 24h         # optional; humantime ("90m", "7d", "1h 30m")
 //! strictMode: true                 # default
 //! socketPath: /run/meshward/agent.sock   # default
+//! clusterCIDR: 10.244.0.0/16       # default; the whole pod range (strict mode guards it)
 //! ```
 //!
 //! Unknown keys are errors. Relative paths in the file are relative to the
 //! file's directory; on the command line, to the working directory.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::Ipv4Net;
 use serde::Deserialize;
 
 use crate::datastore::{check_endpoint, validate_node_name, DatastoreSpec};
@@ -28,6 +30,11 @@ pub const DEFAULT_PORT: u16 = 51871;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshward";
 pub const DEFAULT_SOCKET: &str = "/run/meshward/agent.sock";
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+/// The Kubernetes convention for the cluster's pod range when unset.
+pub const DEFAULT_CLUSTER_CIDR: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(10, 244, 0, 0), 16) {
+    Ok(net) => net,
+    Err(_) => panic!("invalid constant prefix length"),
+};
 /// WireGuard's overhead over an IPv4 / IPv6 underlay: IP + UDP + 32.
 const OVERHEAD_V4: u32 = 20 + 8 + 32;
 const OVERHEAD_V6: u32 = 40 + 8 + 32;
@@ -64,6 +71,10 @@ pub struct Config {
     pub key_rotation_interval: Option<Duration>,
     pub strict_mode: bool,
     pub socket_path: PathBuf,
+    /// The cluster's whole pod range: strict mode treats all of it as
+    /// remote (except this node's own pod CIDRs) from the first moment, before
+    /// any peer is known.
+    pub cluster_cidr: Ipv4Net,
 }
 
 /// Command-line values that win over the file's.
@@ -106,6 +117,8 @@ struct RawConfig {
     key_rotation_interval: Option<String>,
     strict_mode: Option<bool>,
     socket_path: Option<PathBuf>,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: Option<String>,
 }
 
 impl Config {
@@ -274,6 +287,25 @@ impl Config {
             }
         }
 
+        let cluster_cidr = match raw.cluster_cidr {
+            None => DEFAULT_CLUSTER_CIDR,
+            Some(text) => {
+                let net: Ipv4Net = text.trim().parse().map_err(|_| {
+                    invalid(
+                        "clusterCIDR",
+                        format!("{text:?} is not an IPv4 CIDR (e.g. 10.244.0.0/16)"),
+                    )
+                })?;
+                if net.trunc() != net {
+                    return Err(invalid(
+                        "clusterCIDR",
+                        format!("{text:?} has host bits set (did you mean {}?)", net.trunc()),
+                    ));
+                }
+                net
+            }
+        };
+
         Ok(Config {
             node_name,
             state_dir,
@@ -285,6 +317,7 @@ impl Config {
             key_rotation_interval,
             strict_mode: raw.strict_mode.unwrap_or(true),
             socket_path,
+            cluster_cidr,
         })
     }
 }
@@ -357,6 +390,7 @@ mod tests {
                 key_rotation_interval: None,
                 strict_mode: true,
                 socket_path: DEFAULT_SOCKET.into(),
+                cluster_cidr: "10.244.0.0/16".parse().unwrap(),
             }
         );
     }
@@ -366,7 +400,8 @@ mod tests {
         let c = parse(
             "nodeName: node1\nstateDir: state\ndatastore: kubernetes\n\
              endpoint: '[fd00::1]:4000'\nlistenPort: 5000\nunderlayMTU: 9001\nmtu: 8921\n\
-             keyRotationInterval: 24h\nstrictMode: false\nsocketPath: /tmp/a.sock\n",
+             keyRotationInterval: 24h\nstrictMode: false\nsocketPath: /tmp/a.sock\n\
+             clusterCIDR: 198.19.0.0/16\n",
         )
         .unwrap();
         assert_eq!(c.node_name, "node1");
@@ -378,6 +413,7 @@ mod tests {
         assert_eq!(c.key_rotation_interval, Some(Duration::from_secs(86400)));
         assert!(!c.strict_mode);
         assert_eq!(c.socket_path, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(c.cluster_cidr, "198.19.0.0/16".parse::<Ipv4Net>().unwrap());
     }
 
     #[test]
@@ -469,6 +505,14 @@ mod tests {
             (
                 "datastore: kubernetes\nendpoint: 198.18.0.1\nkeyRotationInterval: 5s\n",
                 "keyRotationInterval",
+            ),
+            (
+                "datastore: kubernetes\nendpoint: 198.18.0.1\nclusterCIDR: 10.244.0.1/16\n",
+                "clusterCIDR",
+            ),
+            (
+                "datastore: kubernetes\nendpoint: 198.18.0.1\nclusterCIDR: 'fd00::/64'\n",
+                "clusterCIDR",
             ),
         ];
         for (text, field) in cases {
