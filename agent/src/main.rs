@@ -1,9 +1,8 @@
 //! `meshward`: the meshward node agent and its tools.
 
-// config and datastore are wired into `meshward agent` together with the mesh.
-#[allow(dead_code)]
+mod agent;
+mod cli;
 mod config;
-#[allow(dead_code)]
 mod datastore;
 mod lab;
 
@@ -22,6 +21,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the node agent: encrypted mesh to every other node, routes, strict mode
+    Agent(config::AgentArgs),
+    /// The node's WireGuard key: show it, or have the running agent rotate it
+    Keys(cli::keys::KeysArgs),
+    /// Show the running agent's peers, sessions, traffic and drops
+    Status(cli::status::StatusArgs),
     /// A cluster of network namespaces on this machine: fabric, nodes, pods, external services
     Lab(lab::LabArgs),
 }
@@ -37,6 +42,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Agent(args) => agent::run(args),
+        Command::Keys(args) => cli::keys::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Status(args) => cli::status::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lab(args) => lab::run(args),
     };
     result.unwrap_or_else(|e| {

@@ -1,0 +1,204 @@
+//! The control socket's server half (the protocol is in `protocol.rs`).
+//!
+//! The socket is created with mode 0600 (under a umask, so it is never
+//! reachable by others, not even for an instant) and every connection's
+//! peer credentials are checked: only root or the agent's own user may
+//! talk to it. Requests go to the agent's main loop one at a time, so a
+//! rotation and a status never interleave.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::stat::{umask, Mode};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::protocol::{Request, Response, MAX_LINE};
+use super::ControlRequest;
+
+/// A connection idle this long is closed.
+const IDLE: Duration = Duration::from_secs(30);
+/// Longest a request waits for the main loop (a rotation fsyncs and publishes).
+const ANSWER_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("another agent is already listening on {}", .0.display())]
+    InUse(PathBuf),
+    #[error("{} exists and is not a socket; refusing to replace it", .0.display())]
+    NotASocket(PathBuf),
+}
+
+pub struct Server {
+    path: PathBuf,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds the socket (replacing a stale one left by a dead agent) and
+    /// serves it on the current runtime.
+    pub async fn start(
+        path: &Path,
+        tx: mpsc::Sender<ControlRequest>,
+    ) -> Result<Server, ControlError> {
+        let io = |action: &'static str| {
+            let path = path.to_path_buf();
+            move |source| ControlError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(io("creating the directory of"))?;
+            }
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if UnixStream::connect(path).await.is_ok() {
+                    return Err(ControlError::InUse(path.to_path_buf()));
+                }
+                std::fs::remove_file(path).map_err(io("removing the stale socket"))?;
+            }
+            Ok(_) => return Err(ControlError::NotASocket(path.to_path_buf())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("inspecting")(e)),
+        }
+        // Created with no access for group and others from the start.
+        let old = umask(Mode::from_bits_truncate(0o177));
+        let bound = UnixListener::bind(path);
+        umask(old);
+        let listener = bound.map_err(io("binding"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io("setting mode 0600 on"))?;
+        info!(socket = %path.display(), "control socket listening");
+        let task = tokio::spawn(accept(listener, tx));
+        Ok(Server {
+            path: path.to_path_buf(),
+            task,
+        })
+    }
+
+    /// Stops serving and removes the socket.
+    pub fn stop(self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn accept(listener: UnixListener, tx: mpsc::Sender<ControlRequest>) {
+    let me = nix::unistd::geteuid().as_raw();
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!("control socket: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == 0 || cred.uid() == me => {}
+            Ok(cred) => {
+                warn!(
+                    uid = cred.uid(),
+                    "control socket: refusing a connection from another user"
+                );
+                continue;
+            }
+            Err(e) => {
+                warn!("control socket: no peer credentials: {e}");
+                continue;
+            }
+        }
+        tokio::spawn(serve(stream, tx.clone()));
+    }
+}
+
+async fn serve(stream: UnixStream, tx: mpsc::Sender<ControlRequest>) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let mut limited = (&mut reader).take(MAX_LINE as u64 + 1);
+        let n = match tokio::time::timeout(IDLE, limited.read_until(b'\n', &mut line)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                debug!("control connection: {e}");
+                return;
+            }
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        if line.len() > MAX_LINE {
+            let _ = reply(&mut write, &Response::error("request line too long")).await;
+            return;
+        }
+        let response = match answer(&line, &tx).await {
+            Some(response) => response,
+            None => continue,
+        };
+        if reply(&mut write, &response).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The answer to one line; `None` for lines that get none (CNI events).
+async fn answer(line: &[u8], tx: &mpsc::Sender<ControlRequest>) -> Option<Response> {
+    let value: serde_json::Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return Some(Response::error(format!("request is not JSON: {e}"))),
+    };
+    if let Some(event) = value.get("event") {
+        debug!(%event, "pod event from meshward-cni");
+        return None;
+    }
+    let request: Request = match serde_json::from_value(value) {
+        Ok(r) => r,
+        Err(e) => {
+            return Some(Response::error(format!(
+                "bad request ({e}); want {{\"op\":\"status\"}} or {{\"op\":\"rotate\"}}"
+            )))
+        }
+    };
+    let (reply_tx, reply_rx) = oneshot::channel();
+    if tx.send((request, reply_tx)).await.is_err() {
+        return Some(Response::error("the agent is shutting down"));
+    }
+    Some(match tokio::time::timeout(ANSWER_WAIT, reply_rx).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(_)) => Response::error("the agent is shutting down"),
+        Err(_) => Response::error("the agent did not answer in time"),
+    })
+}
+
+async fn reply(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> io::Result<()> {
+    let mut text = serde_json::to_vec(response).map_err(io::Error::other)?;
+    text.push(b'\n');
+    tokio::time::timeout(IDLE, write.write_all(&text))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "write timed out"))?
+}

@@ -1,0 +1,244 @@
+//! The agent's control protocol over its Unix socket (`socketPath`, mode
+//! 0600, root only): one JSON object per line each way.
+//!
+//! ```text
+//! → {"op":"status"}
+//! ← {"ok":true,"status":{"node":"node1","publicKey":"…","peers":[…],…}}
+//! → {"op":"rotate"}
+//! ← {"ok":true,"rotation":{"publicKey":"…","previousPublicKey":"…"}}
+//! ← {"ok":false,"error":"…"}            (any request that failed)
+//! ```
+//!
+//! A connection may carry several requests; each gets one response line, in
+//! order. Lines from `meshward-cni` (`{"event":"add",…}`, sent to the same
+//! socket when the CNI's `agentSocket` points here) are accepted and get no
+//! answer. The client half here is synchronous: `meshward keys rotate`,
+//! `meshward status` and the lab use it.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request or response line accepted.
+pub const MAX_LINE: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum Request {
+    Status,
+    Rotate,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<Rotation>,
+}
+
+impl Response {
+    pub fn error(message: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(message.into()),
+            status: None,
+            rotation: None,
+        }
+    }
+
+    pub fn status(status: Status) -> Response {
+        Response {
+            ok: true,
+            error: None,
+            status: Some(status),
+            rotation: None,
+        }
+    }
+
+    pub fn rotation(rotation: Rotation) -> Response {
+        Response {
+            ok: true,
+            error: None,
+            status: None,
+            rotation: Some(rotation),
+        }
+    }
+}
+
+/// The answer to `rotate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rotation {
+    /// The new key, already in use and published.
+    pub public_key: String,
+    /// The key it replaces, accepted until every peer moved over.
+    pub previous_public_key: String,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub node: String,
+    pub pid: u32,
+    pub public_key: String,
+    /// Set while a rotation is in progress: until no session needs the
+    /// previous key and it is deleted from the state directory.
+    pub previous_public_key: Option<String>,
+    pub endpoint: String,
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Vec<String>,
+    /// This node's address on the tunnel interface.
+    pub address: String,
+    pub interface: String,
+    pub strict_mode: bool,
+    pub datastore: DatastoreStatus,
+    pub peers: Vec<PeerStatus>,
+    /// Dropped packets and datagrams by reason (only reasons with drops).
+    pub drops: BTreeMap<String, u64>,
+    /// Problems with other Nodes' data, as last planned.
+    pub problems: Vec<String>,
+}
+
+impl Status {
+    /// Peers with a working session.
+    pub fn peers_up(&self) -> usize {
+        self.peers.iter().filter(|p| p.session_up).count()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatastoreStatus {
+    pub spec: String,
+    pub synced: bool,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    pub name: String,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    #[serde(rename = "allowedIPs")]
+    pub allowed_ips: Vec<String>,
+    pub session_up: bool,
+    /// Unix time in milliseconds of the last completed handshake.
+    pub last_handshake_unix_ms: Option<u64>,
+    /// Seconds since then, when the status was taken.
+    pub last_handshake_secs_ago: Option<f64>,
+    pub handshakes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// A new session (our key or theirs changed) is handshaking.
+    pub key_change_pending: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the agent at {}: {source} (is `meshward agent` running, and are you root?)", socket.display())]
+    Connect {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to the agent at {}: {source}", socket.display())]
+    Io {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the agent at {} sent a bad response: {message}", socket.display())]
+    BadResponse { socket: PathBuf, message: String },
+    #[error("the agent refused: {0}")]
+    Refused(String),
+}
+
+/// Sends one request and reads its response, each step bounded by `timeout`.
+/// A response with `ok: false` becomes [`ClientError::Refused`].
+pub fn request(
+    socket: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
+    let io = |source| ClientError::Io {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        socket: socket.to_path_buf(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_vec(request).map_err(|e| ClientError::BadResponse {
+        socket: socket.to_path_buf(),
+        message: format!("encoding the request: {e}"),
+    })?;
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(io)?;
+    let mut reader = BufReader::new(&stream).take(MAX_LINE as u64);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).map_err(io)?;
+    if !answer.ends_with('\n') {
+        return Err(ClientError::BadResponse {
+            socket: socket.to_path_buf(),
+            message: if answer.is_empty() {
+                "the connection closed without an answer".into()
+            } else {
+                "the answer is not one complete line".into()
+            },
+        });
+    }
+    let response: Response =
+        serde_json::from_str(&answer).map_err(|e| ClientError::BadResponse {
+            socket: socket.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    if !response.ok {
+        return Err(ClientError::Refused(
+            response.error.unwrap_or_else(|| "no reason given".into()),
+        ));
+    }
+    Ok(response)
+}
+
+/// `status` through [`request`].
+pub fn status(socket: &Path, timeout: Duration) -> Result<Status, ClientError> {
+    request(socket, &Request::Status, timeout)?
+        .status
+        .ok_or_else(|| ClientError::BadResponse {
+            socket: socket.to_path_buf(),
+            message: "no status in the answer".into(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"op":"status"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"rotate"}"#).unwrap(),
+            Request::Rotate
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+        let r = serde_json::to_string(&Response::error("nope")).unwrap();
+        assert_eq!(r, r#"{"ok":false,"error":"nope"}"#);
+    }
+}

@@ -1,0 +1,232 @@
+//! `meshward status`: the running agent's state, readable or as JSON.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+
+use crate::agent::protocol::{self, Status};
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Take the control socket from the agent's configuration file
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The agent's control socket [default: the config's socketPath, else /run/meshward/agent.sock]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Output format
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+pub fn run(args: StatusArgs) -> Result<()> {
+    let socket = super::socket_path(args.socket.as_deref(), args.config.as_deref())?;
+    let status = protocol::status(&socket, Duration::from_secs(10))?;
+    match args.output {
+        Format::Text => print!("{}", render(&status)),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&status).context("encoding the status")?
+        ),
+    }
+    Ok(())
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn ago(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m {}s ago", s / 60, s % 60),
+        _ => format!("{}h {}m ago", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// The readable form.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "node {} (agent pid {})", s.node, s.pid);
+    let _ = writeln!(out, "  public key    {}", s.public_key);
+    if let Some(previous) = &s.previous_public_key {
+        let _ = writeln!(
+            out,
+            "  previous key  {previous} (rotation in progress: still accepted)"
+        );
+    }
+    let _ = writeln!(out, "  endpoint      {}", s.endpoint);
+    let _ = writeln!(out, "  pod CIDRs     {}", s.pod_cidrs.join(", "));
+    let _ = writeln!(out, "  address       {} on {}", s.address, s.interface);
+    let _ = writeln!(
+        out,
+        "  strict mode   {}",
+        if s.strict_mode { "on" } else { "off" }
+    );
+    let _ = writeln!(
+        out,
+        "  datastore     {} ({}, generation {})",
+        s.datastore.spec,
+        if s.datastore.synced {
+            "synced"
+        } else {
+            "not synced yet"
+        },
+        s.datastore.generation
+    );
+    let _ = writeln!(
+        out,
+        "  peers         {} of {} up",
+        s.peers_up(),
+        s.peers.len()
+    );
+    if !s.peers.is_empty() {
+        out.push('\n');
+        let header = [
+            "PEER",
+            "ENDPOINT",
+            "ALLOWED IPS",
+            "SESSION",
+            "LAST HANDSHAKE",
+            "TX",
+            "RX",
+        ]
+        .map(String::from);
+        let rows: Vec<[String; 7]> = s
+            .peers
+            .iter()
+            .map(|p| {
+                let session = match (p.session_up, p.key_change_pending) {
+                    (true, true) => "up, key change pending",
+                    (true, false) => "up",
+                    (false, _) => "down",
+                };
+                [
+                    p.name.clone(),
+                    p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                    p.allowed_ips.join(","),
+                    session.into(),
+                    p.last_handshake_secs_ago
+                        .map(ago)
+                        .unwrap_or_else(|| "never".into()),
+                    format!("{} pkts, {}", p.tx_packets, bytes(p.tx_bytes)),
+                    format!("{} pkts, {}", p.rx_packets, bytes(p.rx_bytes)),
+                ]
+            })
+            .collect();
+        let mut widths = header.clone().map(|h| h.len());
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        for row in std::iter::once(&header).chain(&rows) {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            out += cells.join("  ").trim_end();
+            out.push('\n');
+        }
+    }
+    out.push('\n');
+    if s.drops.is_empty() {
+        out += "drops: none\n";
+    } else {
+        let list: Vec<String> = s.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(out, "drops: {}", list.join(", "));
+    }
+    for problem in &s.problems {
+        let _ = writeln!(out, "problem: {problem}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::protocol::{DatastoreStatus, PeerStatus};
+
+    #[test]
+    fn renders_peers_drops_and_problems() {
+        let status = Status {
+            node: "node1".into(),
+            pid: 42,
+            public_key: "K1=".into(),
+            previous_public_key: Some("K0=".into()),
+            endpoint: "198.18.0.1:51871".into(),
+            pod_cidrs: vec!["198.19.1.0/24".into()],
+            address: "198.19.1.1".into(),
+            interface: "mw0".into(),
+            strict_mode: true,
+            datastore: DatastoreStatus {
+                spec: "dir:/d".into(),
+                synced: true,
+                generation: 3,
+            },
+            peers: vec![PeerStatus {
+                name: "node2".into(),
+                public_key: "K2=".into(),
+                endpoint: Some("198.18.0.2:51871".into()),
+                allowed_ips: vec!["198.19.2.0/24".into()],
+                session_up: true,
+                last_handshake_unix_ms: Some(1),
+                last_handshake_secs_ago: Some(75.2),
+                handshakes: 1,
+                tx_packets: 3,
+                tx_bytes: 2048,
+                rx_packets: 4,
+                rx_bytes: 100,
+                key_change_pending: false,
+            }],
+            drops: [("cryptokey_routing".to_string(), 2)].into(),
+            problems: vec!["node node9: bad".into()],
+        };
+        let text = render(&status);
+        assert!(
+            text.contains("previous key  K0= (rotation in progress"),
+            "{text}"
+        );
+        assert!(text.contains("peers         1 of 1 up"), "{text}");
+        let row = text.lines().find(|l| l.starts_with("node2")).unwrap();
+        assert_eq!(
+            row.split("  ")
+                .filter(|c| !c.is_empty())
+                .map(str::trim)
+                .collect::<Vec<_>>(),
+            [
+                "node2",
+                "198.18.0.2:51871",
+                "198.19.2.0/24",
+                "up",
+                "1m 15s ago",
+                "3 pkts, 2.0 KiB",
+                "4 pkts, 100 B"
+            ]
+        );
+        assert!(text.contains("drops: cryptokey_routing 2"));
+        assert!(text.contains("problem: node node9: bad"));
+    }
+}
