@@ -16,6 +16,9 @@ use meshward_mesh::Mesh;
 /// Name of the tunnel interface.
 pub const TUN_NAME: &str = "mw0";
 
+/// Whether this build has the mesh data plane.
+pub const AVAILABLE: bool = cfg!(feature = "device");
+
 /// What the device is started with.
 #[derive(Debug, Clone)]
 pub struct Settings {

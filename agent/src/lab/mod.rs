@@ -4,6 +4,7 @@
 //! `mwl-NAME-...` and its state lives in /run/meshward-lab/NAME/; nothing is
 //! linked to the host's interfaces or routed out.
 
+mod agents;
 mod build;
 mod cni;
 mod links;
@@ -67,6 +68,52 @@ enum LabCommand {
         /// A pod (node1-pod1), a node (node1) or `external`
         target: Target,
     },
+    /// Start, stop or restart the nodes' agents
+    Agent {
+        #[command(subcommand)]
+        action: AgentAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentAction {
+    /// Start the agents of these nodes (every node when none is named) and
+    /// wait until every agent has a session with every other node
+    Start(AgentStartArgs),
+    /// Stop the agents of these nodes (every node when none is named)
+    Stop(AgentStopArgs),
+    /// Stop, then start, then wait as `start` does
+    Restart {
+        #[command(flatten)]
+        stop: AgentStopArgs,
+        /// Don't wait for the mesh after starting
+        #[arg(long)]
+        no_wait: bool,
+        /// Longest to wait for the mesh, in seconds
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        timeout: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct AgentStartArgs {
+    /// Nodes (node1 node2 ...)
+    nodes: Vec<Target>,
+    /// Don't wait for the mesh
+    #[arg(long)]
+    no_wait: bool,
+    /// Longest to wait for the mesh, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    timeout: u64,
+}
+
+#[derive(Debug, Args)]
+struct AgentStopArgs {
+    /// Nodes (node1 node2 ...)
+    nodes: Vec<Target>,
+    /// SIGKILL instead of SIGTERM: the agent gets no chance to clean up
+    #[arg(long)]
+    kill: bool,
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +133,13 @@ struct UpArgs {
     /// Leave a half-built lab in place when a step fails (for debugging)
     #[arg(long)]
     keep_on_error: bool,
+    /// Don't start the node agents (cross-node pod traffic then stays
+    /// refused); `lab agent start` starts them later
+    #[arg(long)]
+    no_agents: bool,
+    /// Longest to wait for the agents to form the mesh, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    agent_timeout: u64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -103,6 +157,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         LabCommand::Status { output } => status(lab, output)?,
         LabCommand::Exec { target, command } => return exec(lab, target, command),
         LabCommand::Ip { target } => ip(lab, target)?,
+        LabCommand::Agent { action } => agent(lab, action)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -140,7 +195,31 @@ fn up(lab: &LabName, args: UpArgs) -> Result<()> {
     }
 
     tracing::info!(lab = %lab, nodes, pods, "building lab");
-    match build::build(lab, nodes, pods, cni_bin.as_deref()) {
+    let built = build::build(lab, nodes, pods, cni_bin.as_deref()).and_then(|state| {
+        agents::write_files(lab, &state)?;
+        if args.no_agents {
+            return Ok(state);
+        }
+        if !crate::agent::dataplane::AVAILABLE {
+            tracing::warn!(
+                "this meshward was built without the mesh data plane: not starting node agents \
+                 (cross-node pod traffic stays refused)"
+            );
+            return Ok(state);
+        }
+        let mut children = Vec::new();
+        for node in &state.nodes {
+            children.push((node.name.clone(), agents::start(lab, node)?));
+        }
+        agents::wait_meshed(
+            lab,
+            &state,
+            &mut children,
+            Duration::from_secs(args.agent_timeout),
+        )?;
+        Ok(state)
+    });
+    match built {
         Ok(state) => {
             print!("{}", current_status(lab, &state)?.table());
             Ok(())
@@ -176,7 +255,8 @@ fn down(lab: &LabName) -> Result<()> {
 /// lab.json. Returns (namespaces removed, processes stopped).
 fn teardown(lab: &LabName) -> Result<(usize, usize)> {
     let names = netns::list_with_prefix(&lab.prefix())?;
-    let processes = netns::kill_processes_in(&names, KILL_GRACE)?;
+    let agents = agents::stop_all(lab, KILL_GRACE);
+    let processes = agents + netns::kill_processes_in(&names, KILL_GRACE)?;
     let mut failures = Vec::new();
     // Reverse order: pods before their node, nodes before fabric.
     for name in names.iter().rev() {
@@ -218,7 +298,51 @@ fn current_status(lab: &LabName, state: &Lab) -> Result<Status> {
         .filter(|n| netns::exists(n))
         .collect();
     let dir = state::state_dir(lab).display().to_string();
-    Ok(Status::new(state, dir, &present))
+    let agents = agents::states(lab, state);
+    Ok(Status::new(state, dir, &present, &agents))
+}
+
+fn agent(lab: &LabName, action: AgentAction) -> Result<()> {
+    require_root("agent")?;
+    let state = load_up(lab)?;
+    let (stop, start) = match &action {
+        AgentAction::Start(a) => (None, Some((&a.nodes, a.no_wait, a.timeout))),
+        AgentAction::Stop(s) => (Some(s), None),
+        AgentAction::Restart {
+            stop,
+            no_wait,
+            timeout,
+        } => (Some(stop), Some((&stop.nodes, *no_wait, *timeout))),
+    };
+    let start_nodes = match start {
+        Some((nodes, _, _)) => Some(agents::select(&state, lab, nodes)?),
+        None => None,
+    };
+    if start_nodes.is_some() && !crate::agent::dataplane::AVAILABLE {
+        bail!("this meshward was built without the mesh data plane: it cannot run node agents");
+    }
+    if let Some(stop) = stop {
+        for node in agents::select(&state, lab, &stop.nodes)? {
+            if agents::stop(lab, node, stop.kill)? {
+                println!("{}: agent stopped", node.name);
+            } else {
+                println!("{}: agent was not running", node.name);
+            }
+        }
+    }
+    if let (Some((_, no_wait, timeout)), Some(nodes)) = (start, start_nodes) {
+        let mut children = Vec::new();
+        for node in nodes {
+            let child = agents::start(lab, node)?;
+            println!("{}: agent started (pid {})", node.name, child.id());
+            children.push((node.name.clone(), child));
+        }
+        if !no_wait {
+            agents::wait_meshed(lab, &state, &mut children, Duration::from_secs(timeout))?;
+            println!("mesh complete: every agent has a session with every other node");
+        }
+    }
+    Ok(())
 }
 
 fn status(lab: &LabName, format: Format) -> Result<()> {

@@ -1,9 +1,10 @@
 //! `lab status`: one row per lab member, as a table or a JSON document.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
+use super::agents::AgentState;
 use super::state::Lab;
 
 /// The JSON document of `lab status -o json`. Field names and order are
@@ -33,13 +34,20 @@ pub struct Row {
     pub pod_cidr: Option<String>,
     /// `ok` or `missing namespace`.
     pub state: &'static str,
+    /// A node's agent.
+    pub agent: Option<AgentState>,
 }
 
 impl Status {
     /// Builds the status of `lab`, given which namespaces exist
     /// (`lab_namespaces`: every /run/netns name with the lab's prefix that
-    /// has a namespace mounted).
-    pub fn new(lab: &Lab, state_dir: String, lab_namespaces: &BTreeSet<String>) -> Status {
+    /// has a namespace mounted; `agents`: each node's agent by node name).
+    pub fn new(
+        lab: &Lab,
+        state_dir: String,
+        lab_namespaces: &BTreeSet<String>,
+        agents: &BTreeMap<String, AgentState>,
+    ) -> Status {
         let state = |ns: &str| {
             if lab_namespaces.contains(ns) {
                 "ok"
@@ -56,6 +64,7 @@ impl Status {
                 node: None,
                 pod_cidr: None,
                 state: state(&lab.fabric.namespace),
+                agent: None,
             },
             Row {
                 name: "external".into(),
@@ -65,6 +74,7 @@ impl Status {
                 node: None,
                 pod_cidr: None,
                 state: state(&lab.external.namespace),
+                agent: None,
             },
         ];
         for node in &lab.nodes {
@@ -76,6 +86,7 @@ impl Status {
                 node: None,
                 pod_cidr: Some(node.pod_cidr.to_string()),
                 state: state(&node.namespace),
+                agent: agents.get(&node.name).cloned(),
             });
             for pod in &node.pods {
                 members.push(Row {
@@ -86,6 +97,7 @@ impl Status {
                     node: Some(node.name.clone()),
                     pod_cidr: None,
                     state: state(&pod.namespace),
+                    agent: None,
                 });
             }
         }
@@ -103,13 +115,27 @@ impl Status {
         }
     }
 
-    /// The table form: NAME KIND NAMESPACE ADDRESS NODE STATE.
+    /// The table form: NAME KIND NAMESPACE ADDRESS NODE STATE AGENT.
     pub fn table(&self) -> String {
-        let header = ["NAME", "KIND", "NAMESPACE", "ADDRESS", "NODE", "STATE"];
-        let rows: Vec<[&str; 6]> = self
+        let header = [
+            "NAME",
+            "KIND",
+            "NAMESPACE",
+            "ADDRESS",
+            "NODE",
+            "STATE",
+            "AGENT",
+        ];
+        let agents: Vec<String> = self
             .members
             .iter()
-            .map(|r| {
+            .map(|r| r.agent.as_ref().map_or("-".into(), AgentState::summary))
+            .collect();
+        let rows: Vec<[&str; 7]> = self
+            .members
+            .iter()
+            .zip(&agents)
+            .map(|(r, agent)| {
                 [
                     r.name.as_str(),
                     r.kind,
@@ -117,6 +143,7 @@ impl Status {
                     r.address.as_deref().unwrap_or("-"),
                     r.node.as_deref().unwrap_or("-"),
                     r.state,
+                    agent.as_str(),
                 ]
             })
             .collect();
@@ -191,7 +218,19 @@ mod tests {
         let present: BTreeSet<String> = ["mwl-x-fabric", "mwl-x-ext", "mwl-x-node1", "mwl-x-node7"]
             .map(String::from)
             .into();
-        let status = Status::new(&lab(), "/run/meshward-lab/x".into(), &present);
+        let agents: BTreeMap<String, AgentState> = [(
+            "node1".to_string(),
+            AgentState {
+                state: "running",
+                pid: Some(77),
+                public_key: Some("K=".into()),
+                peers: Some(2),
+                peers_up: Some(1),
+                error: None,
+            },
+        )]
+        .into();
+        let status = Status::new(&lab(), "/run/meshward-lab/x".into(), &present, &agents);
         let rows: Vec<(&str, &str, &str)> = status
             .members
             .iter()
@@ -212,11 +251,15 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(
             lines[0],
-            "NAME        KIND      NAMESPACE         ADDRESS          NODE   STATE"
+            "NAME        KIND      NAMESPACE         ADDRESS          NODE   STATE              AGENT"
+        );
+        assert_eq!(
+            lines[3],
+            "node1       node      mwl-x-node1       198.18.0.1/24    -      ok                 pid 77, 1/2 peers up"
         );
         assert_eq!(
             lines[4],
-            "node1-pod1  pod       mwl-x-node1-pod1  198.19.1.2/32    node1  missing namespace"
+            "node1-pod1  pod       mwl-x-node1-pod1  198.19.1.2/32    node1  missing namespace  -"
         );
         assert!(lines[5].contains("stray namespace mwl-x-node7"));
 
@@ -224,5 +267,7 @@ mod tests {
         assert_eq!(json["members"][2]["podCidr"], "198.19.1.0/24");
         assert_eq!(json["members"][3]["node"], "node1");
         assert_eq!(json["members"][0]["address"], serde_json::Value::Null);
+        assert_eq!(json["members"][2]["agent"]["peersUp"], 1);
+        assert_eq!(json["members"][2]["agent"]["state"], "running");
     }
 }
