@@ -4,189 +4,18 @@
 //! Pod tests need the real `meshward-cni` binary next to `meshward` in the
 //! target directory (`cargo build --workspace` puts it there).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+mod common;
 
-use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
 
-const MESHWARD: &str = env!("CARGO_BIN_EXE_meshward");
-
-/// A lab for one test, named `t` + tag + this process's id, removed on drop
-/// (also when the test fails).
-struct TestLab {
-    name: String,
-}
-
-impl TestLab {
-    /// `tag`: up to 3 characters of a-z0-9, unique per test.
-    fn new(tag: &str) -> TestLab {
-        require_root();
-        let name = format!("t{tag}{:x}", std::process::id());
-        assert!(name.len() <= 12, "test lab name {name} too long");
-        let lab = TestLab { name };
-        // A previous run with the same pid may have left it: start clean.
-        lab.run(&["down"]);
-        lab
-    }
-
-    /// Runs `meshward lab --name NAME ARGS...`.
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(MESHWARD)
-            .args(["lab", "--name", &self.name])
-            .args(args)
-            .output()
-            .expect("running meshward")
-    }
-
-    /// Runs a lab command that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "meshward lab --name {} {} failed ({}):\nstdout: {}\nstderr: {}",
-            self.name,
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 output")
-    }
-
-    /// Runs a lab command that must fail; returns its stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            !out.status.success(),
-            "meshward lab --name {} {} succeeded but should fail:\nstdout: {}",
-            self.name,
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8(out.stderr).expect("utf-8 output")
-    }
-
-    fn up(&self, nodes: u32, pods: u32) {
-        let (nodes, pods) = (nodes.to_string(), pods.to_string());
-        let mut args = vec!["up", "--nodes", &nodes, "--pods", &pods];
-        let cni = if pods == "0" { None } else { Some(cni_bin()) };
-        if let Some(cni) = &cni {
-            args.extend(["--cni-bin", cni.to_str().expect("utf-8 path")]);
-        }
-        self.ok(&args);
-    }
-
-    fn prefix(&self) -> String {
-        format!("mwl-{}-", self.name)
-    }
-
-    /// This lab's names in /run/netns.
-    fn namespaces(&self) -> Vec<String> {
-        let prefix = self.prefix();
-        let mut names: Vec<String> = std::fs::read_dir("/run/netns")
-            .map(|dir| {
-                dir.flatten()
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| n.starts_with(&prefix))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
-    }
-
-    fn ip(&self, target: &str) -> String {
-        self.ok(&["ip", target]).trim().to_string()
-    }
-
-    fn status(&self) -> Value {
-        serde_json::from_str(&self.ok(&["status", "-o", "json"])).expect("status is JSON")
-    }
-
-    /// True when `from` gets an echo reply from `to` (a few tries, so a
-    /// slow first ARP does not make a reachable peer look unreachable).
-    fn reaches(&self, from: &str, to: &str) -> bool {
-        (0..3).any(|_| self.ping_once(from, to))
-    }
-
-    fn ping_once(&self, from: &str, to: &str) -> bool {
-        let mut args = vec!["exec", from, "--"];
-        args.extend(ping_command());
-        args.extend(["-c", "1", "-w", "2", to]);
-        self.run(&args).status.success()
-    }
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let out = self.run(&["down"]);
-        if !out.status.success() {
-            eprintln!(
-                "cleaning up lab {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-}
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the lab tests need root (they create network namespaces)"
-    );
-}
-
-/// `ping`, or busybox's when no ping is installed.
-fn ping_command() -> Vec<&'static str> {
-    static PING: OnceLock<Vec<&'static str>> = OnceLock::new();
-    PING.get_or_init(|| {
-        if on_path("ping") {
-            vec!["ping"]
-        } else if on_path("busybox") {
-            vec!["busybox", "ping"]
-        } else {
-            panic!("the lab tests need `ping` (iputils-ping or busybox)")
-        }
-    })
-    .clone()
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|dir| dir.join(program).is_file()))
-}
-
-/// The meshward-cni binary: in the same target directory as meshward.
-fn cni_bin() -> PathBuf {
-    let path = Path::new(MESHWARD)
-        .parent()
-        .expect("meshward has a directory")
-        .join("meshward-cni");
-    assert!(
-        path.is_file(),
-        "{} not found: run `cargo build --workspace` first",
-        path.display()
-    );
-    path
-}
-
-fn members(status: &Value) -> &Vec<Value> {
-    status["members"].as_array().expect("members is an array")
-}
-
-fn member<'a>(status: &'a Value, name: &str) -> &'a Value {
-    members(status)
-        .iter()
-        .find(|m| m["name"] == name)
-        .unwrap_or_else(|| panic!("no member {name} in {status:#}"))
-}
+use common::*;
 
 #[test]
 fn nodes_and_external_reach_each_other_over_the_fabric() {
     let lab = TestLab::new("fab");
-    lab.up(3, 0);
+    // without agents: nothing routes the pod CIDRs yet
+    lab.up_with(3, 0, &["--no-agents"]);
     assert_eq!(lab.ip("node2"), "198.18.0.2");
     assert_eq!(lab.ip("external"), "198.18.100.1");
 
@@ -262,7 +91,15 @@ fn status_describes_the_lab() {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "KIND", "NAMESPACE", "ADDRESS", "NODE", "STATE"]
+        [
+            "NAME",
+            "KIND",
+            "NAMESPACE",
+            "ADDRESS",
+            "NODE",
+            "STATE",
+            "AGENT"
+        ]
     );
     assert!(table.contains("198.18.0.1/24"), "{table}");
 
@@ -274,6 +111,14 @@ fn status_describes_the_lab() {
         .unwrap();
     assert!(out.status.success());
     assert_eq!(member(&lab.status(), "node2")["state"], "missing namespace");
+    // down still stops everything of the lab, agents in a lost namespace too
+    lab.ok(&["down"]);
+    let state_dir = lab.state_dir().display().to_string();
+    let left = processes_mentioning(&state_dir);
+    assert!(
+        left.is_empty(),
+        "processes of the lab left running: {left:?}"
+    );
 }
 
 #[test]
@@ -453,7 +298,7 @@ fn pods_reach_pods_on_their_node_and_their_node() {
 #[test]
 fn cross_node_pod_traffic_fails_closed_without_the_mesh() {
     let lab = TestLab::new("px");
-    lab.up(2, 1);
+    lab.up_with(2, 1, &["--no-agents"]);
     assert!(
         lab.reaches("node1-pod1", "198.18.0.1"),
         "the pod works at all"
@@ -471,4 +316,38 @@ fn cross_node_pod_traffic_fails_closed_without_the_mesh() {
         !lab.ping_once("node1", &remote),
         "node1 -> node2-pod1 flowed in plaintext"
     );
+}
+
+#[test]
+fn up_writes_the_cluster_for_the_agents() {
+    let lab = TestLab::new("ag");
+    lab.up_with(2, 0, &["--no-agents"]);
+    let manifest = std::fs::read_to_string(lab.manifest("node2")).unwrap();
+    assert!(manifest.contains("name: node2"), "{manifest}");
+    assert!(manifest.contains("podCIDR: 198.19.2.0/24"), "{manifest}");
+    let config = std::fs::read_to_string(lab.agent_config("node1")).unwrap();
+    for line in [
+        "nodeName: node1".to_string(),
+        "endpoint: 198.18.0.1:51871".to_string(),
+        "clusterCIDR: 198.19.0.0/16".to_string(),
+        format!("datastore: dir:{}/datastore", lab.state_dir().display()),
+        format!("socketPath: {}/node1/agent.sock", lab.state_dir().display()),
+    ] {
+        assert!(
+            config.lines().any(|l| l == line),
+            "{line} missing:\n{config}"
+        );
+    }
+    let status = lab.status();
+    assert_eq!(member(&status, "node1")["agent"]["state"], "not running");
+    assert_eq!(member(&status, "fabric")["agent"], serde_json::Value::Null);
+    assert!(lab
+        .ok(&["agent", "stop"])
+        .contains("node2: agent was not running"));
+    assert!(lab
+        .fails(&["agent", "stop", "node1-pod1"])
+        .contains("not a node"));
+    assert!(lab
+        .fails(&["agent", "start", "node7"])
+        .contains("has no node7"));
 }
