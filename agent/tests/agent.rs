@@ -1,5 +1,5 @@
-//! `meshward agent`, `keys` and `status` without a data plane: start-up
-//! order (strict mode is in the kernel before the tunnel is made), errors.
+//! `meshward agent`, `keys` and `status` outside a lab: start-up order
+//! (strict mode is in the kernel before the tunnel is made), errors.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -43,8 +43,7 @@ fn write_cluster(dir: &Path) -> std::path::PathBuf {
     config
 }
 
-/// The data plane cannot come up (a bridge named mw0 is in the way; without
-/// the device built in it cannot come up anyway): the
+/// The data plane cannot come up (a bridge named mw0 is in the way): the
 /// agent stops with an error naming that step, and everything before it is
 /// done — the key exists and strict mode is in the kernel — while nothing
 /// after it is (the own Node is not published).

@@ -1,9 +1,6 @@
 //! The encrypted mesh end to end: real `meshward agent`s in lab nodes,
-//! real pods, real traffic, and a capture on the fabric bridge.
-//!
-//! Tests that need packets to cross the mesh need the data plane
-//! (`meshward_mesh::device`, the `device` feature); without it they are
-//! ignored. Every lab is torn down by a drop guard, also on failure.
+//! real pods, real traffic, and a capture on the fabric bridge. Every lab is
+//! torn down by a drop guard, also on failure.
 
 mod common;
 
@@ -134,7 +131,6 @@ fn peer_names(status: &Value) -> Vec<String> {
 }
 
 #[test]
-#[cfg_attr(not(feature = "device"), ignore = "needs mesh device")]
 fn every_pod_reaches_every_pod_on_other_nodes_with_icmp_tcp_and_udp() {
     let lab = TestLab::new("mx");
     lab.up(3, 2);
@@ -167,6 +163,12 @@ fn every_pod_reaches_every_pod_on_other_nodes_with_icmp_tcp_and_udp() {
         let status = lab.agent_status(node);
         assert_eq!(peers_up(&status), 2, "{node}: {status:#}");
         assert_eq!(drops(&status, "cryptokey_routing"), 0, "{node}: {status:#}");
+        let data_plane = &status["dataPlane"];
+        assert!(
+            data_plane["udpDatagramsSent"].as_u64().unwrap() > 0
+                && data_plane["tunPacketsWritten"].as_u64().unwrap() > 0,
+            "{node}: {status:#}"
+        );
     }
 }
 
@@ -266,7 +268,6 @@ fn wait_all_meshed(lab: &TestLab, nodes: &[&str], what: &str) {
 }
 
 #[test]
-#[cfg_attr(not(feature = "device"), ignore = "needs mesh device")]
 fn the_fabric_only_ever_carries_wireguard() {
     let lab = TestLab::new("cap");
     lab.up_with(3, 2, &["--no-agents"]);
@@ -462,7 +463,6 @@ fn checksum(header: &[u8]) -> u16 {
 }
 
 #[test]
-#[cfg_attr(not(feature = "device"), ignore = "needs mesh device")]
 fn a_packet_with_another_nodes_pod_address_is_dropped_and_counted() {
     let lab = TestLab::new("frg");
     lab.up(3, 1);
@@ -535,7 +535,6 @@ fn a_packet_with_another_nodes_pod_address_is_dropped_and_counted() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "device"), ignore = "needs mesh device")]
 fn garbage_datagrams_to_the_mesh_port_do_not_break_traffic() {
     let lab = TestLab::new("gb");
     lab.up(2, 1);
@@ -591,7 +590,6 @@ fn garbage_datagrams_to_the_mesh_port_do_not_break_traffic() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "device"), ignore = "needs mesh device")]
 fn key_rotation_under_a_continuous_flow_loses_nothing() {
     let lab = TestLab::new("rot");
     lab.up(3, 2);
@@ -682,7 +680,6 @@ fn key_rotation_under_a_continuous_flow_loses_nothing() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "device"), ignore = "needs mesh device")]
 fn a_tcp_stream_survives_kill_9_and_restart_of_both_agents() {
     let lab = TestLab::new("tcp");
     lab.up(2, 1);
@@ -766,7 +763,6 @@ fn a_tcp_stream_survives_kill_9_and_restart_of_both_agents() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "device"), ignore = "needs mesh device")]
 fn restart_keeps_the_key_and_stop_keeps_strict_mode() {
     let lab = TestLab::new("rs");
     lab.up(2, 1);
@@ -838,7 +834,6 @@ fn restart_keeps_the_key_and_stop_keeps_strict_mode() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "device"), ignore = "needs mesh device")]
 fn peers_follow_the_datastore_and_bad_peer_data_is_refused() {
     let lab = TestLab::new("pr");
     lab.up(3, 1);
@@ -912,7 +907,6 @@ fn peers_follow_the_datastore_and_bad_peer_data_is_refused() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "device"), ignore = "needs mesh device")]
 fn an_overdue_scheduled_rotation_happens_soon_after_start() {
     let lab = TestLab::new("sch");
     lab.up(2, 1);
@@ -951,7 +945,6 @@ fn an_overdue_scheduled_rotation_happens_soon_after_start() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "device"), ignore = "needs mesh device")]
 fn lab_up_fails_with_the_agent_logs_when_the_mesh_does_not_form() {
     let lab = TestLab::new("lf");
     let stderr = lab.fails(&["up", "--nodes", "2", "--pods", "0", "--agent-timeout", "0"]);

@@ -39,7 +39,6 @@
 
 pub mod cache;
 mod control;
-pub mod dataplane;
 mod netlink;
 pub mod plan;
 pub mod protocol;
@@ -56,6 +55,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use ipnet::{IpNet, Ipv4Net};
 use meshward_egress::StrictMode;
 use meshward_keys::{KeyStore, NodeKey, PublicKey};
+use meshward_mesh::device::{Device, DeviceConfig};
 use meshward_mesh::{Mesh, PeerConfig};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -64,10 +64,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{AgentArgs, Config};
 use crate::datastore::{Cluster, Datastore, NodeInfo, OwnNode};
-use dataplane::Device;
 use plan::{Local, Peer, Problem};
-use protocol::{DatastoreStatus, PeerStatus, Request, Response, Rotation, Status};
+use protocol::{DataPlaneStatus, DatastoreStatus, PeerStatus, Request, Response, Rotation, Status};
 
+/// The tunnel interface.
+pub const TUN_NAME: &str = "mw0";
 /// A full reconcile pass runs at least this often.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// Held by the running agent in its state directory.
@@ -320,7 +321,7 @@ impl Agent {
             device: None,
             netlink: netlink::connect().context("netlink")?,
             tun_index: 0,
-            tun_name: dataplane::TUN_NAME.to_string(),
+            tun_name: TUN_NAME.to_string(),
             peers,
             problems: Vec::new(),
             strict_applied: None,
@@ -352,20 +353,19 @@ impl Agent {
             },
             agent.config.listen_port,
         );
-        let settings = dataplane::Settings {
+        let settings = DeviceConfig {
+            tun_name: TUN_NAME.to_string(),
             mtu: agent.config.mtu,
             listen,
-            workers: std::thread::available_parallelism()
-                .map(|n| n.get().min(4))
-                .unwrap_or(1),
+            // one worker pair per core
+            workers: 0,
         };
         let device = start_device(&agent.mesh, &settings)
             .await
             .with_context(|| {
                 format!(
                     "starting the data plane ({} with MTU {}, UDP {listen})",
-                    dataplane::TUN_NAME,
-                    settings.mtu
+                    settings.tun_name, settings.mtu
                 )
             })?;
         agent.tun_index = device.tun_index();
@@ -578,7 +578,7 @@ impl Agent {
 
     async fn apply_strict(&mut self, remote: &[Ipv4Net]) -> Result<()> {
         let strict = StrictMode {
-            tunnel_ifname: dataplane::TUN_NAME.to_string(),
+            tunnel_ifname: TUN_NAME.to_string(),
             local_pod_cidrs: self.own_cidrs.clone(),
             remote_pod_cidrs: remote.to_vec(),
         };
@@ -788,6 +788,17 @@ impl Agent {
                 synced: self.snapshot.synced(),
                 generation: self.snapshot.generation(),
             },
+            data_plane: self.device.as_ref().map(|device| {
+                let d = device.stats();
+                DataPlaneStatus {
+                    offload: device.offload(),
+                    udp_datagrams_sent: d.udp_datagrams_sent,
+                    udp_datagrams_received: d.udp_datagrams_received,
+                    tun_packets_read: d.tun_packets_read,
+                    tun_packets_written: d.tun_packets_written,
+                    errors: d.errors,
+                }
+            }),
             peers,
             drops: stats
                 .drops
@@ -802,10 +813,10 @@ impl Agent {
 
 /// Starts the data plane. An `mw0` that still exists is given a moment to
 /// go: a predecessor killed a moment ago may still be closing its TUN.
-async fn start_device(mesh: &Arc<Mesh>, settings: &dataplane::Settings) -> std::io::Result<Device> {
+async fn start_device(mesh: &Arc<Mesh>, settings: &DeviceConfig) -> std::io::Result<Device> {
     let deadline = Instant::now() + TUN_GONE_WAIT;
     loop {
-        match Device::start(mesh.clone(), settings) {
+        match Device::start(mesh.clone(), settings.clone()) {
             Err(e)
                 if e.kind() == std::io::ErrorKind::AlreadyExists && Instant::now() < deadline =>
             {

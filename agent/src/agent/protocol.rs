@@ -102,6 +102,9 @@ pub struct Status {
     pub interface: String,
     pub strict_mode: bool,
     pub datastore: DatastoreStatus,
+    /// The data plane's own counters (the mesh's are in `peers` and `drops`).
+    #[serde(default)]
+    pub data_plane: Option<DataPlaneStatus>,
     pub peers: Vec<PeerStatus>,
     /// Dropped packets and datagrams by reason (only reasons with drops).
     pub drops: BTreeMap<String, u64>,
@@ -114,6 +117,19 @@ impl Status {
     pub fn peers_up(&self) -> usize {
         self.peers.iter().filter(|p| p.session_up).count()
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DataPlaneStatus {
+    /// The TUN has virtio-net offloads (GSO/GRO).
+    pub offload: bool,
+    pub udp_datagrams_sent: u64,
+    pub udp_datagrams_received: u64,
+    pub tun_packets_read: u64,
+    pub tun_packets_written: u64,
+    /// I/O errors of the data plane (it keeps going).
+    pub errors: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

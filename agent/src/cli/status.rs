@@ -95,6 +95,18 @@ pub fn render(s: &Status) -> String {
         },
         s.datastore.generation
     );
+    if let Some(d) = &s.data_plane {
+        let _ = writeln!(
+            out,
+            "  data plane    offloads {}; UDP {} sent, {} received; TUN {} read, {} written; {} I/O errors",
+            if d.offload { "on" } else { "off" },
+            d.udp_datagrams_sent,
+            d.udp_datagrams_received,
+            d.tun_packets_read,
+            d.tun_packets_written,
+            d.errors
+        );
+    }
     let _ = writeln!(
         out,
         "  peers         {} of {} up",
@@ -167,7 +179,7 @@ pub fn render(s: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::protocol::{DatastoreStatus, PeerStatus};
+    use crate::agent::protocol::{DataPlaneStatus, DatastoreStatus, PeerStatus};
 
     #[test]
     fn renders_peers_drops_and_problems() {
@@ -186,6 +198,14 @@ mod tests {
                 synced: true,
                 generation: 3,
             },
+            data_plane: Some(DataPlaneStatus {
+                offload: true,
+                udp_datagrams_sent: 5,
+                udp_datagrams_received: 6,
+                tun_packets_read: 7,
+                tun_packets_written: 8,
+                errors: 0,
+            }),
             peers: vec![PeerStatus {
                 name: "node2".into(),
                 public_key: "K2=".into(),
@@ -210,6 +230,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("peers         1 of 1 up"), "{text}");
+        assert!(
+            text.contains("data plane    offloads on; UDP 5 sent, 6 received; TUN 7 read, 8 written; 0 I/O errors"),
+            "{text}"
+        );
         let row = text.lines().find(|l| l.starts_with("node2")).unwrap();
         assert_eq!(
             row.split("  ")

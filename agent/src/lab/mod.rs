@@ -200,13 +200,6 @@ fn up(lab: &LabName, args: UpArgs) -> Result<()> {
         if args.no_agents {
             return Ok(state);
         }
-        if !crate::agent::dataplane::AVAILABLE {
-            tracing::warn!(
-                "this meshward was built without the mesh data plane: not starting node agents \
-                 (cross-node pod traffic stays refused)"
-            );
-            return Ok(state);
-        }
         let mut children = Vec::new();
         for node in &state.nodes {
             children.push((node.name.clone(), agents::start(lab, node)?));
@@ -318,9 +311,6 @@ fn agent(lab: &LabName, action: AgentAction) -> Result<()> {
         Some((nodes, _, _)) => Some(agents::select(&state, lab, nodes)?),
         None => None,
     };
-    if start_nodes.is_some() && !crate::agent::dataplane::AVAILABLE {
-        bail!("this meshward was built without the mesh data plane: it cannot run node agents");
-    }
     if let Some(stop) = stop {
         for node in agents::select(&state, lab, &stop.nodes)? {
             if agents::stop(lab, node, stop.kill)? {

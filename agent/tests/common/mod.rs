@@ -18,9 +18,6 @@ use serde_json::Value;
 
 pub const MESHWARD: &str = env!("CARGO_BIN_EXE_meshward");
 
-/// Whether this build of meshward has the mesh data plane (the device).
-pub const DEVICE: bool = cfg!(feature = "device");
-
 /// A lab for one test, named `t` + tag + this process's id, removed on drop
 /// (also when the test fails).
 pub struct TestLab {
@@ -86,7 +83,7 @@ impl TestLab {
         self.ok(&args);
     }
 
-    /// `lab up`: with the data plane built in, the agents run and are meshed.
+    /// `lab up`: the agents run and are meshed.
     pub fn up(&self, nodes: u32, pods: u32) {
         self.up_with(nodes, pods, &[]);
     }
