@@ -194,9 +194,18 @@ impl Device {
         work: impl FnOnce(&Shared) + Send + 'static,
     ) -> io::Result<()> {
         let shared = Arc::clone(&self.shared);
-        let handle = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || work(&shared))?;
+        let thread_name = name.clone();
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            // A data plane thread that died would leave the device half
+            // working with nothing to notice it. Dying whole instead lets the
+            // supervisor restart the agent; strict mode keeps traffic failing
+            // closed meanwhile.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&shared)));
+            if ran.is_err() {
+                tracing::error!(thread = %thread_name, "mesh data plane thread panicked; aborting");
+                std::process::abort();
+            }
+        })?;
         self.threads.push(handle);
         Ok(())
     }
