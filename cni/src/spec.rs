@@ -272,7 +272,7 @@ pub struct NetConf {
 }
 
 /// Default agent notification socket.
-pub const DEFAULT_AGENT_SOCKET: &str = "/run/meshward/cni.sock";
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/meshward/agent.sock";
 /// Underlay MTU assumed when the configuration gives none.
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 /// WireGuard's worst-case overhead over IPv6 underlay: 40 (IPv6) + 8 (UDP)
