@@ -29,7 +29,7 @@ pub use fs::{
     cleanup_stale, files_mentioning, mounts_under, remove_tree, TempDir, STALE_CLEANUP_SCRIPT,
 };
 pub use net::http_get;
-pub use netns::{veth, Netns};
+pub use netns::{in_netns, veth, Netns};
 
 /// Prefix of every namespace and temp dir these helpers create (as
 /// `mwt-<pid>-<n>...`); the stale cleanup only ever looks at names with it.

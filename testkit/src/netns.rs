@@ -157,16 +157,7 @@ impl Netns {
     /// library calls that act on "the current" namespace; the caller's
     /// threads never move). Sockets created in `f` stay in it.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let file = self.open();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
-                drop(file);
-                f()
-            })
-            .join()
-            .expect("thread in netns panicked")
-        })
+        in_netns(&self.path(), f)
     }
 
     /// Names of the links of a given kind (`veth`, `ifb`, `bridge`, ...).
@@ -236,6 +227,23 @@ pub fn veth(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: 
     b.ip(&["addr", "add", b_addr, "dev", b_if]);
     a.ip(&["link", "set", a_if, "up"]);
     b.ip(&["link", "set", b_if, "up"]);
+}
+
+/// Runs `f` on a short-lived thread that joined the network namespace at
+/// `path` (e.g. `/run/netns/NAME`, also one the test does not own), waits
+/// for it and returns its result; a panic in `f` is the caller's. Sockets
+/// opened inside stay in that namespace and may be used from any thread.
+pub fn in_netns<T: Send>(path: &std::path::Path, f: impl FnOnce() -> T + Send) -> T {
+    let file = File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+            drop(file);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 #[cfg(test)]

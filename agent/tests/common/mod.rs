@@ -4,10 +4,8 @@
 
 #![allow(dead_code)]
 
-use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -359,12 +357,7 @@ pub fn parse_ping(text: &str) -> Option<(u32, u32)> {
     Some((tx, rx))
 }
 
-pub fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "these tests need root (they create network namespaces)"
-    );
-}
+pub use meshward_testkit::require_root;
 
 /// `ping`, or busybox's when no ping is installed.
 pub fn ping_command() -> Vec<&'static str> {
@@ -419,18 +412,7 @@ pub fn member<'a>(status: &'a Value, name: &str) -> &'a Value {
 /// process may still be inside a lab namespace when the lab goes down, or
 /// `lab down` would stop the test process with the lab's own processes.
 pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{ns}");
-    let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .expect("setns into a lab namespace");
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    meshward_testkit::in_netns(Path::new(&format!("/run/netns/{ns}")), f)
 }
 
 /// A running `tcpdump -i br0` in the lab's fabric namespace, writing a pcap.
