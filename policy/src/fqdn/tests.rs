@@ -648,14 +648,13 @@ fn no_panics_on_random_bytes() {
 }
 
 #[test]
-fn matching_long_adversarial_inputs_is_fast() {
+fn long_adversarial_inputs_match_correctly() {
     // Many stars against a long label that almost matches: a backtracking
-    // matcher would explode here.
+    // matcher would take exponential time here (the test would hang rather
+    // than pass); the label matcher never retries, so this is immediate.
     let p = pat(&format!("{}b.example.com", "a*".repeat(30)));
     let n = name(&format!("{}.example.com", "a".repeat(63)));
-    let start = std::time::Instant::now();
-    for _ in 0..1000 {
-        assert!(!p.matches(&n));
-    }
-    assert!(start.elapsed() < std::time::Duration::from_secs(2));
+    assert!(!p.matches(&n));
+    let hit = name(&format!("{}b.example.com", "a".repeat(62)));
+    assert!(p.matches(&hit));
 }
