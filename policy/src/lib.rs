@@ -6,9 +6,19 @@
 //! `matchPattern`, see [`FqdnPattern`]), and [`FqdnSet`], which compiles
 //! many selectors for fast lookup. Everything here is pure: no I/O, no
 //! allocation-heavy regex engines, no panics on any input.
+//!
+//! [`crd`] holds the policy CRD types (`MeshNetworkPolicy`,
+//! `MeshClusterwideNetworkPolicy`, Cilium-compatible field names), their
+//! validation with field paths, and the generated CRD YAML.
 
+pub mod crd;
 pub mod fqdn;
 
+pub use crd::{
+    crds_yaml, CidrRule, CrdYamlError, EgressRule, FieldError, FqdnRule, HeaderMatch, HttpRule,
+    IngressRule, L7Rules, MeshClusterwideNetworkPolicy, MeshClusterwideNetworkPolicySpec,
+    MeshNetworkPolicy, MeshNetworkPolicySpec, PortProtocol, PortRule, Protocol, ValidationErrors,
+};
 pub use fqdn::{
     Fqdn, FqdnError, FqdnPattern, FqdnSelector, FqdnSet, PatternError, SelectorError,
     MAX_LABEL_LEN, MAX_PATTERN_LEN, MAX_WIRE_LEN,
