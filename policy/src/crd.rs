@@ -428,6 +428,21 @@ impl Errs {
     }
 }
 
+/// One rule's peers and ports, whichever direction: ingress names them
+/// `from*`, egress `to*`; the checks are the same.
+struct RulePeers<'a> {
+    path: String,
+    dir: &'static str,
+    endpoints: &'a Option<Vec<LabelSelector>>,
+    cidr: &'a Option<Vec<String>>,
+    cidr_set: &'a Option<Vec<CidrRule>>,
+    /// Only egress has FQDN peers.
+    fqdns: Option<&'a Option<Vec<FqdnRule>>>,
+    namespace_selector: &'a Option<LabelSelector>,
+    to_ports: &'a Option<Vec<PortRule>>,
+    egress: bool,
+}
+
 fn validate_spec(
     endpoint_selector: &LabelSelector,
     ingress: &Option<Vec<IngressRule>>,
@@ -436,101 +451,96 @@ fn validate_spec(
     let mut errs = Errs(Vec::new());
     check_selector(&mut errs, "spec.endpointSelector", endpoint_selector);
     for (i, r) in ingress.iter().flatten().enumerate() {
-        let p = format!("spec.ingress[{i}]");
-        check_l3_combination(
+        check_rule_peers(
             &mut errs,
-            &p,
-            &[
-                (
-                    "fromEndpoints",
-                    r.from_endpoints.as_ref().is_some_and(|v| !v.is_empty()),
-                ),
-                (
-                    "fromCIDR",
-                    r.from_cidr.as_ref().is_some_and(|v| !v.is_empty()),
-                ),
-                (
-                    "fromCIDRSet",
-                    r.from_cidr_set.as_ref().is_some_and(|v| !v.is_empty()),
-                ),
-            ],
+            RulePeers {
+                path: format!("spec.ingress[{i}]"),
+                dir: "from",
+                endpoints: &r.from_endpoints,
+                cidr: &r.from_cidr,
+                cidr_set: &r.from_cidr_set,
+                fqdns: None,
+                namespace_selector: &r.namespace_selector,
+                to_ports: &r.to_ports,
+                egress: false,
+            },
         );
-        check_cidr_peers(
-            &mut errs,
-            &p,
-            "fromCIDR",
-            &r.from_cidr,
-            "fromCIDRSet",
-            &r.from_cidr_set,
-        );
-        for (j, s) in r.from_endpoints.iter().flatten().enumerate() {
-            check_selector(&mut errs, &format!("{p}.fromEndpoints[{j}]"), s);
-        }
-        if let Some(ns) = &r.namespace_selector {
-            check_selector(&mut errs, &format!("{p}.namespaceSelector"), ns);
-            if r.from_cidr.is_some() || r.from_cidr_set.is_some() {
-                errs.push(
-                    format!("{p}.namespaceSelector"),
-                    "namespaceSelector selects pods: it cannot be combined with fromCIDR or fromCIDRSet",
-                );
-            }
-        }
-        for (j, pr) in r.to_ports.iter().flatten().enumerate() {
-            check_port_rule(&mut errs, &format!("{p}.toPorts[{j}]"), pr, false);
-        }
     }
     for (i, r) in egress.iter().flatten().enumerate() {
-        let p = format!("spec.egress[{i}]");
-        check_l3_combination(
+        check_rule_peers(
             &mut errs,
-            &p,
-            &[
-                (
-                    "toEndpoints",
-                    r.to_endpoints.as_ref().is_some_and(|v| !v.is_empty()),
-                ),
-                ("toCIDR", r.to_cidr.as_ref().is_some_and(|v| !v.is_empty())),
-                (
-                    "toCIDRSet",
-                    r.to_cidr_set.as_ref().is_some_and(|v| !v.is_empty()),
-                ),
-                (
-                    "toFQDNs",
-                    r.to_fqdns.as_ref().is_some_and(|v| !v.is_empty()),
-                ),
-            ],
+            RulePeers {
+                path: format!("spec.egress[{i}]"),
+                dir: "to",
+                endpoints: &r.to_endpoints,
+                cidr: &r.to_cidr,
+                cidr_set: &r.to_cidr_set,
+                fqdns: Some(&r.to_fqdns),
+                namespace_selector: &r.namespace_selector,
+                to_ports: &r.to_ports,
+                egress: true,
+            },
         );
-        check_cidr_peers(
-            &mut errs,
-            &p,
-            "toCIDR",
-            &r.to_cidr,
-            "toCIDRSet",
-            &r.to_cidr_set,
-        );
-        for (j, s) in r.to_endpoints.iter().flatten().enumerate() {
-            check_selector(&mut errs, &format!("{p}.toEndpoints[{j}]"), s);
-        }
-        if let Some(ns) = &r.namespace_selector {
-            check_selector(&mut errs, &format!("{p}.namespaceSelector"), ns);
-            if r.to_cidr.is_some() || r.to_cidr_set.is_some() || r.to_fqdns.is_some() {
-                errs.push(
-                    format!("{p}.namespaceSelector"),
-                    "namespaceSelector selects pods: it cannot be combined with toCIDR, toCIDRSet or toFQDNs",
-                );
-            }
-        }
-        for (j, f) in r.to_fqdns.iter().flatten().enumerate() {
-            check_fqdn_rule(&mut errs, &format!("{p}.toFQDNs[{j}]"), f);
-        }
-        for (j, pr) in r.to_ports.iter().flatten().enumerate() {
-            check_port_rule(&mut errs, &format!("{p}.toPorts[{j}]"), pr, true);
-        }
     }
     if errs.0.is_empty() {
         Ok(())
     } else {
         Err(ValidationErrors(errs.0))
+    }
+}
+
+fn check_rule_peers(errs: &mut Errs, r: RulePeers<'_>) {
+    let p = &r.path;
+    let d = r.dir;
+    let non_empty = |v: Option<usize>| v.is_some_and(|n| n > 0);
+    let fqdns = r.fqdns.and_then(|f| f.as_ref());
+    let mut present = vec![
+        (
+            format!("{d}Endpoints"),
+            non_empty(r.endpoints.as_ref().map(Vec::len)),
+        ),
+        (format!("{d}CIDR"), non_empty(r.cidr.as_ref().map(Vec::len))),
+        (
+            format!("{d}CIDRSet"),
+            non_empty(r.cidr_set.as_ref().map(Vec::len)),
+        ),
+    ];
+    if r.fqdns.is_some() {
+        present.push((format!("{d}FQDNs"), non_empty(fqdns.map(Vec::len))));
+    }
+    let present: Vec<(&str, bool)> = present.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    check_l3_combination(errs, p, &present);
+    check_cidr_peers(
+        errs,
+        p,
+        &format!("{d}CIDR"),
+        r.cidr,
+        &format!("{d}CIDRSet"),
+        r.cidr_set,
+    );
+    for (j, s) in r.endpoints.iter().flatten().enumerate() {
+        check_selector(errs, &format!("{p}.{d}Endpoints[{j}]"), s);
+    }
+    if let Some(ns) = r.namespace_selector {
+        check_selector(errs, &format!("{p}.namespaceSelector"), ns);
+        let with_fqdns = r.fqdns.is_some_and(|f| f.is_some());
+        if r.cidr.is_some() || r.cidr_set.is_some() || with_fqdns {
+            let others = if r.fqdns.is_some() {
+                format!("{d}CIDR, {d}CIDRSet or {d}FQDNs")
+            } else {
+                format!("{d}CIDR or {d}CIDRSet")
+            };
+            errs.push(
+                format!("{p}.namespaceSelector"),
+                format!("namespaceSelector selects pods: it cannot be combined with {others}"),
+            );
+        }
+    }
+    for (j, f) in fqdns.into_iter().flatten().enumerate() {
+        check_fqdn_rule(errs, &format!("{p}.{d}FQDNs[{j}]"), f);
+    }
+    for (j, pr) in r.to_ports.iter().flatten().enumerate() {
+        check_port_rule(errs, &format!("{p}.toPorts[{j}]"), pr, r.egress);
     }
 }
 
