@@ -6,6 +6,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+mod common;
+
+use common::node_manifest;
 use meshward_testkit::{run, Netns, TempDir};
 
 const MESHWARD: &str = env!("CARGO_BIN_EXE_meshward");
@@ -16,16 +19,12 @@ fn write_cluster(dir: &Path) -> std::path::PathBuf {
     std::fs::create_dir_all(&datastore).unwrap();
     std::fs::write(
         datastore.join("node-n1.yaml"),
-        "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\nspec:\n  podCIDR: 198.19.1.0/24\n",
+        node_manifest("n1", "198.19.1.0/24", None),
     )
     .unwrap();
     std::fs::write(
         datastore.join("node-n2.yaml"),
-        format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n2\n  annotations:\n    \
-             meshward.io/public-key: {OTHER_KEY}\n    meshward.io/endpoint: 198.18.0.2:51871\n\
-             spec:\n  podCIDR: 198.19.2.0/24\n"
-        ),
+        node_manifest("n2", "198.19.2.0/24", Some((OTHER_KEY, "198.18.0.2:51871"))),
     )
     .unwrap();
     let config = dir.join("agent.yaml");

@@ -867,20 +867,20 @@ fn peers_follow_the_datastore_and_bad_peer_data_is_refused() {
     let datastore = lab.state_dir().join("datastore");
     std::fs::write(
         datastore.join("node-node8.yaml"),
-        format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node8\n  annotations:\n    \
-             meshward.io/public-key: {node2_key}\n    meshward.io/endpoint: 198.18.0.8:51871\n\
-             spec:\n  podCIDR: 198.19.8.0/24\n"
+        node_manifest(
+            "node8",
+            "198.19.8.0/24",
+            Some((&node2_key, "198.18.0.8:51871")),
         ),
     )
     .unwrap();
     let stranger = meshward_keys::NodeKey::generate().public().to_string();
     std::fs::write(
         datastore.join("node-node9.yaml"),
-        format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node9\n  annotations:\n    \
-             meshward.io/public-key: {stranger}\n    meshward.io/endpoint: 198.18.0.9:51871\n\
-             spec:\n  podCIDR: 198.19.1.0/25\n"
+        node_manifest(
+            "node9",
+            "198.19.1.0/25",
+            Some((&stranger, "198.18.0.9:51871")),
         ),
     )
     .unwrap();

@@ -636,3 +636,20 @@ pub fn classify(frames: &[Vec<u8>], marker: &[u8]) -> Underlay {
     }
     u
 }
+
+/// A Node manifest for the file datastore; `peer` = (public key, endpoint)
+/// publishes the annotations a mesh peer needs.
+pub fn node_manifest(name: &str, pod_cidr: &str, peer: Option<(&str, &str)>) -> String {
+    let annotations = peer
+        .map(|(key, endpoint)| {
+            format!(
+                "  annotations:\n    meshward.io/public-key: {key}\n    \
+                 meshward.io/endpoint: {endpoint}\n"
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n{annotations}\
+         spec:\n  podCIDR: {pod_cidr}\n"
+    )
+}
