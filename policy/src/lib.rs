@@ -10,9 +10,15 @@
 //! [`crd`] holds the policy CRD types (`MeshNetworkPolicy`,
 //! `MeshClusterwideNetworkPolicy`, Cilium-compatible field names), their
 //! validation with field paths, and the generated CRD YAML.
+//!
+//! [`model`] is what the compiler reads (pods, namespaces, policy objects)
+//! and [`rules`] what it produces per node ([`NodeRules`]): per local
+//! endpoint, egress/ingress allow lists, toFQDNs ports and DNS rules.
 
 pub mod crd;
 pub mod fqdn;
+pub mod model;
+pub mod rules;
 
 pub use crd::{
     crds_yaml, CidrRule, CrdYamlError, EgressRule, FieldError, FqdnRule, HeaderMatch, HttpRule,
@@ -22,4 +28,12 @@ pub use crd::{
 pub use fqdn::{
     Fqdn, FqdnError, FqdnPattern, FqdnSelector, FqdnSet, PatternError, SelectorError,
     MAX_LABEL_LEN, MAX_PATTERN_LEN, MAX_WIRE_LEN,
+};
+pub use model::{
+    ClusterView, L4Protocol, NamedPort, NamespaceInfo, PodInfo, PodRef, PolicyKind, PolicyObject,
+    PolicyRef,
+};
+pub use rules::{
+    Allow, DirectionRules, DnsAllow, DnsRules, DnsVerdict, EndpointRules, FqdnAllow, NodeRules,
+    PortMatch,
 };

@@ -1,0 +1,197 @@
+//! What the policy compiler produces for one node: per local endpoint, what
+//! it may send (egress) and receive (ingress), which names it may resolve
+//! and which ports learned names open.
+//!
+//! These are plain values with pure queries ([`DirectionRules::allows`],
+//! [`DnsRules::query_allowed`], [`EndpointRules::fqdn_ports`]) so back ends
+//! (nftables), the DNS proxy and tests all agree on one meaning.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::fqdn::{Fqdn, FqdnSelector};
+use crate::model::{L4Protocol, PodRef, PolicyRef};
+
+/// Which packets of a peer a rule admits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PortMatch {
+    /// Every protocol (ICMP included) and every port.
+    Any,
+    /// One transport protocol, ports `first..=last` (`0..=65535` = all).
+    Ports {
+        protocol: L4Protocol,
+        first: u16,
+        last: u16,
+    },
+}
+
+impl PortMatch {
+    pub fn single(protocol: L4Protocol, port: u16) -> Self {
+        PortMatch::Ports {
+            protocol,
+            first: port,
+            last: port,
+        }
+    }
+
+    /// Whether a packet with this protocol number and destination port
+    /// matches (`port` is ignored for `Any`).
+    pub fn admits(&self, protocol: u8, port: u16) -> bool {
+        match *self {
+            PortMatch::Any => true,
+            PortMatch::Ports {
+                protocol: p,
+                first,
+                last,
+            } => p.number() == protocol && (first..=last).contains(&port),
+        }
+    }
+}
+
+/// An allowed peer address range on some ports. `except` clauses are
+/// already subtracted: `nets` are disjoint-or-not prefixes that are all
+/// allowed (back ends merge overlaps).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allow {
+    pub nets: Vec<IpNet>,
+    pub ports: Vec<PortMatch>,
+    pub policy: PolicyRef,
+}
+
+/// Names (toFQDNs) whose learned addresses become allowed peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FqdnAllow {
+    pub selectors: Vec<FqdnSelector>,
+    pub ports: Vec<PortMatch>,
+    pub policy: PolicyRef,
+}
+
+/// One direction (egress or ingress) of an isolated endpoint: what is
+/// allowed; everything else is dropped. Replies to allowed flows are
+/// always allowed (conntrack), as is traffic from the endpoint's own node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirectionRules {
+    /// Every policy isolating the endpoint in this direction (a drop is
+    /// attributed to these: any of them could have allowed it).
+    pub policies: Vec<PolicyRef>,
+    pub allow: Vec<Allow>,
+    /// Egress only: names whose answers open peers.
+    pub fqdn: Vec<FqdnAllow>,
+}
+
+impl DirectionRules {
+    /// The static verdict for a packet to/from `peer` (FQDN-learned peers
+    /// are not included: see [`EndpointRules::fqdn_ports`]). Returns the
+    /// policy that allowed it.
+    pub fn allows(&self, peer: IpAddr, protocol: u8, port: u16) -> Option<&PolicyRef> {
+        self.allow
+            .iter()
+            .find(|a| {
+                a.nets.iter().any(|n| n.contains(&peer))
+                    && a.ports.iter().any(|p| p.admits(protocol, port))
+            })
+            .map(|a| &a.policy)
+    }
+}
+
+/// DNS rules of one egress rule (`toPorts[].rules.dns`), for queries sent to
+/// servers that rule allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsAllow {
+    /// DNS servers this rule reaches (its L3 peers).
+    pub servers: Vec<IpNet>,
+    /// Its ports (usually 53 UDP and TCP).
+    pub ports: Vec<PortMatch>,
+    /// Names that may be queried; `None`: any name (a port-53 rule without
+    /// `rules.dns`).
+    pub names: Option<Vec<FqdnSelector>>,
+    pub policy: PolicyRef,
+}
+
+/// The DNS view of an endpoint whose DNS goes through the proxy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DnsRules {
+    pub allow: Vec<DnsAllow>,
+}
+
+/// The proxy's verdict on one query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsVerdict {
+    Allowed(PolicyRef),
+    /// No rule lets this endpoint ask this server for this name.
+    Denied,
+}
+
+impl DnsRules {
+    /// May the endpoint send a query for `name` to `server:port` over
+    /// `protocol` (6 or 17)?
+    pub fn query_allowed(
+        &self,
+        server: IpAddr,
+        protocol: u8,
+        port: u16,
+        name: &Fqdn,
+    ) -> DnsVerdict {
+        for rule in &self.allow {
+            let reaches = rule.servers.iter().any(|n| n.contains(&server))
+                && rule.ports.iter().any(|p| p.admits(protocol, port));
+            if !reaches {
+                continue;
+            }
+            let name_ok = match &rule.names {
+                None => true,
+                Some(selectors) => selectors.iter().any(|s| s.matches(name)),
+            };
+            if name_ok {
+                return DnsVerdict::Allowed(rule.policy.clone());
+            }
+        }
+        DnsVerdict::Denied
+    }
+}
+
+/// Everything enforced for one local endpoint. `None` in a direction:
+/// not isolated (everything allowed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointRules {
+    pub pod: PodRef,
+    pub ips: Vec<IpAddr>,
+    pub egress: Option<Arc<DirectionRules>>,
+    pub ingress: Option<Arc<DirectionRules>>,
+    /// `Some`: the endpoint's DNS is redirected to the node's proxy (it is
+    /// selected by a rule with toFQDNs or DNS rules).
+    pub dns: Option<Arc<DnsRules>>,
+}
+
+impl EndpointRules {
+    /// The ports an address learned for `name` opens (empty: none), with
+    /// the policies granting them.
+    pub fn fqdn_ports(&self, name: &Fqdn) -> Vec<(PortMatch, &PolicyRef)> {
+        let Some(egress) = &self.egress else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for rule in &egress.fqdn {
+            if rule.selectors.iter().any(|s| s.matches(name)) {
+                out.extend(rule.ports.iter().map(|p| (*p, &rule.policy)));
+            }
+        }
+        out
+    }
+}
+
+/// The compiled result for one node: its local endpoints, by pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeRules {
+    pub endpoints: BTreeMap<PodRef, EndpointRules>,
+}
+
+impl NodeRules {
+    /// The endpoint owning a local address.
+    pub fn endpoint_by_ip(&self, ip: IpAddr) -> Option<&EndpointRules> {
+        self.endpoints.values().find(|e| e.ips.contains(&ip))
+    }
+}
