@@ -77,6 +77,7 @@ pub const VERSION: &str = "v1alpha1";
     plural = "meshnetworkpolicies",
     shortname = "mnp",
     category = "meshward",
+    derive = "PartialEq",
     namespaced
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -104,7 +105,8 @@ pub struct MeshNetworkPolicySpec {
     doc = "A cluster-wide network policy (Cilium CiliumClusterwideNetworkPolicy compatible fields).",
     plural = "meshclusterwidenetworkpolicies",
     shortname = "mcnp",
-    category = "meshward"
+    category = "meshward",
+    derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshClusterwideNetworkPolicySpec {

@@ -74,7 +74,7 @@ pub struct NamespaceInfo {
 }
 
 /// One policy object of any supported kind.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum PolicyObject {
     /// `networking.k8s.io/v1` NetworkPolicy.
     Kubernetes(Arc<NetworkPolicy>),
@@ -82,6 +82,26 @@ pub enum PolicyObject {
     Mesh(Arc<MeshNetworkPolicy>),
     /// `meshward.io/v1alpha1` MeshClusterwideNetworkPolicy.
     Clusterwide(Arc<MeshClusterwideNetworkPolicy>),
+}
+
+impl PolicyObject {
+    /// Which policy this is.
+    pub fn policy_ref(&self) -> PolicyRef {
+        let (kind, meta) = match self {
+            PolicyObject::Kubernetes(p) => (PolicyKind::NetworkPolicy, &p.metadata),
+            PolicyObject::Mesh(p) => (PolicyKind::MeshNetworkPolicy, &p.metadata),
+            PolicyObject::Clusterwide(p) => (PolicyKind::MeshClusterwideNetworkPolicy, &p.metadata),
+        };
+        let namespace = match kind {
+            PolicyKind::MeshClusterwideNetworkPolicy => String::new(),
+            _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        };
+        PolicyRef {
+            kind,
+            namespace,
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
 }
 
 /// Which policy a rule came from, for drop attribution and flow events.
