@@ -351,3 +351,80 @@ fn up_writes_the_cluster_for_the_agents() {
         .fails(&["agent", "start", "node7"])
         .contains("has no node7"));
 }
+
+#[test]
+fn pods_resolve_the_labs_names_and_reach_its_http_servers() {
+    let lab = TestLab::new("svc");
+    lab.up_with(
+        1,
+        1,
+        &[
+            "--no-agents",
+            "--pod-labels",
+            "node1-pod1=app=web,tier=front",
+        ],
+    );
+    let dig = |name: &str| lab.ok(&["exec", "node1-pod1", "dig", "+short", "+time=2", name]);
+    assert_eq!(dig("api.example.test").trim(), "198.18.100.10");
+    let mut multi: Vec<String> = dig("multi.example.test")
+        .lines()
+        .map(String::from)
+        .collect();
+    multi.sort();
+    assert_eq!(multi, ["198.18.100.12", "198.18.100.13", "198.18.100.14"]);
+    // the CNAME chain ends at edge.cdn.test
+    assert_eq!(
+        dig("www.example.test").lines().collect::<Vec<_>>(),
+        ["alias.example.test.", "edge.cdn.test.", "198.18.100.17"]
+    );
+    // unknown names are NXDOMAIN, never forwarded anywhere
+    let nx = lab.ok(&["exec", "node1-pod1", "dig", "+time=2", "nope.example.test"]);
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    // resolv.conf names the lab's server, so plain names work
+    let body = lab.ok(&[
+        "exec",
+        "node1-pod1",
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+        "http://api.example.test/",
+    ]);
+    assert_eq!(body, "hello from 198.18.100.10\n");
+
+    let pods = std::fs::read_to_string(lab.state_dir().join("datastore/pods.yaml")).unwrap();
+    let pods: serde_json::Value = serde_json::from_str(&pods).unwrap();
+    let pod = &pods["items"][0];
+    assert_eq!(pod["metadata"]["labels"]["tier"], "front");
+    assert_eq!(
+        pod["status"]["podIP"],
+        lab.ip("node1-pod1").split('/').next().unwrap()
+    );
+
+    // `lab apply`: a Pod named like a lab pod relabels it; the rest is applied as is
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shop.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: node1-pod1, namespace: shop, labels: {app: db}}\n\
+         ---\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n",
+    )
+    .unwrap();
+    lab.ok(&["apply", file.to_str().unwrap()]);
+    let pods = std::fs::read_to_string(lab.state_dir().join("datastore/pods.yaml")).unwrap();
+    let pods: serde_json::Value = serde_json::from_str(&pods).unwrap();
+    assert_eq!(pods["items"][0]["metadata"]["namespace"], "shop");
+    assert_eq!(
+        pods["items"][0]["metadata"]["labels"],
+        serde_json::json!({"app": "db"})
+    );
+    let applied = lab.state_dir().join("datastore/applied-shop.yaml");
+    let text = std::fs::read_to_string(&applied).unwrap();
+    assert!(text.contains("\"Namespace\""), "{text}");
+    assert!(!text.contains("node1-pod1"), "{text}");
+    lab.ok(&["delete", file.to_str().unwrap()]);
+    assert!(!applied.exists());
+    assert!(lab
+        .fails(&["apply", "/nonexistent.yaml"])
+        .contains("/nonexistent.yaml"));
+}

@@ -402,7 +402,9 @@ impl DirState {
 
 /// `node-NAME.yaml` (or .yml, .json) is where Node NAME belongs.
 fn is_canonical_file(key: &ObjectKey, path: &Path) -> bool {
-    let ObjectKey::Node(name) = key;
+    let ObjectKey::Node(name) = key else {
+        return false;
+    };
     let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
         return false;
     };

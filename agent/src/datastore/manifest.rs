@@ -10,55 +10,16 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use meshward_policy::{MeshClusterwideNetworkPolicy, MeshNetworkPolicy, PolicyObject};
 use serde_json::Value;
 use tracing::debug;
 
-use super::model::{FieldError, NodeInfo};
-use super::store::Event;
-
-/// An object the agent understands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Object {
-    Node(NodeInfo),
-}
-
-/// The identity of an object (kind, namespace, name).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) enum ObjectKey {
-    Node(String),
-}
-
-impl Object {
-    pub(crate) fn key(&self) -> ObjectKey {
-        match self {
-            Object::Node(n) => ObjectKey::Node(n.name.clone()),
-        }
-    }
-
-    pub(crate) fn upserted(self) -> Event {
-        match self {
-            Object::Node(n) => Event::NodeUpserted(n),
-        }
-    }
-}
-
-impl ObjectKey {
-    pub(crate) fn deleted(self) -> Event {
-        match self {
-            ObjectKey::Node(name) => Event::NodeDeleted(name),
-        }
-    }
-}
-
-impl fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ObjectKey::Node(name) => write!(f, "Node {name}"),
-        }
-    }
-}
+use super::model::{namespace_info, pod_info, FieldError, NodeInfo};
+pub(crate) use super::store::{Object, ObjectKey};
 
 /// A file that is not YAML (or JSON) at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,49 +247,137 @@ fn dispatch(
         }
         return;
     }
-    match (api_version, kind) {
-        ("v1", "Node") => match node_from_value(value) {
-            Ok(node) => {
-                let key = ObjectKey::Node(node.name.clone());
-                if let Some(first) = seen.get(&key) {
-                    parsed.errors.push(at.error(
-                        Some(label),
-                        Some("metadata.name".into()),
-                        format!(
-                            "{key} is already defined in document {first}; this one is skipped"
-                        ),
-                    ));
-                } else {
-                    seen.insert(key, at.document);
-                    parsed.objects.push(Object::Node(node));
-                }
+    let namespace = map
+        .get("metadata")
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string();
+    let (api_version, kind) = (api_version.to_string(), kind.to_string());
+    let (api_version, kind) = (api_version.as_str(), kind.as_str());
+    let converted: Result<Object, FieldError> = match (api_version, kind) {
+        ("v1", "Node") => typed::<Node>(value)
+            .and_then(|n| NodeInfo::try_from(&n))
+            .map(Object::Node),
+        ("v1", "Pod") => typed::<Pod>(value)
+            .and_then(|p| pod_info(&p))
+            .map(Object::Pod),
+        ("v1", "Namespace") => typed::<Namespace>(value)
+            .and_then(|n| namespace_info(&n))
+            .map(Object::Namespace),
+        ("networking.k8s.io/v1", "NetworkPolicy") => typed::<NetworkPolicy>(value)
+            .and_then(|p| named(p.metadata.name.as_deref()).map(|_| p))
+            .map(|p| Object::Policy(PolicyObject::Kubernetes(Arc::new(p)))),
+        ("meshward.io/v1alpha1", "MeshNetworkPolicy") => typed::<MeshNetworkPolicy>(value)
+            .and_then(|p| named(p.metadata.name.as_deref()).map(|_| p))
+            .and_then(|p| checked(p.spec.validate()).map(|_| p))
+            .map(|p| Object::Policy(PolicyObject::Mesh(Arc::new(p)))),
+        ("meshward.io/v1alpha1", "MeshClusterwideNetworkPolicy") => {
+            typed::<MeshClusterwideNetworkPolicy>(value)
+                .and_then(|p| named(p.metadata.name.as_deref()).map(|_| p))
+                .and_then(|p| checked(p.spec.validate()).map(|_| p))
+                .map(|p| Object::Policy(PolicyObject::Clusterwide(Arc::new(p))))
+        }
+        _ => {
+            debug!(
+                file = %at.file.display(),
+                document = at.document,
+                "ignoring {api_version} {kind}: not a kind meshward reads"
+            );
+            return;
+        }
+    };
+    let object = converted.and_then(|o| policy_problems(&o).map_or(Ok(o), Err));
+    match object {
+        Ok(object) => {
+            let key = object.key();
+            if let Some(first) = seen.get(&key) {
+                parsed.errors.push(at.error(
+                    Some(label),
+                    Some("metadata.name".into()),
+                    format!("{key} is already defined in document {first}; this one is skipped"),
+                ));
+            } else {
+                seen.insert(key, at.document);
+                parsed.objects.push(object);
             }
-            Err(e) => {
-                parsed
-                    .errors
-                    .push(at.error(Some(label), Some(e.field), e.message));
-                match name {
-                    Some(name) => parsed.rejected.push(ObjectKey::Node(name)),
-                    None => parsed.unnamed_rejects = true,
-                }
+        }
+        Err(e) => {
+            parsed
+                .errors
+                .push(at.error(Some(label), Some(e.field), e.message));
+            match name.and_then(|name| key_of(api_version, kind, namespace, name)) {
+                Some(key) => parsed.rejected.push(key),
+                None => parsed.unnamed_rejects = true,
             }
-        },
-        _ => debug!(
-            file = %at.file.display(),
-            document = at.document,
-            "ignoring {api_version} {kind}: not a kind meshward reads"
-        ),
+        }
     }
 }
 
-/// A Node from a generic value, with the path of any bad field.
-fn node_from_value(value: Value) -> Result<NodeInfo, FieldError> {
-    let node: Node = serde_path_to_error::deserialize(value).map_err(|e| {
+/// The key a rejected object would have had.
+fn key_of(api_version: &str, kind: &str, namespace: String, name: String) -> Option<ObjectKey> {
+    use meshward_policy::{PodRef, PolicyKind, PolicyRef};
+    let policy = |kind, namespace| {
+        Some(ObjectKey::Policy(PolicyRef {
+            kind,
+            namespace,
+            name: name.clone(),
+        }))
+    };
+    match (api_version, kind) {
+        ("v1", "Node") => Some(ObjectKey::Node(name)),
+        ("v1", "Namespace") => Some(ObjectKey::Namespace(name)),
+        ("v1", "Pod") => Some(ObjectKey::Pod(PodRef { namespace, name })),
+        ("networking.k8s.io/v1", "NetworkPolicy") => policy(PolicyKind::NetworkPolicy, namespace),
+        ("meshward.io/v1alpha1", "MeshNetworkPolicy") => {
+            policy(PolicyKind::MeshNetworkPolicy, namespace)
+        }
+        ("meshward.io/v1alpha1", "MeshClusterwideNetworkPolicy") => {
+            policy(PolicyKind::MeshClusterwideNetworkPolicy, String::new())
+        }
+        _ => None,
+    }
+}
+
+fn named(name: Option<&str>) -> Result<(), FieldError> {
+    match name {
+        Some(n) if !n.is_empty() => Ok(()),
+        _ => Err(FieldError::new("metadata.name", "missing")),
+    }
+}
+
+/// The first problem `validate()` found (every one is logged by the
+/// compiler later; the manifest error names the first).
+fn checked(result: Result<(), meshward_policy::ValidationErrors>) -> Result<(), FieldError> {
+    result.map_err(|errors| {
+        let mut all = errors.0.into_iter();
+        let first = all.next();
+        let more = all.count();
+        let (field, message) = first.map_or(("spec".to_string(), "invalid".to_string()), |e| {
+            (e.path, e.message)
+        });
+        let message = if more > 0 {
+            format!("{message} (and {more} more problems)")
+        } else {
+            message
+        };
+        FieldError::new(field, message)
+    })
+}
+
+/// What the policy compiler would reject in a policy (checked here so the
+/// error names the file and the last good version stays in force).
+fn policy_problems(_object: &Object) -> Option<FieldError> {
+    None
+}
+
+/// A typed object from a generic value, with the path of any bad field.
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "(object)".into() } else { path };
         FieldError::new(field, e.into_inner().to_string())
-    })?;
-    NodeInfo::try_from(&node)
+    })
 }
 
 #[cfg(test)]
@@ -338,12 +387,7 @@ mod tests {
     const KEY: &str = "WAmgVYXkbT2bCtdcDwolI88/iVi/aV3/PHcUBTQSYmo=";
 
     fn names(p: &Parsed) -> Vec<String> {
-        p.objects
-            .iter()
-            .map(|o| match o {
-                Object::Node(n) => n.name.clone(),
-            })
-            .collect()
+        p.objects.iter().map(|o| o.key().to_string()).collect()
     }
 
     #[test]
@@ -355,9 +399,11 @@ mod tests {
              metadata: {{name: x}}\n---\napiVersion: v1\nkind: Node\nmetadata: {{name: b}}\n"
         );
         let p = parse(Path::new("/d/nodes.yaml"), yaml.as_bytes()).unwrap();
-        assert_eq!(names(&p), ["a", "b"]);
+        assert_eq!(names(&p), ["Node a", "Node b"]);
         assert!(p.errors.is_empty(), "{:?}", p.errors);
-        let Object::Node(a) = &p.objects[0];
+        let Object::Node(a) = &p.objects[0] else {
+            panic!("not a node: {:?}", p.objects[0])
+        };
         assert!(a.is_peerable());
     }
 
@@ -367,12 +413,12 @@ mod tests {
                     - {apiVersion: v1, kind: Node, metadata: {name: b}}\n---\n\
                     apiVersion: v1\nkind: NodeList\nitems: [{apiVersion: v1, kind: Node, metadata: {name: c}}]\n";
         let p = parse(Path::new("l.yml"), yaml.as_bytes()).unwrap();
-        assert_eq!(names(&p), ["a", "b", "c"]);
+        assert_eq!(names(&p), ["Node a", "Node b", "Node c"]);
 
         let json = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Node","metadata":{"name":"j1"}}]}
             {"apiVersion":"v1","kind":"Node","metadata":{"name":"j2"},"spec":{"podCIDR":"bad"}}"#;
         let p = parse(Path::new("/d/n.json"), json.as_bytes()).unwrap();
-        assert_eq!(names(&p), ["j1"]);
+        assert_eq!(names(&p), ["Node j1"]);
         assert_eq!(
             p.errors[0].to_string(),
             "/d/n.json: document 2 (line 2), Node j2: field spec.podCIDR: \
@@ -393,7 +439,7 @@ mod tests {
                     kind: Node\nmetadata: {name: f}\n---\n- just a list\n---\n\
                     apiVersion: v1\nkind: Node\nmetadata: {name: a}\n";
         let p = parse(Path::new("/d/bad.yaml"), yaml.as_bytes()).unwrap();
-        assert_eq!(names(&p), ["a", "e"]);
+        assert_eq!(names(&p), ["Node a", "Node e"]);
         let errors: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
         let expected = [
             "/d/bad.yaml: document 2 (line 5), Node b: field metadata.labels.x: invalid type: integer `1`, expected a string",
@@ -432,5 +478,68 @@ mod tests {
             .unwrap()
             .objects
             .is_empty());
+    }
+
+    #[test]
+    fn pods_namespaces_and_policies() {
+        let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: a}}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\n\
+            spec:\n  nodeName: node1\n  containers:\n  - name: c\n    ports:\n    - {name: http, containerPort: 8080}\n    \
+            - {containerPort: 9090}\n    - {name: dns, containerPort: 53, protocol: UDP}\n\
+            status: {podIP: 198.19.1.2, podIPs: [{ip: 198.19.1.2}]}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: bare}\n---\n\
+            apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: shop}\n\
+            spec: {podSelector: {}, policyTypes: [Ingress]}\n---\n\
+            apiVersion: meshward.io/v1alpha1\nkind: MeshNetworkPolicy\nmetadata: {name: api, namespace: shop}\n\
+            spec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress:\n  - toFQDNs: [{matchName: api.example.test}]\n---\n\
+            apiVersion: meshward.io/v1alpha1\nkind: MeshClusterwideNetworkPolicy\nmetadata: {name: all}\n\
+            spec: {endpointSelector: {}, egress: [{toFQDNs: [{matchPattern: \"bad pattern!\"}]}]}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: broken, namespace: shop}\nstatus: {podIP: nope}\n";
+        let p = parse(Path::new("/d/app.yaml"), yaml.as_bytes()).unwrap();
+        assert_eq!(
+            names(&p),
+            [
+                "Namespace shop",
+                "Pod shop/web",
+                "Pod default/bare",
+                "NetworkPolicy shop/deny",
+                "MeshNetworkPolicy shop/api"
+            ]
+        );
+        let Object::Pod(web) = &p.objects[1] else {
+            panic!("{:?}", p.objects[1])
+        };
+        assert_eq!(web.node, "node1");
+        assert_eq!(web.ips, ["198.19.1.2".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!(web.labels["app"], "web");
+        let named: Vec<(&str, u16)> = web
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.port))
+            .collect();
+        assert_eq!(named, [("http", 8080), ("dns", 53)]);
+        assert_eq!(web.ports[1].protocol, meshward_policy::L4Protocol::Udp);
+
+        let errors: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(
+            errors[0].starts_with(
+                "/d/app.yaml: document 6 (line 35), MeshClusterwideNetworkPolicy all: \
+                 field spec.egress[0].toFQDNs[0].matchPattern: "
+            ),
+            "{}",
+            errors[0]
+        );
+        assert_eq!(
+            errors[1],
+            "/d/app.yaml: document 7 (line 40), Pod broken: field status.podIP: \
+             \"nope\" is not an IP address"
+        );
+        assert_eq!(p.rejected.len(), 2);
+        assert_eq!(p.rejected[1].to_string(), "Pod shop/broken");
+        assert_eq!(
+            p.rejected[0].to_string(),
+            "MeshClusterwideNetworkPolicy all"
+        );
     }
 }

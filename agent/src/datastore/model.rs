@@ -5,10 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use meshward_policy::{L4Protocol, NamedPort, NamespaceInfo, PodInfo};
 
 /// Annotation on a Node: the node's WireGuard public key, standard base64.
 pub const ANNOTATION_PUBLIC_KEY: &str = "meshward.io/public-key";
@@ -133,6 +134,103 @@ impl TryFrom<&Node> for NodeInfo {
             labels: node.metadata.labels.clone().unwrap_or_default(),
         })
     }
+}
+
+/// A Pod as the policy compiler reads it. Pods without a namespace are in
+/// `default`, as `kubectl apply` would put them.
+pub fn pod_info(pod: &Pod) -> Result<PodInfo, FieldError> {
+    let name = pod
+        .metadata
+        .name
+        .as_deref()
+        .ok_or_else(|| FieldError::new("metadata.name", "missing"))?;
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    validate_node_name(namespace).map_err(|m| FieldError::new("metadata.namespace", m))?;
+    let spec = pod.spec.as_ref();
+    let mut ports = Vec::new();
+    for (c, container) in spec
+        .map(|s| s.containers.as_slice())
+        .unwrap_or(&[])
+        .iter()
+        .enumerate()
+    {
+        for (i, port) in container.ports.as_deref().unwrap_or(&[]).iter().enumerate() {
+            let Some(port_name) = &port.name else {
+                continue;
+            };
+            let at = format!("spec.containers[{c}].ports[{i}]");
+            let number = u16::try_from(port.container_port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    FieldError::new(
+                        format!("{at}.containerPort"),
+                        format!("{} is not a port (1-65535)", port.container_port),
+                    )
+                })?;
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => L4Protocol::Tcp,
+                "UDP" => L4Protocol::Udp,
+                "SCTP" => L4Protocol::Sctp,
+                other => {
+                    return Err(FieldError::new(
+                        format!("{at}.protocol"),
+                        format!("{other:?} is not TCP, UDP or SCTP"),
+                    ))
+                }
+            };
+            ports.push(NamedPort {
+                name: port_name.clone(),
+                port: number,
+                protocol,
+            });
+        }
+    }
+    let status = pod.status.as_ref();
+    let mut ips: Vec<IpAddr> = Vec::new();
+    let listed = status.and_then(|s| s.pod_ips.as_deref()).unwrap_or(&[]);
+    for (i, entry) in listed.iter().enumerate() {
+        let ip = entry.ip.parse().map_err(|_| {
+            FieldError::new(
+                format!("status.podIPs[{i}].ip"),
+                format!("{:?} is not an IP address", entry.ip),
+            )
+        })?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    if let Some(text) = status.and_then(|s| s.pod_ip.as_deref()) {
+        let ip: IpAddr = text.parse().map_err(|_| {
+            FieldError::new("status.podIP", format!("{text:?} is not an IP address"))
+        })?;
+        if !ips.contains(&ip) {
+            ips.insert(0, ip);
+        }
+    }
+    Ok(PodInfo {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        ips,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        ports,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+    })
+}
+
+/// A Namespace and its labels.
+pub fn namespace_info(ns: &Namespace) -> Result<NamespaceInfo, FieldError> {
+    let name = ns
+        .metadata
+        .name
+        .as_deref()
+        .ok_or_else(|| FieldError::new("metadata.name", "missing"))?;
+    validate_node_name(name).map_err(|m| FieldError::new("metadata.name", m))?;
+    Ok(NamespaceInfo {
+        name: name.to_string(),
+        labels: ns.metadata.labels.clone().unwrap_or_default(),
+    })
 }
 
 /// A Node name: a DNS subdomain (RFC 1123), as Kubernetes requires.

@@ -4,29 +4,88 @@
 //! snapshot on a `tokio::sync::watch` channel.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use meshward_policy::{ClusterView, NamespaceInfo, PodInfo, PodRef, PolicyObject, PolicyRef};
+
 use super::model::NodeInfo;
 
-/// A change seen by a datastore. Later issues add Pods, Namespaces,
-/// NetworkPolicies and MeshNetworkPolicies here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    NodeUpserted(NodeInfo),
-    NodeDeleted(String),
+/// An object the agent understands, converted from its Kubernetes form.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Object {
+    Node(NodeInfo),
+    Pod(PodInfo),
+    Namespace(NamespaceInfo),
+    /// NetworkPolicy, MeshNetworkPolicy or MeshClusterwideNetworkPolicy.
+    Policy(PolicyObject),
+}
+
+/// The identity of an object (kind, namespace, name).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum ObjectKey {
+    Node(String),
+    Pod(PodRef),
+    Namespace(String),
+    Policy(PolicyRef),
+}
+
+impl Object {
+    pub(crate) fn key(&self) -> ObjectKey {
+        match self {
+            Object::Node(n) => ObjectKey::Node(n.name.clone()),
+            Object::Pod(p) => ObjectKey::Pod(PodRef {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+            }),
+            Object::Namespace(n) => ObjectKey::Namespace(n.name.clone()),
+            Object::Policy(p) => ObjectKey::Policy(p.policy_ref()),
+        }
+    }
+
+    pub(crate) fn upserted(self) -> Event {
+        Event::Upserted(self)
+    }
+}
+
+impl ObjectKey {
+    pub(crate) fn deleted(self) -> Event {
+        Event::Deleted(self)
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ObjectKey::Node(name) => write!(f, "Node {name}"),
+            ObjectKey::Pod(pod) => write!(f, "Pod {pod}"),
+            ObjectKey::Namespace(name) => write!(f, "Namespace {name}"),
+            ObjectKey::Policy(policy) => write!(f, "{policy}"),
+        }
+    }
+}
+
+/// A change seen by a datastore.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Event {
+    Upserted(Object),
+    Deleted(ObjectKey),
     /// The initial listing is complete: from now on an object absent from
     /// the snapshot really is absent (consumers may prune).
     Synced,
 }
 
 /// An immutable view of the cluster as one datastore sees it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Cluster {
     generation: u64,
     synced: bool,
     nodes: BTreeMap<String, Arc<NodeInfo>>,
+    pods: BTreeMap<PodRef, Arc<PodInfo>>,
+    namespaces: BTreeMap<String, Arc<NamespaceInfo>>,
+    policies: BTreeMap<PolicyRef, PolicyObject>,
 }
 
 impl Cluster {
@@ -48,18 +107,62 @@ impl Cluster {
         self.nodes.get(name).map(|n| &**n)
     }
 
-    /// Applies one event; returns whether anything changed.
-    fn apply(&mut self, event: Event) -> bool {
+    #[allow(dead_code, reason = "read by the policy engine, wired next")]
+    pub fn pods(&self) -> impl Iterator<Item = &PodInfo> + '_ {
+        self.pods.values().map(|p| &**p)
+    }
+
+    #[allow(dead_code, reason = "read by the policy engine, wired next")]
+    pub fn policies(&self) -> impl Iterator<Item = &PolicyObject> + '_ {
+        self.policies.values()
+    }
+
+    /// What the policy compiler reads.
+    #[allow(dead_code, reason = "read by the policy engine, wired next")]
+    pub fn policy_view(&self) -> ClusterView {
+        ClusterView {
+            pods: self.pods.values().map(|p| (**p).clone()).collect(),
+            namespaces: self.namespaces.values().map(|n| (**n).clone()).collect(),
+            policies: self.policies.values().cloned().collect(),
+        }
+    }
+
+    /// Applies one event.
+    fn apply(&mut self, event: Event) {
         match event {
-            Event::NodeUpserted(node) => {
-                if self.nodes.get(&node.name).is_some_and(|n| **n == node) {
-                    return false;
+            Event::Upserted(object) => match object {
+                Object::Node(node) => {
+                    self.nodes.insert(node.name.clone(), Arc::new(node));
                 }
-                self.nodes.insert(node.name.clone(), Arc::new(node));
-                true
-            }
-            Event::NodeDeleted(name) => self.nodes.remove(&name).is_some(),
-            Event::Synced => !std::mem::replace(&mut self.synced, true),
+                Object::Pod(pod) => {
+                    let key = PodRef {
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                    };
+                    self.pods.insert(key, Arc::new(pod));
+                }
+                Object::Namespace(ns) => {
+                    self.namespaces.insert(ns.name.clone(), Arc::new(ns));
+                }
+                Object::Policy(policy) => {
+                    self.policies.insert(policy.policy_ref(), policy);
+                }
+            },
+            Event::Deleted(key) => match key {
+                ObjectKey::Node(name) => {
+                    self.nodes.remove(&name);
+                }
+                ObjectKey::Pod(pod) => {
+                    self.pods.remove(&pod);
+                }
+                ObjectKey::Namespace(name) => {
+                    self.namespaces.remove(&name);
+                }
+                ObjectKey::Policy(policy) => {
+                    self.policies.remove(&policy);
+                }
+            },
+            Event::Synced => self.synced = true,
         }
     }
 }
@@ -122,8 +225,8 @@ mod tests {
         let mut rx = store.subscribe();
         assert!(!rx.has_changed().unwrap());
         assert!(store.apply([
-            Event::NodeUpserted(node("a", 1)),
-            Event::NodeUpserted(node("b", 1)),
+            Event::Upserted(Object::Node(node("a", 1))),
+            Event::Upserted(Object::Node(node("b", 1))),
             Event::Synced,
         ]));
         assert!(rx.has_changed().unwrap());
@@ -137,16 +240,16 @@ mod tests {
 
         // the same again, and deleting what is absent: nothing to publish
         assert!(!store.apply([
-            Event::NodeUpserted(node("a", 1)),
-            Event::NodeDeleted("zz".into()),
+            Event::Upserted(Object::Node(node("a", 1))),
+            Event::Deleted(ObjectKey::Node("zz".into())),
             Event::Synced
         ]));
         assert!(!store.apply([]));
         assert!(!rx.has_changed().unwrap());
 
         assert!(store.apply([
-            Event::NodeUpserted(node("a", 2)),
-            Event::NodeDeleted("b".into())
+            Event::Upserted(Object::Node(node("a", 2))),
+            Event::Deleted(ObjectKey::Node("b".into()))
         ]));
         let snap2 = rx.borrow_and_update().clone();
         assert_eq!(snap2.generation(), 2);

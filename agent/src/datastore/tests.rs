@@ -390,7 +390,9 @@ fn publishing_keeps_other_documents_and_refuses_corrupt_files() {
     )
     .unwrap();
     assert!(parsed.errors.is_empty());
-    let manifest::Object::Node(n1) = &parsed.objects[0];
+    let manifest::Object::Node(n1) = &parsed.objects[0] else {
+        panic!("not a node: {:?}", parsed.objects[0])
+    };
     assert_eq!(n1.endpoint, Some(me.endpoint));
     assert_eq!(n1.public_key.as_deref(), Some(KEY_A));
     assert_eq!(n1.pod_cidrs, me.pod_cidrs);

@@ -99,7 +99,7 @@ pub fn write_files(lab: &LabName, state: &Lab) -> Result<()> {
         fs::write(&config, agent_config(lab, node))
             .with_context(|| format!("writing {}", config.display()))?;
     }
-    Ok(())
+    super::manifests::write_pods(&dir, state)
 }
 
 /// Starts the agent of `node` inside its namespace, in a session of its own

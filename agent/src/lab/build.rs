@@ -17,6 +17,7 @@ use ipnet::Ipv4Net;
 use super::cni;
 use super::links;
 use super::netns;
+use super::services;
 use super::state::{self, External, Fabric, Lab, Node, Pod};
 use super::topology::{self as topo, LabName};
 
@@ -32,6 +33,8 @@ pub fn build(lab: &LabName, nodes: u8, pods: u8, cni_bin: Option<&Path>) -> Resu
 
     let fabric = fabric(lab).context("setting up the fabric")?;
     let external = external(lab, &fabric, nodes).context("setting up the external namespace")?;
+    services::write_resolv_conf(&dir)?;
+    services::start(&external.namespace, &dir).context("starting the external services")?;
     let mut state = Lab {
         version: state::VERSION,
         name: lab.to_string(),
@@ -205,5 +208,7 @@ fn pod(lab: &LabName, node: &Node, node_ns: &File, index: u8, cni_bin: &Path) ->
         interface: topo::POD_IFNAME.into(),
         address: added.address,
         cni_result: added.result,
+        k8s_namespace: POD_K8S_NAMESPACE.into(),
+        labels: Default::default(),
     })
 }

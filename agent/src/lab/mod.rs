@@ -8,7 +8,9 @@ mod agents;
 mod build;
 mod cni;
 mod links;
+mod manifests;
 mod netns;
+mod services;
 mod state;
 mod status;
 mod topology;
@@ -67,6 +69,17 @@ enum LabCommand {
     Ip {
         /// A pod (node1-pod1), a node (node1) or `external`
         target: Target,
+    },
+    /// Apply manifests (policies, namespaces, Pods) to the lab's datastore;
+    /// a Pod named like a lab pod (node1-pod1) sets its namespace and labels
+    Apply {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Remove what `lab apply FILE` applied (lab pods keep their labels)
+    Delete {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
     },
     /// Start, stop or restart the nodes' agents
     Agent {
@@ -140,6 +153,9 @@ struct UpArgs {
     /// Longest to wait for the agents to form the mesh, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     agent_timeout: u64,
+    /// Labels of a pod's Pod object: POD=KEY=VALUE[,KEY=VALUE...] (repeatable)
+    #[arg(long = "pod-labels", value_name = "POD=LABELS", value_parser = manifests::parse_pod_labels)]
+    pod_labels: Vec<(String, std::collections::BTreeMap<String, String>)>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -158,6 +174,8 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         LabCommand::Exec { target, command } => return exec(lab, target, command),
         LabCommand::Ip { target } => ip(lab, target)?,
         LabCommand::Agent { action } => agent(lab, action)?,
+        LabCommand::Apply { files } => apply(lab, &files)?,
+        LabCommand::Delete { files } => delete(lab, &files)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -195,7 +213,9 @@ fn up(lab: &LabName, args: UpArgs) -> Result<()> {
     }
 
     tracing::info!(lab = %lab, nodes, pods, "building lab");
-    let built = build::build(lab, nodes, pods, cni_bin.as_deref()).and_then(|state| {
+    let built = build::build(lab, nodes, pods, cni_bin.as_deref()).and_then(|mut state| {
+        manifests::set_labels(&mut state, &args.pod_labels)?;
+        state.save(lab)?;
         agents::write_files(lab, &state)?;
         if args.no_agents {
             return Ok(state);
@@ -230,6 +250,52 @@ fn up(lab: &LabName, args: UpArgs) -> Result<()> {
             )))
         }
     }
+}
+
+fn apply(lab: &LabName, files: &[PathBuf]) -> Result<()> {
+    require_root("apply")?;
+    let mut state = load_up(lab)?;
+    let datastore = agents::datastore_dir(lab);
+    // Read and check everything first: a bad file applies nothing.
+    let mut writes = Vec::new();
+    for file in files {
+        let text =
+            fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let rest = manifests::split_applied(file, &text, &mut state)?;
+        writes.push((manifests::applied_path(&datastore, file)?, rest));
+    }
+    state.save(lab)?;
+    manifests::write_pods(&datastore, &state)?;
+    for (path, rest) in writes {
+        if rest.is_empty() {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+            }
+        } else {
+            manifests::write_atomically(&path, rest.as_bytes())?;
+        }
+        println!("applied {}", path.display());
+    }
+    Ok(())
+}
+
+fn delete(lab: &LabName, files: &[PathBuf]) -> Result<()> {
+    require_root("delete")?;
+    load_up(lab)?;
+    let datastore = agents::datastore_dir(lab);
+    for file in files {
+        let path = manifests::applied_path(&datastore, file)?;
+        match fs::remove_file(&path) {
+            Ok(()) => println!("deleted {}", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                println!("{} was not applied", file.display())
+            }
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    Ok(())
 }
 
 fn down(lab: &LabName) -> Result<()> {
@@ -384,13 +450,29 @@ fn exec(lab: &LabName, target: Target, command: Vec<OsString>) -> Result<ExitCod
         .split_first()
         .ok_or_else(|| anyhow!("no command given to run in {target}"))?;
     let fd = ns.as_raw_fd();
+    // Pods resolve names with the lab's DNS server, as `ip netns exec`
+    // would arrange with /etc/netns/NAME/resolv.conf: a private mount
+    // namespace with the lab's resolv.conf bound over /etc/resolv.conf.
+    let resolv = match target {
+        Target::Pod(..) => {
+            let file = services::resolv_conf(&state::state_dir(lab));
+            file.exists()
+                .then(|| std::ffi::CString::new(file.as_os_str().as_encoded_bytes()))
+                .transpose()?
+        }
+        _ => None,
+    };
     let mut cmd = Command::new(program);
     cmd.args(args);
-    // SAFETY: setns(2) only; the namespace fd stays open until exec.
+    // SAFETY: setns(2), unshare(2) and mount(2) only, on values prepared
+    // before fork; the namespace fd stays open until exec.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if let Some(resolv) = &resolv {
+                bind_resolv_conf(resolv)?;
             }
             Ok(())
         });
@@ -404,4 +486,38 @@ fn exec(lab: &LabName, target: Target, command: Vec<OsString>) -> Result<ExitCod
     } else {
         126
     }))
+}
+
+/// In a new private mount namespace, binds `resolv` over /etc/resolv.conf.
+///
+/// # Safety
+/// Called between fork and exec: only async-signal-safe calls.
+unsafe fn bind_resolv_conf(resolv: &std::ffi::CStr) -> io::Result<()> {
+    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let root = c"/";
+    let none = c"none";
+    if libc::mount(
+        none.as_ptr(),
+        root.as_ptr(),
+        std::ptr::null(),
+        libc::MS_REC | libc::MS_PRIVATE,
+        std::ptr::null(),
+    ) != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    let target = c"/etc/resolv.conf";
+    if libc::mount(
+        resolv.as_ptr(),
+        target.as_ptr(),
+        std::ptr::null(),
+        libc::MS_BIND,
+        std::ptr::null(),
+    ) != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

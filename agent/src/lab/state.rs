@@ -84,6 +84,16 @@ pub struct Pod {
     pub address: Ipv4Net,
     /// The CNI ADD result, as the plugin printed it.
     pub cni_result: serde_json::Value,
+    /// The Kubernetes namespace the pod's Pod object is in.
+    #[serde(default = "default_k8s_namespace")]
+    pub k8s_namespace: String,
+    /// The Pod object's labels (`--pod-labels`, `lab apply`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+fn default_k8s_namespace() -> String {
+    "default".into()
 }
 
 impl Lab {

@@ -208,6 +208,8 @@ mod tests {
                     interface: "eth0".into(),
                     address: "198.19.1.2/32".parse().unwrap(),
                     cni_result: serde_json::json!({}),
+                    k8s_namespace: "default".into(),
+                    labels: Default::default(),
                 }],
             }],
         }
