@@ -150,6 +150,8 @@ fn node(lab: &LabName, fabric: &File, index: u8) -> Result<Node> {
     attach(&ns, fabric, &topo::fabric_port(index), address)?;
     netns::netlink(&ns, |h| async move {
         links::add_onlink_route(&h, topo::EXTERNAL_NET, topo::UNDERLAY_IFNAME).await?;
+        let external = topo::EXTERNAL_ADDRESS.addr();
+        links::add_gateway_route(&h, super::services::FRESH_NET, external).await?;
         links::add_unreachable_route(&h, topo::POD_SUPERNET).await
     })
     .with_context(|| format!("in namespace {name}"))?;

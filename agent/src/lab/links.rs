@@ -135,3 +135,22 @@ pub async fn add_unreachable_route(handle: &Handle, dst: Ipv4Net) -> Result<()> 
         .await
         .with_context(|| format!("adding route unreachable {dst}"))
 }
+
+/// `ip route add local DST dev DEV` (in the local table): every address
+/// of DST is this namespace's own, without one address per host.
+pub async fn add_local_route(handle: &Handle, dst: Ipv4Net, dev: &str) -> Result<()> {
+    let link = index(handle, dev).await?;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst.addr(), dst.prefix_len())
+        .output_interface(link)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .table_id(255)
+        .build();
+    handle
+        .route()
+        .add(route)
+        .execute()
+        .await
+        .with_context(|| format!("adding route local {dst} dev {dev}"))
+}

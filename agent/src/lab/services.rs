@@ -15,6 +15,10 @@
 //!
 //! Every address from .10 to .17 serves HTTP on port 80 and answers
 //! `hello from <address>`.
+//!
+//! For tests that need many names never resolved before: `nI.fresh.test`
+//! (I = 1..=1000) is the I-th address of [`FRESH_NET`], all of which are the
+//! external namespace's own (a `local` route) and serve HTTP on port 8080.
 
 use std::fs;
 use std::net::Ipv4Addr;
@@ -29,6 +33,28 @@ use super::netns;
 
 /// The lab's DNS server.
 pub const DNS_SERVER: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 53);
+/// Addresses of the `nI.fresh.test` names (routed to the external namespace).
+pub const FRESH_NET: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(198, 18, 104, 0), 22) {
+    Ok(n) => n,
+    Err(_) => panic!("invalid constant prefix length"),
+};
+/// How many `nI.fresh.test` names there are.
+pub const FRESH_NAMES: u32 = 1000;
+/// The HTTP port every fresh address serves.
+pub const FRESH_HTTP_PORT: u16 = 8080;
+
+/// The address of `nI.fresh.test`.
+pub fn fresh_address(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(FRESH_NET.network()) + i)
+}
+
+/// The hosts file dnsmasq reads the fresh names from.
+pub fn fresh_hosts() -> String {
+    (1..=FRESH_NAMES)
+        .map(|i| format!("{} n{i}.fresh.test\n", fresh_address(i)))
+        .collect()
+}
+
 /// TTL of every lab DNS answer, in seconds.
 pub const DNS_TTL: u32 = 60;
 
@@ -62,7 +88,7 @@ pub fn http_addresses() -> Vec<Ipv4Addr> {
 
 /// dnsmasq's command line: authoritative for `test`, never forwarding,
 /// reading no system files.
-pub fn dnsmasq_args(pid_file: &Path) -> Vec<String> {
+pub fn dnsmasq_args(pid_file: &Path, fresh_hosts: &Path) -> Vec<String> {
     let mut args = vec![
         "--keep-in-foreground".to_string(),
         "--conf-file=/dev/null".into(),
@@ -74,6 +100,7 @@ pub fn dnsmasq_args(pid_file: &Path) -> Vec<String> {
         "--port=53".into(),
         format!("--local-ttl={DNS_TTL}"),
         "--local=/test/".into(),
+        format!("--addn-hosts={}", fresh_hosts.display()),
         "--log-facility=-".into(),
         format!("--pid-file={}", pid_file.display()),
     ];
@@ -103,7 +130,7 @@ pub fn start(external_ns: &str, dir: &Path) -> Result<()> {
         for net in nets {
             links::add_address(&h, "lo", net).await?;
         }
-        Ok(())
+        links::add_local_route(&h, FRESH_NET, "lo").await
     })
     .with_context(|| format!("adding service addresses in {external_ns}"))?;
 
@@ -127,10 +154,33 @@ pub fn start(external_ns: &str, dir: &Path) -> Result<()> {
             &dir.join(format!("httpd-{ip}.log")),
         )?;
     }
+    let fresh_root = www.join("fresh");
+    fs::create_dir_all(&fresh_root)
+        .with_context(|| format!("creating {}", fresh_root.display()))?;
+    fs::write(
+        fresh_root.join("index.html"),
+        "hello from a fresh address\n",
+    )
+    .with_context(|| format!("writing {}", fresh_root.display()))?;
+    spawn_in(
+        &ns,
+        "busybox",
+        &[
+            "httpd".into(),
+            "-f".into(),
+            "-p".into(),
+            format!("0.0.0.0:{FRESH_HTTP_PORT}"),
+            "-h".into(),
+            fresh_root.display().to_string(),
+        ],
+        &dir.join("httpd-fresh.log"),
+    )?;
+    let hosts = dir.join("fresh.hosts");
+    fs::write(&hosts, fresh_hosts()).with_context(|| format!("writing {}", hosts.display()))?;
     spawn_in(
         &ns,
         "dnsmasq",
-        &dnsmasq_args(&dir.join("dnsmasq.pid")),
+        &dnsmasq_args(&dir.join("dnsmasq.pid"), &hosts),
         &dir.join("dnsmasq.log"),
     )?;
     Ok(())
@@ -192,7 +242,11 @@ mod tests {
 
     #[test]
     fn dnsmasq_never_forwards_and_knows_every_name() {
-        let args = dnsmasq_args(Path::new("/x/dnsmasq.pid"));
+        let args = dnsmasq_args(Path::new("/x/dnsmasq.pid"), Path::new("/x/fresh.hosts"));
+        let hosts = fresh_hosts();
+        assert_eq!(hosts.lines().count(), FRESH_NAMES as usize);
+        assert_eq!(hosts.lines().next(), Some("198.18.104.1 n1.fresh.test"));
+        assert!(FRESH_NET.contains(&fresh_address(FRESH_NAMES)));
         for must in [
             "--no-resolv",
             "--no-hosts",
