@@ -15,11 +15,13 @@
 //! and [`rules`] what it produces per node ([`NodeRules`]): per local
 //! endpoint, egress/ingress allow lists, toFQDNs ports and DNS rules.
 
+pub mod compile;
 pub mod crd;
 pub mod fqdn;
 pub mod model;
 pub mod rules;
 
+pub use compile::{compile, Compiled, PolicyError};
 pub use crd::{
     crds_yaml, CidrRule, CrdYamlError, EgressRule, FieldError, FqdnRule, HeaderMatch, HttpRule,
     IngressRule, L7Rules, MeshClusterwideNetworkPolicy, MeshClusterwideNetworkPolicySpec,
