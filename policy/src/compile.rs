@@ -699,7 +699,10 @@ fn k8s_peer(errs: &mut Errs, path: &str, peer: &NetworkPolicyPeer, ns: &str, rul
                 continue;
             };
             if !base.contains(&ex) || ex.prefix_len() <= base.prefix_len() {
-                errs.push(ep, format!("{ex} must be a strict subset of cidr {base}"));
+                errs.push(
+                    ep,
+                    format!("{e:?} must be a strict subset of cidr {:?}", block.cidr),
+                );
                 continue;
             }
             excepts.push(ex);
