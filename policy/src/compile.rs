@@ -175,8 +175,7 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
     }
 
     let mut egress_cache: HashMap<Vec<usize>, EgressShared> = HashMap::new();
-    let mut ingress_cache: HashMap<(Vec<usize>, Vec<Vec<PortMatch>>), Arc<DirectionRules>> =
-        HashMap::new();
+    let mut ingress_cache: HashMap<IngressKey, Arc<DirectionRules>> = HashMap::new();
     let mut rules = NodeRules::default();
     for (s, &pod_ix) in index.local.iter().enumerate() {
         let Some(pod) = view.pods.get(pod_ix) else {
@@ -944,7 +943,7 @@ fn mesh_selector(
         Ok(s) => Some(s),
         Err((field, message)) => {
             errs.push(format!("{path}.{field}"), message);
-            // Never selects: the policy is skipped anyway.
+            // The policy is skipped: what this would select does not matter.
             None
         }
     }
@@ -1600,6 +1599,10 @@ fn ingress_rules(
     }
     rules
 }
+
+/// Ingress rules are shared by pods isolated by the same policies whose
+/// named ports resolve the same.
+type IngressKey = (Vec<usize>, Vec<Vec<PortMatch>>);
 
 struct EgressShared {
     rules: Arc<DirectionRules>,

@@ -364,6 +364,11 @@ impl Lcg {
         self.0 >> 33
     }
 
+    /// True one time in `n`, roughly.
+    fn one_in(&mut self, n: u64) -> bool {
+        self.next().is_multiple_of(n)
+    }
+
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         let n = items.len() as u64;
         &items[(self.next() % n) as usize]
@@ -405,36 +410,36 @@ fn random_policy(r: &mut Lcg, i: usize) -> NetworkPolicy {
     ];
     let protos = [None, Some("TCP"), Some("UDP"), Some("SCTP"), Some("ICMP")];
     let mut sel = |r: &mut Lcg| -> Option<LabelSelector> {
-        if r.next() % 4 == 0 {
+        if r.one_in(4) {
             return None;
         }
         let mut s = LabelSelector::default();
-        if r.next() % 2 == 0 {
+        if r.one_in(2) {
             s.match_labels = Some(
                 [(r.pick(&keys).to_string(), r.pick(&values).to_string())]
                     .into_iter()
                     .collect(),
             );
         }
-        if r.next() % 2 == 0 {
+        if r.one_in(2) {
             s.match_expressions = Some(vec![LabelSelectorRequirement {
                 key: r.pick(&keys).to_string(),
                 operator: r.pick(&ops).to_string(),
-                values: (r.next() % 3 != 0)
+                values: (!r.one_in(3))
                     .then(|| vec![r.pick(&values).to_string(), r.pick(&values).to_string()]),
             }]);
         }
         Some(s)
     };
     let peers = |r: &mut Lcg, sel: &mut dyn FnMut(&mut Lcg) -> Option<LabelSelector>| {
-        (r.next() % 3 != 0).then(|| {
+        (!r.one_in(3)).then(|| {
             (0..r.next() % 3)
                 .map(|_| NetworkPolicyPeer {
                     pod_selector: sel(r),
                     namespace_selector: sel(r),
-                    ip_block: (r.next() % 2 == 0).then(|| IPBlock {
+                    ip_block: r.one_in(2).then(|| IPBlock {
                         cidr: r.pick(&cidrs).to_string(),
-                        except: (r.next() % 2 == 0).then(|| {
+                        except: r.one_in(2).then(|| {
                             (0..r.next() % 4)
                                 .map(|_| r.pick(&cidrs).to_string())
                                 .collect()
@@ -445,7 +450,7 @@ fn random_policy(r: &mut Lcg, i: usize) -> NetworkPolicy {
         })
     };
     let ports = |r: &mut Lcg| {
-        (r.next() % 2 == 0).then(|| {
+        r.one_in(2).then(|| {
             (0..r.next() % 3)
                 .map(|_| NetworkPolicyPort {
                     port: match r.next() % 3 {
@@ -453,7 +458,7 @@ fn random_policy(r: &mut Lcg, i: usize) -> NetworkPolicy {
                         1 => Some(IntOrString::Int(*r.pick(&ints))),
                         _ => Some(IntOrString::String(r.pick(&names).to_string())),
                     },
-                    end_port: (r.next() % 3 == 0).then(|| *r.pick(&ints)),
+                    end_port: r.one_in(3).then(|| *r.pick(&ints)),
                     protocol: r.pick(&protos).map(str::to_string),
                 })
                 .collect()
@@ -461,12 +466,12 @@ fn random_policy(r: &mut Lcg, i: usize) -> NetworkPolicy {
     };
     let spec = NetworkPolicySpec {
         pod_selector: sel(r),
-        policy_types: (r.next() % 2 == 0).then(|| {
+        policy_types: r.one_in(2).then(|| {
             (0..r.next() % 3)
                 .map(|_| r.pick(&["Ingress", "Egress", "Both"]).to_string())
                 .collect()
         }),
-        ingress: (r.next() % 4 != 0).then(|| {
+        ingress: (!r.one_in(4)).then(|| {
             (0..r.next() % 3)
                 .map(|_| NetworkPolicyIngressRule {
                     from: peers(r, &mut sel),
@@ -474,7 +479,7 @@ fn random_policy(r: &mut Lcg, i: usize) -> NetworkPolicy {
                 })
                 .collect()
         }),
-        egress: (r.next() % 3 != 0).then(|| {
+        egress: (!r.one_in(3)).then(|| {
             (0..r.next() % 3)
                 .map(|_| NetworkPolicyEgressRule {
                     to: peers(r, &mut sel),
@@ -485,11 +490,11 @@ fn random_policy(r: &mut Lcg, i: usize) -> NetworkPolicy {
     };
     NetworkPolicy {
         metadata: ObjectMeta {
-            name: (r.next() % 8 != 0).then(|| format!("p{i}")),
-            namespace: (r.next() % 8 != 0).then(|| r.pick(&["x", "y", "z", "w"]).to_string()),
+            name: (!r.one_in(8)).then(|| format!("p{i}")),
+            namespace: (!r.one_in(8)).then(|| r.pick(&["x", "y", "z", "w"]).to_string()),
             ..Default::default()
         },
-        spec: (r.next() % 8 != 0).then_some(spec),
+        spec: (!r.one_in(8)).then_some(spec),
     }
 }
 

@@ -108,12 +108,13 @@ spec:
         "
 metadata: {name: reserved, namespace: z}
 spec:
-  endpointSelector: {matchLabels: {reserved:host: ''}}
+  endpointSelector: {matchLabels: {reserved:pod: a}}
   ingress: []
 ",
     );
     let w = c.compile();
-    // reserved:host selects no pod: z is untouched.
+    // Only k8s: and any: are pod labels: reserved:pod selects no pod, z is
+    // untouched.
     w.check(TCP, 80, |from, to| to != "y/a" || from == "y/b");
 }
 
