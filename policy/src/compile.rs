@@ -165,11 +165,11 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
         resolved.push(Some(resolve(p, &index, &mut cache)));
         for pod in subjects.iter() {
             let Some(&s) = slot.get(pod) else { continue };
-            if p.ingress.is_some() {
-                ingress_of[s].push(i);
+            if let (true, Some(ids)) = (p.ingress.is_some(), ingress_of.get_mut(s)) {
+                ids.push(i);
             }
-            if p.egress.is_some() {
-                egress_of[s].push(i);
+            if let (true, Some(ids)) = (p.egress.is_some(), egress_of.get_mut(s)) {
+                ids.push(i);
             }
         }
     }
