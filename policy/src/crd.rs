@@ -601,7 +601,7 @@ fn check_cidr_peers(
 
 /// A prefix (`a.b.c.d/n`, `x::/n`) or a bare address (a host prefix).
 /// The result is truncated to its network address.
-fn parse_cidr(s: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_cidr(s: &str) -> Result<IpNet, String> {
     if let Ok(n) = s.parse::<IpNet>() {
         return Ok(n.trunc());
     }
@@ -743,7 +743,7 @@ fn check_port(errs: &mut Errs, path: &str, port: &str) -> Option<u16> {
 }
 
 /// IANA_SVC_NAME (RFC 6335), as Kubernetes checks container port names.
-fn check_port_name(s: &str) -> Result<(), &'static str> {
+pub(crate) fn check_port_name(s: &str) -> Result<(), &'static str> {
     if s.is_empty() || s.len() > 15 {
         return Err("a named port is 1 to 15 characters");
     }
@@ -760,6 +760,14 @@ fn check_port_name(s: &str) -> Result<(), &'static str> {
         return Err("a named port cannot start or end with '-' or have two in a row");
     }
     Ok(())
+}
+
+/// Every problem in a label selector at `path` (the compiler checks
+/// Kubernetes NetworkPolicy selectors with this too).
+pub(crate) fn selector_errors(path: &str, sel: &LabelSelector) -> Vec<FieldError> {
+    let mut errs = Errs(Vec::new());
+    check_selector(&mut errs, path, sel);
+    errs.0
 }
 
 fn check_selector(errs: &mut Errs, path: &str, sel: &LabelSelector) {
