@@ -367,8 +367,24 @@ fn checked(result: Result<(), meshward_policy::ValidationErrors>) -> Result<(), 
 
 /// What the policy compiler would reject in a policy (checked here so the
 /// error names the file and the last good version stays in force).
-fn policy_problems(_object: &Object) -> Option<FieldError> {
-    None
+fn policy_problems(object: &Object) -> Option<FieldError> {
+    let Object::Policy(policy) = object else {
+        return None;
+    };
+    let view = meshward_policy::ClusterView {
+        policies: vec![policy.clone()],
+        ..Default::default()
+    };
+    let errors = meshward_policy::compile(&view, "").errors;
+    let more = errors.len().saturating_sub(1);
+    errors.into_iter().next().map(|e| {
+        let message = if more > 0 {
+            format!("{} (and {more} more problems)", e.message)
+        } else {
+            e.message
+        };
+        FieldError::new(e.field, message)
+    })
 }
 
 /// A typed object from a generic value, with the path of any bad field.
@@ -541,5 +557,19 @@ mod tests {
             p.rejected[0].to_string(),
             "MeshClusterwideNetworkPolicy all"
         );
+    }
+
+    #[test]
+    fn network_policies_are_checked_by_the_compiler() {
+        let yaml = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: shop}\n\
+            spec:\n  podSelector: {}\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/33}\n";
+        let p = parse(Path::new("/d/np.yaml"), yaml.as_bytes()).unwrap();
+        assert!(p.objects.is_empty());
+        let e = p.errors[0].to_string();
+        assert!(
+            e.starts_with("/d/np.yaml: document 1 (line 1), NetworkPolicy bad: field spec.ingress[0].from[0].ipBlock.cidr: "),
+            "{e}"
+        );
+        assert_eq!(p.rejected[0].to_string(), "NetworkPolicy shop/bad");
     }
 }
