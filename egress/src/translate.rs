@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use meshward_policy::{DirectionRules, NodeRules, PortMatch};
 
-use crate::layout::{Direction, Family, SetId, Shape};
+#[cfg(test)]
+use crate::layout::Shape;
+use crate::layout::{Direction, Family, SetId};
 use crate::EgressError;
 
 /// One element of one set. Field order is the key order in the kernel.
