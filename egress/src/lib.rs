@@ -1,10 +1,16 @@
 //! Kernel enforcement for meshward, all of it in one nftables table
 //! (`inet meshward`), each change one atomic transaction.
 //!
-//! Today this holds strict mode: the rule that keeps pod-to-remote-pod
-//! traffic from ever leaving a node except through the WireGuard tunnel.
-//! Building the ruleset is pure (`strict_ruleset`) so it is tested without a
-//! kernel; `apply` hands it to `nft` in one batch.
+//! - Strict mode: the rule that keeps pod-to-remote-pod traffic from ever
+//!   leaving a node except through the WireGuard tunnel. Building the
+//!   ruleset is pure (`strict_ruleset`) so it is tested without a kernel;
+//!   `apply_strict` hands it to `nft` in one batch.
+//! - Policy ([`PolicyTables`]): compiled per-node rules and learned FQDN
+//!   peers as set elements, checked in forward/input chains with a fixed
+//!   number of lookups per packet of a new flow; DNS of selected pods
+//!   redirected (TPROXY) to the node's proxy. The structure is written once
+//!   by `nft` ([`layout`]); elements change by in-process netlink batches
+//!   (`nfnl`), computed from a pure translation ([`translate`]).
 
 use std::borrow::Cow;
 
@@ -17,6 +23,18 @@ use nftables::schema::{
 };
 use nftables::stmt::{Counter, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+pub mod layout;
+mod nfnl;
+mod routing;
+mod tables;
+pub mod translate;
+
+pub use layout::{Direction, Family, SetId, NFLOG_PREFIX};
+pub use nfnl::NetlinkError;
+pub use routing::{ensure_tproxy_routing, TproxyRouting};
+pub use tables::{DropCount, PolicyConfig, PolicyTables};
+pub use translate::{FqdnElement, PolicyState};
 
 /// The one table meshward owns.
 pub const TABLE: &str = "meshward";
@@ -38,6 +56,22 @@ pub enum EgressError {
     BadInterface(String),
     #[error("nft rejected the meshward ruleset: {0}")]
     Nft(String),
+    #[error("learned peer {dst} of {src}: source and destination must be the same address family")]
+    FqdnFamily {
+        src: std::net::IpAddr,
+        dst: std::net::IpAddr,
+    },
+    #[error("learned peer {dst} of {src}: port range {first}-{last} is backwards")]
+    FqdnPorts {
+        src: std::net::IpAddr,
+        dst: std::net::IpAddr,
+        first: u16,
+        last: u16,
+    },
+    #[error("tproxy policy routing: {0}")]
+    Routing(String),
+    #[error("policy sets: {0}")]
+    Netlink(#[from] NetlinkError),
 }
 
 /// What strict mode protects.

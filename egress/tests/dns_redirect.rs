@@ -1,0 +1,218 @@
+//! DNS redirect plumbing in a real kernel: a selected pod's UDP and TCP
+//! port-53 traffic reaches a transparent socket on the node's loopback
+//! (the node's pod-side veth has no IPv4 address, as with meshward's CNI),
+//! which sees the original destination and answers as that server.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use common::*;
+use meshward_egress::{PolicyConfig, PolicyTables};
+use socket2::{Domain, Protocol, Socket, Type};
+
+const PORT: u16 = 15353;
+const SERVER: &str = "198.18.100.53:53";
+
+fn transparent(ty: Type, bind: SocketAddr) -> Socket {
+    let proto = if ty == Type::DGRAM {
+        Protocol::UDP
+    } else {
+        Protocol::TCP
+    };
+    let s = Socket::new(Domain::IPV4, ty, Some(proto)).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.set_ip_transparent_v4(true).unwrap();
+    s.bind(&bind.into()).unwrap();
+    s
+}
+
+fn setsockopt_on(fd: i32, level: i32, name: i32) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt {name}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// recvmsg with IP_ORIGDSTADDR: (payload, source, original destination).
+fn recv_with_orig_dst(fd: i32) -> Option<(Vec<u8>, SocketAddrV4, SocketAddrV4)> {
+    let mut data = [0u8; 512];
+    let mut control = [0u8; 128];
+    // SAFETY: plain C structs, zero is a valid value for each field.
+    let mut src: libc::sockaddr_in = unsafe { zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&mut src as *mut libc::sockaddr_in).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    // SAFETY: msg points at live buffers of the stated sizes.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return None;
+    }
+    let mut orig = None;
+    // SAFETY: walking the control buffer the kernel filled, with libc's macros.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_IP && (*c).cmsg_type == libc::IP_ORIGDSTADDR {
+                let sin = *(libc::CMSG_DATA(c) as *const libc::sockaddr_in);
+                orig = Some(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                    u16::from_be(sin.sin_port),
+                ));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    let from = SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(src.sin_addr.s_addr)),
+        u16::from_be(src.sin_port),
+    );
+    Some((data[..n as usize].to_vec(), from, orig?))
+}
+
+/// What the proxy should bind: 127.0.0.1 (the rule's TPROXY address; not
+/// reachable from pods directly).
+#[test]
+fn selected_pods_dns_reaches_a_transparent_socket_on_loopback() {
+    redirect_to("127.0.0.1");
+}
+
+/// A wildcard socket receives it too (the TPROXY lookup for 127.0.0.1
+/// matches it), but would also be reachable on the node's other addresses.
+#[test]
+fn a_wildcard_transparent_socket_receives_it_as_well() {
+    redirect_to("0.0.0.0");
+}
+
+fn redirect_to(bind_ip: &str) {
+    let lab = Lab::new(&["198.19.1.2", "198.19.1.3"]);
+    let mut t = lab
+        .node
+        .run(|| {
+            PolicyTables::new(PolicyConfig {
+                dns_proxy_port: Some(PORT),
+                ..PolicyConfig::default()
+            })
+        })
+        .expect("install with DNS redirect");
+    // The selected pod is also egress-isolated with nothing allowed:
+    // redirected DNS is the proxy's to judge, not the forward chain's.
+    t.apply_policy(&state(vec![Ep {
+        ip: lab.ip(0),
+        egress: Some(rules(vec![])),
+        ingress: None,
+        dns: true,
+    }]))
+    .unwrap();
+    // Idempotent routing: a second handle adds no second rule.
+    drop(lab.node.run(|| {
+        PolicyTables::new(PolicyConfig {
+            dns_proxy_port: Some(PORT),
+            ..PolicyConfig::default()
+        })
+    }));
+    let rules = lab.node.ip(&["rule", "show"]);
+    assert_eq!(
+        rules.matches("fwmark 0x400000/0x400000 lookup 109").count(),
+        1,
+        "{rules}"
+    );
+    let routes = lab.node.ip(&["route", "show", "table", "109"]);
+    assert!(routes.contains("local default dev lo"), "{routes}");
+    let routes6 = lab.node.ip(&["-6", "route", "show", "table", "109"]);
+    assert!(routes6.contains("local default dev lo"), "{routes6}");
+
+    let proxy_addr: SocketAddr = format!("{bind_ip}:{PORT}").parse().unwrap();
+    let (udp, tcp) = lab.node.run(|| {
+        let udp = transparent(Type::DGRAM, proxy_addr);
+        setsockopt_on(udp.as_raw_fd(), libc::SOL_IP, libc::IP_RECVORIGDSTADDR);
+        udp.set_read_timeout(Some(Duration::from_millis(800)))
+            .unwrap();
+        let tcp = transparent(Type::STREAM, proxy_addr);
+        tcp.listen(16).unwrap();
+        (udp, tcp)
+    });
+
+    // UDP: the proxy sees the pod and the server it asked, and answers as
+    // that server from a second transparent socket bound to its address.
+    let server: SocketAddr = SERVER.parse().unwrap();
+    let pod_sock = lab.pod(0).run(|| UdpSocket::bind("0.0.0.0:0")).unwrap();
+    pod_sock
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    pod_sock.send_to(b"query", server).unwrap();
+    let (data, from, orig) = recv_with_orig_dst(udp.as_raw_fd()).expect("redirected UDP query");
+    assert_eq!(data, b"query");
+    assert_eq!(*from.ip(), Ipv4Addr::new(198, 19, 1, 2));
+    assert_eq!(SocketAddr::V4(orig), server);
+    let reply = lab.node.run(|| transparent(Type::DGRAM, server));
+    reply
+        .send_to(b"answer", &SocketAddr::V4(from).into())
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (n, answered_by) = pod_sock
+        .recv_from(&mut buf)
+        .expect("answer reaches the pod");
+    assert_eq!(&buf[..n], b"answer");
+    assert_eq!(
+        answered_by, server,
+        "the answer must come from the server the pod asked"
+    );
+
+    // TCP: the accepted connection's local address is the original server.
+    let mut client = lab
+        .pod(0)
+        .run(|| TcpStream::connect_timeout(&server, Duration::from_secs(2)))
+        .expect("redirected TCP connect");
+    let listener: TcpListener = tcp.into();
+    let (mut conn, peer) = listener.accept().unwrap();
+    assert_eq!(conn.local_addr().unwrap(), server);
+    assert_eq!(peer.ip(), lab.ip(0));
+    client.write_all(b"q").unwrap();
+    let mut one = [0u8; 1];
+    conn.read_exact(&mut one).unwrap();
+    conn.write_all(b"a").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    client.read_exact(&mut one).unwrap();
+    assert_eq!(&one, b"a");
+
+    // An unselected pod's DNS is forwarded as usual, not redirected.
+    let other = lab.pod(1).run(|| UdpSocket::bind("0.0.0.0:0")).unwrap();
+    other.send_to(b"query", server).unwrap();
+    assert!(
+        recv_with_orig_dst(udp.as_raw_fd()).is_none(),
+        "unselected pod redirected"
+    );
+    // Nor is the selected pod's traffic to other ports.
+    let sink = udp_sink(&lab.ext, &format!("{EXT}:5353"));
+    assert!(!udp_passes(lab.pod(0), &sink, &format!("{EXT}:5353")));
+    assert!(recv_with_orig_dst(udp.as_raw_fd()).is_none());
+}

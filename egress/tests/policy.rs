@@ -1,0 +1,342 @@
+//! The policy back end in a real kernel: real packets between pod
+//! namespaces and an external namespace, forwarded by a node namespace.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use meshward_egress::{
+    apply_strict, Direction, FqdnElement, PolicyConfig, PolicyTables, StrictMode, STRICT_CHAIN,
+    TABLE,
+};
+use meshward_policy::{L4Protocol, PortMatch};
+
+const LIFE: Duration = Duration::from_secs(120);
+
+fn tcp(port: u16) -> PortMatch {
+    PortMatch::single(L4Protocol::Tcp, port)
+}
+
+fn tables(lab: &Lab) -> PolicyTables {
+    lab.node
+        .run(|| PolicyTables::new(PolicyConfig::default()))
+        .expect("install policy tables")
+}
+
+#[test]
+fn policy_allows_exactly_what_it_says_and_counts_drops() {
+    let lab = Lab::new(&["198.19.1.2", "198.19.1.3", "198.19.1.4"]);
+    tcp_echo(&lab.ext, &format!("{EXT}:80"), LIFE);
+    tcp_echo(&lab.ext, &format!("{EXT}:81"), LIFE);
+    tcp_echo(lab.pod(1), "198.19.1.3:8080", LIFE);
+    tcp_echo(lab.pod(1), "198.19.1.3:8081", LIFE);
+    let sink = udp_sink(&lab.ext, &format!("{EXT2}:1500"));
+    let sink_far = udp_sink(&lab.ext, &format!("{EXT2}:2500"));
+
+    // Strict mode first, as the agent does; the policy shares its table.
+    lab.node
+        .run(|| {
+            apply_strict(&StrictMode {
+                tunnel_ifname: "mw0".into(),
+                local_pod_cidrs: vec!["198.19.1.0/24".parse().unwrap()],
+                remote_pod_cidrs: vec!["198.19.0.0/16".parse().unwrap()],
+            })
+        })
+        .unwrap();
+    let mut t = tables(&lab);
+    let (a, b, c) = (lab.ip(0), lab.ip(1), lab.ip(2));
+    let udp_range = PortMatch::Ports {
+        protocol: L4Protocol::Udp,
+        first: 1000,
+        last: 2000,
+    };
+    t.apply_policy(&state(vec![
+        // a: TCP 80 to one external host, a UDP port range to a /30, all of b.
+        Ep {
+            ip: a,
+            egress: Some(rules(vec![
+                allow(&[&format!("{EXT}/32")], &[tcp(80)]),
+                allow(&["198.18.100.0/30"], &[udp_range]),
+                allow(&["198.19.1.3/32"], &[PortMatch::Any]),
+            ])),
+            ingress: None,
+            dns: false,
+        },
+        // b: only a, only TCP 8080.
+        Ep {
+            ip: b,
+            egress: None,
+            ingress: Some(rules(vec![allow(&["198.19.1.2/32"], &[tcp(8080)])])),
+            dns: false,
+        },
+    ]))
+    .expect("apply policy");
+
+    assert!(
+        tcp_works(lab.pod(0), &format!("{EXT}:80")),
+        "allowed TCP 80"
+    );
+    assert!(
+        !tcp_works(lab.pod(0), &format!("{EXT}:81")),
+        "TCP 81 not allowed"
+    );
+    assert!(
+        udp_passes(lab.pod(0), &sink, &format!("{EXT2}:1500")),
+        "UDP in range"
+    );
+    assert!(
+        !udp_passes(lab.pod(0), &sink_far, &format!("{EXT2}:2500")),
+        "UDP out of range"
+    );
+    assert!(!lab.pod(0).ping(EXT), "ICMP not allowed to external");
+    assert!(tcp_works(lab.pod(0), "198.19.1.3:8080"), "a -> b:8080");
+    assert!(
+        !tcp_works(lab.pod(0), "198.19.1.3:8081"),
+        "b's ingress refuses 8081"
+    );
+    assert!(!lab.pod(0).ping("198.19.1.3"), "b's ingress refuses ICMP");
+    assert!(
+        !tcp_works(lab.pod(2), "198.19.1.3:8080"),
+        "c is not allowed into b"
+    );
+    // c is not isolated: it reaches everything b's ingress does not guard.
+    assert!(tcp_works(lab.pod(2), &format!("{EXT}:81")));
+    assert!(lab.pod(2).ping(EXT));
+    // Strict mode kept its own chain.
+    assert!(lab
+        .nft(&["list", "chain", "inet", TABLE, STRICT_CHAIN])
+        .contains("drop"));
+
+    let counts = t.drop_counters().unwrap();
+    let of = |ip, dir| {
+        counts
+            .iter()
+            .find(|d| d.ip == ip && d.direction == dir)
+            .map_or(0, |d| d.packets)
+    };
+    assert!(of(a, Direction::Egress) >= 3, "{counts:?}");
+    assert!(of(b, Direction::Ingress) >= 3, "{counts:?}");
+    assert_eq!(of(c, Direction::Egress), 0, "{counts:?}");
+
+    // Lifting the isolation opens everything again (empty sets).
+    t.apply_policy(&state(vec![])).unwrap();
+    assert!(tcp_works(lab.pod(0), &format!("{EXT}:81")));
+    assert!(tcp_works(lab.pod(2), "198.19.1.3:8081"));
+}
+
+#[test]
+fn established_flows_survive_reapply_and_a_restarted_agent() {
+    let lab = Lab::new(&["198.19.1.2"]);
+    tcp_echo(&lab.ext, &format!("{EXT}:80"), LIFE);
+    let a = lab.ip(0);
+    let allowed = || {
+        state(vec![Ep {
+            ip: a,
+            egress: Some(rules(vec![allow(&[&format!("{EXT}/32")], &[tcp(80)])])),
+            ingress: None,
+            dns: false,
+        }])
+    };
+    let closed = || {
+        state(vec![Ep {
+            ip: a,
+            egress: Some(rules(vec![])),
+            ingress: None,
+            dns: false,
+        }])
+    };
+    let mut t = tables(&lab);
+    t.apply_policy(&allowed()).unwrap();
+    let mut conn = tcp_open(lab.pod(0), &format!("{EXT}:80"));
+
+    // Same policy again: nothing changes, the flow goes on.
+    t.apply_policy(&allowed()).unwrap();
+    assert!(echo(&mut conn));
+    // A policy that no longer allows it: new flows are dropped, the
+    // established one carries on (accepted before any set is consulted).
+    t.apply_policy(&closed()).unwrap();
+    assert!(echo(&mut conn), "established flow cut by a re-apply");
+    assert!(!tcp_works(lab.pod(0), &format!("{EXT}:80")));
+
+    // The agent dies (kill -9: nothing cleaned up) and a new one starts
+    // from scratch: structure re-installed, sets flushed and refilled.
+    drop(t);
+    let mut t = tables(&lab);
+    assert!(
+        echo(&mut conn),
+        "flow cut while the new agent installed its tables"
+    );
+    t.apply_policy(&allowed()).unwrap();
+    assert!(echo(&mut conn), "flow cut by the reconciling apply");
+    assert!(tcp_works(lab.pod(0), &format!("{EXT}:80")));
+    // Only one copy of every rule after the restart.
+    let chain = lab.nft(&["list", "chain", "inet", TABLE, "policy_forward"]);
+    assert_eq!(chain.matches("established").count(), 1, "{chain}");
+}
+
+#[test]
+fn reconcile_replaces_what_a_predecessor_left() {
+    let lab = Lab::new(&["198.19.1.2"]);
+    tcp_echo(&lab.ext, &format!("{EXT}:81"), LIFE);
+    let a = lab.ip(0);
+    let mut t = tables(&lab);
+    t.apply_policy(&state(vec![Ep {
+        ip: a,
+        egress: Some(rules(vec![allow(&[&format!("{EXT}/32")], &[tcp(81)])])),
+        ingress: None,
+        dns: false,
+    }]))
+    .unwrap();
+    t.add_fqdn(&[FqdnElement {
+        src: a,
+        dst: EXT2.parse().unwrap(),
+        ports: tcp(81),
+        timeout: Duration::from_secs(600),
+    }])
+    .unwrap();
+    drop(t);
+    // The successor knows nothing of 81 or the learned peer: its first
+    // apply flushes them.
+    let mut t = tables(&lab);
+    t.apply_policy(&state(vec![Ep {
+        ip: a,
+        egress: Some(rules(vec![])),
+        ingress: None,
+        dns: false,
+    }]))
+    .unwrap();
+    assert!(!tcp_works(lab.pod(0), &format!("{EXT}:81")));
+    assert!(!lab
+        .set_listing("egress4_fqdn_port")
+        .contains("198.18.100.2"));
+    assert!(!lab.set_listing("egress4_port").contains("198.18.100.1"));
+}
+
+#[test]
+fn learned_peers_allow_until_they_expire_and_ranges_stay_disjoint() {
+    let lab = Lab::new(&["198.19.1.2"]);
+    for port in [80, 85, 95, 150] {
+        tcp_echo(&lab.ext, &format!("{EXT}:{port}"), LIFE);
+    }
+    tcp_echo(&lab.ext, &format!("{EXT2}:443"), LIFE);
+    let a = lab.ip(0);
+    let ext = EXT.parse().unwrap();
+    let mut t = tables(&lab);
+    t.apply_policy(&state(vec![Ep {
+        ip: a,
+        egress: Some(rules(vec![])),
+        ingress: None,
+        dns: false,
+    }]))
+    .unwrap();
+    assert!(!tcp_works(lab.pod(0), &format!("{EXT2}:443")));
+
+    let learned = |dst: &str, ports, secs| FqdnElement {
+        src: a,
+        dst: dst.parse().unwrap(),
+        ports,
+        timeout: Duration::from_secs(secs),
+    };
+    // A short-lived exact peer, refreshed once with a longer TTL; a range
+    // peer built from overlapping answers.
+    t.add_fqdn(&[learned(EXT2, tcp(443), 1)]).unwrap();
+    assert!(tcp_works(lab.pod(0), &format!("{EXT2}:443")));
+    t.add_fqdn(&[learned(EXT2, tcp(443), 4)]).unwrap();
+    // A shorter answer does not shorten it.
+    t.add_fqdn(&[learned(EXT2, tcp(443), 1)]).unwrap();
+    let range = |first, last| PortMatch::Ports {
+        protocol: L4Protocol::Tcp,
+        first,
+        last,
+    };
+    t.add_fqdn(&[learned(EXT, range(80, 90), 600)]).unwrap();
+    t.add_fqdn(&[learned(EXT, range(85, 100), 1)]).unwrap();
+    t.add_fqdn(&[learned(EXT, range(60, 200), 2)]).unwrap();
+    assert!(tcp_works(lab.pod(0), &format!("{EXT}:95")));
+    assert!(tcp_works(lab.pod(0), &format!("{EXT}:150")));
+
+    std::thread::sleep(Duration::from_millis(2500));
+    // 443 (refreshed to 4 s) still there; 95 and 150 expired; 80-90 not.
+    assert!(
+        tcp_works(lab.pod(0), &format!("{EXT2}:443")),
+        "refresh lost"
+    );
+    assert!(
+        !tcp_works(lab.pod(0), &format!("{EXT}:95")),
+        "range piece outlived its TTL"
+    );
+    assert!(!tcp_works(lab.pod(0), &format!("{EXT}:150")));
+    assert!(tcp_works(lab.pod(0), &format!("{EXT}:85")));
+    std::thread::sleep(Duration::from_millis(2000));
+    assert!(
+        !tcp_works(lab.pod(0), &format!("{EXT2}:443")),
+        "learned peer never expired"
+    );
+
+    // Removing part of a range keeps the rest.
+    t.remove_fqdn(&[learned(EXT, range(84, 86), 0)]).unwrap();
+    assert!(!tcp_works(lab.pod(0), &format!("{EXT}:85")));
+    assert!(tcp_works(lab.pod(0), &format!("{EXT}:80")));
+    // Any-protocol learned peers admit ICMP too.
+    assert!(!lab.pod(0).ping(EXT));
+    t.add_fqdn(&[FqdnElement {
+        src: a,
+        dst: ext,
+        ports: PortMatch::Any,
+        timeout: Duration::from_secs(60),
+    }])
+    .unwrap();
+    assert!(lab.pod(0).ping(EXT));
+    t.remove_fqdn(&[FqdnElement {
+        src: a,
+        dst: ext,
+        ports: PortMatch::Any,
+        timeout: Duration::ZERO,
+    }])
+    .unwrap();
+    assert!(!lab.pod(0).ping(EXT));
+}
+
+#[test]
+fn a_hundred_thousand_learned_peers_load() {
+    let lab = Lab::new(&["198.19.1.2"]);
+    tcp_echo(&lab.ext, &format!("{EXT}:443"), LIFE);
+    let a = lab.ip(0);
+    let mut t = tables(&lab);
+    let mut st = state(vec![Ep {
+        ip: a,
+        egress: Some(rules(vec![])),
+        ingress: None,
+        dns: false,
+    }]);
+    // 100,000 distinct addresses in 198.18.128.0/17 .. 198.19.0.0 (never
+    // routed here), plus the one the pod talks to.
+    st.fqdn = (0..100_000u32)
+        .map(|i| FqdnElement {
+            src: a,
+            dst: std::net::Ipv4Addr::from(0xc612_8000 + i).into(),
+            ports: tcp(443),
+            timeout: Duration::from_secs(3600),
+        })
+        .collect();
+    st.fqdn.push(FqdnElement {
+        src: a,
+        dst: EXT.parse().unwrap(),
+        ports: tcp(443),
+        timeout: Duration::from_secs(3600),
+    });
+    t.apply_policy(&st).expect("load 100k learned peers");
+    assert!(tcp_works(lab.pod(0), &format!("{EXT}:443")));
+    // Kernel's own count, through nft.
+    let listing = lab.set_listing("egress4_fqdn_port");
+    assert_eq!(listing.matches(" . tcp . 443").count(), 100_001);
+    // And incremental adds on top stay possible.
+    t.add_fqdn(&[FqdnElement {
+        src: a,
+        dst: "198.18.100.9".parse().unwrap(),
+        ports: tcp(443),
+        timeout: Duration::from_secs(60),
+    }])
+    .unwrap();
+}
