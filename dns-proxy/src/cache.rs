@@ -441,3 +441,204 @@ fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), CacheErr
         .map_err(io_err("syncing directory", dir))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn n(s: &str) -> Fqdn {
+        Fqdn::parse(s).unwrap()
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([198, 18, 100, last])
+    }
+
+    fn learned(names: &[&str], ips: &[(u8, u32)]) -> Learned {
+        Learned {
+            client: IpAddr::from([198, 19, 1, 2]),
+            qname: n(names[0]),
+            names: names.iter().map(|s| n(s)).collect(),
+            ips: ips.iter().map(|&(i, ttl)| (ip(i), ttl)).collect(),
+        }
+    }
+
+    fn ips_of(c: &FqdnCache, name: &str, now: SystemTime) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = c.lookup(&n(name), now).into_iter().map(|(ip, _)| ip).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn ttl_is_honoured_and_attributed_to_every_name() {
+        let mut c = FqdnCache::new(CacheConfig::default());
+        let u = c.insert(&learned(&["www.test", "edge.test"], &[(1, 30), (2, 60)]), t(0));
+        assert_eq!(u.upserted.len(), 4);
+        assert!(u.evicted.is_empty());
+        assert_eq!(c.len(), 4);
+        assert_eq!(ips_of(&c, "www.test", t(29)), vec![ip(1), ip(2)]);
+        assert_eq!(ips_of(&c, "edge.test", t(29)), vec![ip(1), ip(2)]);
+        assert_eq!(ips_of(&c, "www.test", t(30)), vec![ip(2)]);
+        assert_eq!(c.next_expiry(), Some(t(30)));
+        assert!(c.expire(t(29)).is_empty());
+        let mut gone = c.expire(t(30));
+        gone.sort();
+        assert_eq!(gone, vec![(n("edge.test"), ip(1)), (n("www.test"), ip(1))]);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.expire(t(61)).len(), 2);
+        assert!(c.is_empty());
+        assert_eq!(c.next_expiry(), None);
+        assert!(c.lookup(&n("www.test"), t(0)).is_empty());
+    }
+
+    #[test]
+    fn expiry_never_shortens_and_confirmations_are_not_reported() {
+        let mut c = FqdnCache::new(CacheConfig::default());
+        c.insert(&learned(&["a.test"], &[(1, 100)]), t(0));
+        let u = c.insert(&learned(&["a.test"], &[(1, 10)]), t(5));
+        assert!(u.is_empty(), "{u:?}");
+        assert_eq!(c.lookup(&n("a.test"), t(99)), vec![(ip(1), t(100))]);
+        let u = c.insert(&learned(&["a.test"], &[(1, 200)]), t(5));
+        assert_eq!(u.upserted, vec![CacheEntry { name: n("a.test"), ip: ip(1), expires: t(205) }]);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn ttl_floor() {
+        let mut c = FqdnCache::new(CacheConfig {
+            ttl_floor: Duration::from_secs(60),
+            ..CacheConfig::default()
+        });
+        c.insert(&learned(&["a.test"], &[(1, 0), (2, 600)]), t(0));
+        assert_eq!(
+            c.lookup(&n("a.test"), t(0)),
+            vec![(ip(1), t(60)), (ip(2), t(600))]
+        );
+        // Without a floor a TTL of 0 expires at once.
+        let mut c = FqdnCache::new(CacheConfig::default());
+        c.insert(&learned(&["a.test"], &[(1, 0)]), t(0));
+        assert_eq!(c.expire(t(0)), vec![(n("a.test"), ip(1))]);
+    }
+
+    #[test]
+    fn per_name_cap_evicts_least_recently_seen() {
+        let mut c = FqdnCache::new(CacheConfig {
+            per_name_cap: 3,
+            ..CacheConfig::default()
+        });
+        c.insert(&learned(&["a.test"], &[(1, 60), (2, 60), (3, 60)]), t(0));
+        // 1 is seen again: 2 is now the oldest.
+        c.insert(&learned(&["a.test"], &[(1, 60)]), t(1));
+        let u = c.insert(&learned(&["a.test"], &[(4, 60)]), t(2));
+        assert_eq!(u.evicted, vec![(n("a.test"), ip(2))]);
+        assert_eq!(u.upserted.len(), 1);
+        assert_eq!(ips_of(&c, "a.test", t(3)), vec![ip(1), ip(3), ip(4)]);
+        // Other names are not affected by this name's cap.
+        c.insert(&learned(&["b.test"], &[(9, 60)]), t(3));
+        assert_eq!(c.len(), 4);
+    }
+
+    #[test]
+    fn global_cap_evicts_the_oldest_entry_of_all() {
+        let mut c = FqdnCache::new(CacheConfig {
+            global_cap: 3,
+            ..CacheConfig::default()
+        });
+        c.insert(&learned(&["a.test"], &[(1, 60)]), t(0));
+        c.insert(&learned(&["b.test"], &[(2, 60)]), t(1));
+        c.insert(&learned(&["c.test"], &[(3, 60)]), t(2));
+        let u = c.insert(&learned(&["d.test"], &[(4, 60), (5, 60)]), t(3));
+        assert_eq!(u.evicted, vec![(n("a.test"), ip(1)), (n("b.test"), ip(2))]);
+        assert_eq!(c.len(), 3);
+        assert!(c.lookup(&n("a.test"), t(3)).is_empty());
+        // An entry inserted and evicted by the same call is only evicted.
+        let mut c = FqdnCache::new(CacheConfig {
+            global_cap: 1,
+            ..CacheConfig::default()
+        });
+        let u = c.insert(&learned(&["a.test"], &[(1, 60), (2, 60)]), t(0));
+        assert_eq!(u.evicted, vec![(n("a.test"), ip(1))]);
+        assert_eq!(u.upserted.iter().map(|e| e.ip).collect::<Vec<_>>(), vec![ip(2)]);
+    }
+
+    #[test]
+    fn snapshot_round_trip_keeps_remaining_ttl_and_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = FqdnCache::new(CacheConfig::default());
+        c.insert(&learned(&["a.test"], &[(1, 100)]), t(0));
+        c.insert(&learned(&["b.test"], &[(2, 10)]), t(0));
+        c.insert(&learned(&["a.test"], &[(3, 50)]), t(0));
+        c.save(dir.path(), t(5)).unwrap();
+        assert!(!dir.path().join(format!("{CACHE_FILE}.tmp")).exists());
+
+        let (r, report) = FqdnCache::load(dir.path(), CacheConfig::default(), t(20)).unwrap();
+        assert_eq!(report, LoadReport { restored: 2, expired: 1, evicted: 0, corrupt: None });
+        assert_eq!(r.lookup(&n("a.test"), t(20)), vec![(ip(1), t(100)), (ip(3), t(50))]);
+        assert!(r.lookup(&n("b.test"), t(20)).is_empty());
+        // Age order survives: with a cap of 2 per name, 1 (oldest) goes first.
+        let mut r = r;
+        let mut cfg = *r.config();
+        cfg.per_name_cap = 2;
+        r.config = cfg;
+        let u = r.insert(&learned(&["a.test"], &[(4, 60)]), t(21));
+        assert_eq!(u.evicted, vec![(n("a.test"), ip(1))]);
+    }
+
+    #[test]
+    fn clock_going_back_never_extends_lifetimes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = FqdnCache::new(CacheConfig::default());
+        c.insert(&learned(&["a.test"], &[(1, 100)]), t(1000));
+        c.save(dir.path(), t(1000)).unwrap();
+        // Restarted with the clock 500 s behind: still 100 s, not 600 s.
+        let (r, _) = FqdnCache::load(dir.path(), CacheConfig::default(), t(500)).unwrap();
+        assert_eq!(r.lookup(&n("a.test"), t(500)), vec![(ip(1), t(600))]);
+    }
+
+    #[test]
+    fn missing_file_is_an_empty_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, report) = FqdnCache::load(&dir.path().join("none"), CacheConfig::default(), t(0)).unwrap();
+        assert!(c.is_empty());
+        assert_eq!(report, LoadReport::default());
+    }
+
+    #[test]
+    fn corrupt_files_are_moved_aside_and_reported() {
+        for (content, why) in [
+            (&b"{\"version\":1,\"saved_at_unix_ms\":0,\"entr"[..], "EOF"),
+            (b"{\"version\":9,\"saved_at_unix_ms\":0,\"entries\":[]}", "format version 9"),
+            (
+                b"{\"version\":1,\"saved_at_unix_ms\":0,\"entries\":[{\"name\":\"a b\",\"ip\":\"198.18.0.1\",\"expires_unix_ms\":1}]}",
+                "entries[0].name",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(CACHE_FILE);
+            fs::write(&path, content).unwrap();
+            let (c, report) = FqdnCache::load(dir.path(), CacheConfig::default(), t(7)).unwrap();
+            assert!(c.is_empty());
+            let (aside, error) = report.corrupt.expect("reported");
+            assert!(error.contains(why), "{error}");
+            assert!(!path.exists());
+            assert_eq!(fs::read(&aside).unwrap(), content);
+            assert!(aside.file_name().unwrap().to_str().unwrap().starts_with("fqdn-cache.json.corrupt-"));
+            // The next save does not touch the moved file.
+            c.save(dir.path(), t(8)).unwrap();
+            assert_eq!(fs::read(&aside).unwrap(), content);
+        }
+    }
+
+    #[test]
+    fn unreadable_state_dir_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: reading fails (EISDIR).
+        fs::create_dir(dir.path().join(CACHE_FILE)).unwrap();
+        let err = FqdnCache::load(dir.path(), CacheConfig::default(), t(0)).unwrap_err();
+        assert!(err.to_string().contains("fqdn-cache.json"), "{err}");
+    }
+}

@@ -407,3 +407,7 @@ pub fn handle_query<P: DnsPolicy + ?Sized>(
         }),
     }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;
