@@ -1,0 +1,601 @@
+//! The tokio shell around [`crate::core`]: transparent UDP and TCP
+//! listeners, upstream exchanges, hold-until-programmed, counters.
+//!
+//! - UDP: one listener socket (IP_TRANSPARENT, IP_RECVORIGDSTADDR) receives
+//!   every redirected datagram with its original destination. Each allowed
+//!   query goes upstream from a fresh socket on a random port connected to
+//!   that destination, so only the server can answer it and the ID plus the
+//!   port must both be guessed to spoof. Replies reach the client from the
+//!   server's own address and port through a transparent socket bound to
+//!   it (one per server, kept).
+//! - TCP: an accepted connection's local address is the original
+//!   destination; the proxy opens one upstream connection per client
+//!   connection and answers queries in order (RFC 7766 framing, several
+//!   queries per connection, an idle timeout).
+//! - Hold: before an allowed answer carrying addresses is released, the
+//!   [`LearnHook`] runs (the agent programs the kernel there). The answer
+//!   waits for it at most [`ProxyConfig::hold_timeout`]; after that it is
+//!   released with a warning and the hook keeps running to completion.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::Interest;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::core::{
+    handle_query, DenyRcode, DnsPolicy, LocalAnswer, PendingQuery, QueryContext, QueryOutcome,
+    ResponseOutcome, Transport,
+};
+use crate::learn::Learned;
+use crate::sock;
+use crate::stats::{bump, Stats};
+
+/// Largest DNS message (UDP payload or TCP frame).
+const MAX_MESSAGE: usize = 65_535;
+/// Reply sockets kept (one per server address a client asked).
+const MAX_REPLY_SOCKETS: usize = 4096;
+
+/// Tunables of the proxy shell.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Answer to denied queries (REFUSED by default).
+    pub deny_rcode: DenyRcode,
+    /// How long an upstream server has to answer before the client gets
+    /// SERVFAIL.
+    pub upstream_timeout: Duration,
+    /// Upper bound on holding an answer for the learn hook (Cilium: 100 ms).
+    pub hold_timeout: Duration,
+    /// A client TCP connection with no query for this long is closed.
+    pub tcp_idle_timeout: Duration,
+    /// UDP queries waiting for upstream at once; more are dropped (the
+    /// client retries).
+    pub max_udp_in_flight: usize,
+    /// Client TCP connections at once; more are closed at accept.
+    pub max_tcp_connections: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            deny_rcode: DenyRcode::Refused,
+            upstream_timeout: Duration::from_secs(4),
+            hold_timeout: Duration::from_millis(100),
+            tcp_idle_timeout: Duration::from_secs(10),
+            max_udp_in_flight: 4096,
+            max_tcp_connections: 1024,
+        }
+    }
+}
+
+/// Called with the addresses of an allowed answer before it is released;
+/// the answer waits until the future completes (or the hold bound).
+/// Typically programs the client's allow-set. The future runs on its own
+/// task: it is never cancelled half-way, even when the hold times out.
+pub trait LearnHook: Send + Sync + 'static {
+    type Error: Display + Send + 'static;
+    fn learn(&self, learned: Learned) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+impl<F, Fut, E> LearnHook for F
+where
+    F: Fn(Learned) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: Display + Send + 'static,
+{
+    type Error = E;
+    fn learn(&self, learned: Learned) -> impl Future<Output = Result<(), E>> + Send {
+        self(learned)
+    }
+}
+
+/// The proxy's listening sockets: UDP and TCP on one address. Made by
+/// [`Listeners::bind`] or from existing sockets ([`Listeners::from_std`],
+/// e.g. descriptors handed over by a previous agent process).
+#[derive(Debug)]
+pub struct Listeners {
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+}
+
+impl Listeners {
+    /// Binds transparent UDP and TCP sockets to `addr` (e.g.
+    /// `127.0.0.1:15053` or `0.0.0.0:15053`, where the TPROXY rule sends
+    /// port-53 traffic). Needs CAP_NET_ADMIN.
+    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        let udp = sock::transparent_udp(addr)?;
+        let tcp = sock::transparent_tcp_listener(addr)?;
+        Self::from_std(udp, tcp)
+    }
+
+    /// Takes sockets made elsewhere; they must already be bound with
+    /// IP_TRANSPARENT (and the TCP one listening). Asks for original
+    /// destinations on the UDP socket and makes both non-blocking.
+    pub fn from_std(udp: std::net::UdpSocket, tcp: std::net::TcpListener) -> io::Result<Self> {
+        let addr = udp.local_addr()?;
+        sock::enable_orig_dst(&udp, addr)?;
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        Ok(Listeners { udp, tcp })
+    }
+
+    pub fn udp(&self) -> &std::net::UdpSocket {
+        &self.udp
+    }
+
+    pub fn tcp(&self) -> &std::net::TcpListener {
+        &self.tcp
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+}
+
+struct Inner<P, H> {
+    config: ProxyConfig,
+    policy: P,
+    hook: Arc<H>,
+    stats: Stats,
+    udp_slots: Arc<Semaphore>,
+    tcp_slots: Arc<Semaphore>,
+    reply_sockets: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
+}
+
+/// The transparent DNS proxy. Cheap to clone (shared state).
+pub struct DnsProxy<P, H> {
+    inner: Arc<Inner<P, H>>,
+}
+
+impl<P, H> Clone for DnsProxy<P, H> {
+    fn clone(&self) -> Self {
+        DnsProxy {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
+    pub fn new(config: ProxyConfig, policy: P, hook: H) -> Self {
+        let udp_slots = Arc::new(Semaphore::new(config.max_udp_in_flight));
+        let tcp_slots = Arc::new(Semaphore::new(config.max_tcp_connections));
+        DnsProxy {
+            inner: Arc::new(Inner {
+                config,
+                policy,
+                hook: Arc::new(hook),
+                stats: Stats::default(),
+                udp_slots,
+                tcp_slots,
+                reply_sockets: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    pub fn policy(&self) -> &P {
+        &self.inner.policy
+    }
+
+    /// Serves both listeners until one fails for good (or the future is
+    /// dropped). Must run inside a tokio runtime with time and I/O enabled.
+    pub async fn serve(&self, listeners: Listeners) -> io::Result<()> {
+        let udp = UdpSocket::from_std(listeners.udp)?;
+        let tcp = TcpListener::from_std(listeners.tcp)?;
+        tokio::select! {
+            r = self.clone().udp_loop(udp) => r,
+            r = self.clone().tcp_loop(tcp) => r,
+        }
+    }
+
+    async fn udp_loop(self, sock: UdpSocket) -> io::Result<()> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut errors_in_a_row = 0u32;
+        loop {
+            let (n, client, orig) = match sock
+                .async_io(Interest::READABLE, || sock::recv_orig_dst(&sock, &mut buf))
+                .await
+            {
+                Ok(r) => {
+                    errors_in_a_row = 0;
+                    r
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    errors_in_a_row += 1;
+                    if errors_in_a_row > 1000 {
+                        return Err(e);
+                    }
+                    warn!(error = %e, "receiving on the DNS proxy's UDP listener");
+                    continue;
+                }
+            };
+            let Some(server) = orig else {
+                // Sent to the listener itself, not redirected: no server.
+                bump(&self.inner.stats.queries_dropped);
+                continue;
+            };
+            let ctx = QueryContext {
+                client: client.ip(),
+                server,
+                transport: Transport::Udp,
+            };
+            let outcome = handle_query(
+                &self.inner.policy,
+                self.inner.config.deny_rcode,
+                ctx,
+                &buf[..n],
+            );
+            match outcome {
+                QueryOutcome::Forward(pending) => {
+                    let Ok(permit) = self.inner.udp_slots.clone().try_acquire_owned() else {
+                        bump(&self.inner.stats.queries_overload);
+                        continue;
+                    };
+                    bump(&self.inner.stats.queries_allowed);
+                    let query = buf[..n].to_vec();
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let reply = this.udp_exchange(&pending, &query).await;
+                        this.reply_udp(server, client, &reply).await;
+                        drop(permit);
+                    });
+                }
+                QueryOutcome::Answer { reply, why } => {
+                    self.count_local(why);
+                    let this = self.clone();
+                    tokio::spawn(async move { this.reply_udp(server, client, &reply).await });
+                }
+                QueryOutcome::Drop(_) => bump(&self.inner.stats.queries_dropped),
+            }
+        }
+    }
+
+    fn count_local(&self, why: LocalAnswer) {
+        let s = &self.inner.stats;
+        bump(match why {
+            LocalAnswer::Denied => &s.queries_denied,
+            LocalAnswer::FormatError => &s.queries_formerr,
+            LocalAnswer::NotImplemented => &s.queries_notimp,
+        });
+    }
+
+    /// Sends the query upstream from a fresh socket; the answer (after the
+    /// hold) or SERVFAIL.
+    async fn udp_exchange(&self, pending: &PendingQuery, query: &[u8]) -> Vec<u8> {
+        let server = pending.server();
+        let sock = match upstream_udp_socket(server).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%server, error = %e, "upstream UDP socket");
+                bump(&self.inner.stats.upstream_errors);
+                return pending.servfail();
+            }
+        };
+        if let Err(e) = sock.send(query).await {
+            debug!(%server, error = %e, "sending upstream");
+            bump(&self.inner.stats.upstream_errors);
+            return pending.servfail();
+        }
+        let deadline = tokio::time::Instant::now() + self.inner.config.upstream_timeout;
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let received = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await;
+            let (n, from) = match received {
+                Err(_) => {
+                    bump(&self.inner.stats.upstream_timeouts);
+                    return pending.servfail();
+                }
+                Ok(Err(e)) => {
+                    // E.g. ECONNREFUSED from an ICMP port unreachable.
+                    debug!(%server, error = %e, "receiving from upstream");
+                    bump(&self.inner.stats.upstream_errors);
+                    return pending.servfail();
+                }
+                Ok(Ok(r)) => r,
+            };
+            if let Some(reply) = self.take_response(pending, from, &buf[..n]).await {
+                return reply;
+            }
+        }
+    }
+
+    /// The answer if `bytes` is one (after holding it for the hook), `None`
+    /// to keep waiting.
+    async fn take_response(
+        &self,
+        pending: &PendingQuery,
+        from: SocketAddr,
+        bytes: &[u8],
+    ) -> Option<Vec<u8>> {
+        let s = &self.inner.stats;
+        match pending.accept_response(from, bytes) {
+            ResponseOutcome::Ignore(why) => {
+                debug!(server = %pending.server(), id = pending.id(), ?why, "ignoring upstream message");
+                bump(&s.responses_mismatched);
+                None
+            }
+            ResponseOutcome::Relay {
+                learned,
+                truncated,
+                unparsed,
+            } => {
+                bump(&s.responses_relayed);
+                if truncated {
+                    bump(&s.responses_truncated);
+                }
+                if unparsed {
+                    bump(&s.responses_unparsed);
+                }
+                if let Some(learned) = learned {
+                    self.hold(learned).await;
+                }
+                Some(bytes.to_vec())
+            }
+        }
+    }
+
+    /// Runs the learn hook and waits for it, at most the hold bound.
+    async fn hold(&self, learned: Learned) {
+        let start = Instant::now();
+        let hook = self.inner.hook.clone();
+        let qname = learned.qname.clone();
+        let mut fut = Box::pin(async move { hook.learn(learned).await });
+        // Most calls find nothing new to program and finish at once: no
+        // task needed then.
+        let first = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        let result = match first {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => {
+                let task = tokio::spawn(fut);
+                match tokio::time::timeout(self.inner.config.hold_timeout, task).await {
+                    Ok(Ok(r)) => Some(r),
+                    Ok(Err(join)) => {
+                        warn!(name = %qname, error = %join, "learn hook panicked");
+                        bump(&self.inner.stats.learn_errors);
+                        None
+                    }
+                    Err(_) => {
+                        warn!(
+                            name = %qname,
+                            bound = ?self.inner.config.hold_timeout,
+                            "learn hook still running at the hold bound: releasing the answer"
+                        );
+                        bump(&self.inner.stats.hold_timeouts);
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(Err(e)) = result {
+            warn!(name = %qname, error = %e, "learn hook failed: releasing the answer");
+            bump(&self.inner.stats.learn_errors);
+        }
+        self.inner.stats.record_hold(start.elapsed());
+    }
+
+    /// Sends `reply` to `client` from `server`'s address.
+    async fn reply_udp(&self, server: SocketAddr, client: SocketAddr, reply: &[u8]) {
+        let sock = match self.reply_socket(server) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%server, error = %e, "cannot bind a reply socket to the server's address");
+                bump(&self.inner.stats.client_send_errors);
+                return;
+            }
+        };
+        if let Err(e) = sock.send_to(reply, client).await {
+            debug!(%client, error = %e, "sending the reply");
+            bump(&self.inner.stats.client_send_errors);
+        }
+    }
+
+    fn reply_socket(&self, server: SocketAddr) -> io::Result<Arc<UdpSocket>> {
+        let mut map = self
+            .inner
+            .reply_sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(&server) {
+            return Ok(s.clone());
+        }
+        if map.len() >= MAX_REPLY_SOCKETS {
+            map.clear();
+        }
+        let sock = Arc::new(UdpSocket::from_std(sock::transparent_udp(server)?)?);
+        map.insert(server, sock.clone());
+        Ok(sock)
+    }
+
+    async fn tcp_loop(self, listener: TcpListener) -> io::Result<()> {
+        let mut errors_in_a_row = 0u32;
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(c) => {
+                    errors_in_a_row = 0;
+                    c
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    errors_in_a_row += 1;
+                    if errors_in_a_row > 1000 {
+                        return Err(e);
+                    }
+                    warn!(error = %e, "accepting on the DNS proxy's TCP listener");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.inner.tcp_slots.clone().try_acquire_owned() else {
+                bump(&self.inner.stats.queries_overload);
+                continue;
+            };
+            bump(&self.inner.stats.tcp_connections);
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.tcp_connection(stream).await {
+                    debug!(error = %e, "DNS TCP connection");
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    async fn tcp_connection(&self, mut client: TcpStream) -> io::Result<()> {
+        let peer = client.peer_addr()?;
+        // The original destination (TPROXY keeps it as our local address).
+        let server = client.local_addr()?;
+        let _ = client.set_nodelay(true);
+        let mut upstream: Option<TcpStream> = None;
+        let idle = self.inner.config.tcp_idle_timeout;
+        loop {
+            let query = match tokio::time::timeout(idle, read_frame(&mut client)).await {
+                Ok(Ok(Some(q))) => q,
+                // Idle, closed, or a broken frame.
+                _ => return Ok(()),
+            };
+            let ctx = QueryContext {
+                client: peer.ip(),
+                server,
+                transport: Transport::Tcp,
+            };
+            let reply = match handle_query(&self.inner.policy, self.inner.config.deny_rcode, ctx, &query) {
+                QueryOutcome::Forward(pending) => {
+                    bump(&self.inner.stats.queries_allowed);
+                    self.tcp_exchange(&pending, &mut upstream, &query).await
+                }
+                QueryOutcome::Answer { reply, why } => {
+                    self.count_local(why);
+                    reply
+                }
+                QueryOutcome::Drop(_) => {
+                    bump(&self.inner.stats.queries_dropped);
+                    return Ok(());
+                }
+            };
+            let framed = frame(&reply);
+            match tokio::time::timeout(idle, client.write_all(&framed)).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    bump(&self.inner.stats.client_send_errors);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// One query over the connection's upstream TCP connection (opened or
+    /// re-opened as needed): the answer after the hold, or SERVFAIL.
+    async fn tcp_exchange(
+        &self,
+        pending: &PendingQuery,
+        upstream: &mut Option<TcpStream>,
+        query: &[u8],
+    ) -> Vec<u8> {
+        let server = pending.server();
+        let deadline = tokio::time::Instant::now() + self.inner.config.upstream_timeout;
+        let framed = frame(query);
+        // A kept connection the server has closed meanwhile fails on first
+        // use: then one fresh connection is tried.
+        for attempt in 0..2 {
+            let reused = upstream.is_some();
+            if upstream.is_none() {
+                match tokio::time::timeout_at(deadline, TcpStream::connect(server)).await {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        *upstream = Some(s);
+                    }
+                    Ok(Err(e)) => {
+                        debug!(%server, error = %e, "connecting upstream");
+                        bump(&self.inner.stats.upstream_errors);
+                        return pending.servfail();
+                    }
+                    Err(_) => {
+                        bump(&self.inner.stats.upstream_timeouts);
+                        return pending.servfail();
+                    }
+                }
+            }
+            let Some(conn) = upstream.as_mut() else {
+                break;
+            };
+            let result = tokio::time::timeout_at(deadline, async {
+                conn.write_all(&framed).await?;
+                loop {
+                    let Some(msg) = read_frame(conn).await? else {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "upstream closed"));
+                    };
+                    if let Some(reply) = self.take_response(pending, server, &msg).await {
+                        return Ok(reply);
+                    }
+                }
+            })
+            .await;
+            match result {
+                Ok(Ok(reply)) => return reply,
+                Ok(Err(e)) => {
+                    *upstream = None;
+                    if reused && attempt == 0 {
+                        continue;
+                    }
+                    debug!(%server, error = %e, "upstream TCP exchange");
+                    bump(&self.inner.stats.upstream_errors);
+                    return pending.servfail();
+                }
+                Err(_) => {
+                    // A late answer must not be taken for the next query's.
+                    *upstream = None;
+                    bump(&self.inner.stats.upstream_timeouts);
+                    return pending.servfail();
+                }
+            }
+        }
+        bump(&self.inner.stats.upstream_errors);
+        pending.servfail()
+    }
+}
+
+/// A connected UDP socket on a random local port towards `server`.
+async fn upstream_udp_socket(server: SocketAddr) -> io::Result<UdpSocket> {
+    let local: SocketAddr = match server.ip() {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = UdpSocket::bind(local).await?;
+    sock.connect(server).await?;
+    Ok(sock)
+}
+
+/// A DNS message with its two-octet TCP length prefix.
+fn frame(msg: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(msg.len()).unwrap_or(u16::MAX);
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&msg[..usize::from(len)]);
+    out
+}
+
+/// One length-prefixed message; `None` at a clean end of stream.
+async fn read_frame(s: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match s.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut msg).await?;
+    Ok(Some(msg))
+}
