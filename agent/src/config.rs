@@ -75,6 +75,41 @@ pub struct Config {
     /// remote (except this node's own pod CIDRs) from the first moment, before
     /// any peer is known.
     pub cluster_cidr: Ipv4Net,
+    /// Policy enforcement and the transparent DNS proxy.
+    pub policy: PolicySettings,
+}
+
+/// Policy enforcement knobs (`dns*`, `fqdn*`, `nflogGroup` keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySettings {
+    /// Port of the node's transparent DNS proxy (on 127.0.0.1 and ::1).
+    pub dns_proxy_port: u16,
+    /// Answer to a query the policy does not allow: REFUSED or NXDOMAIN.
+    pub dns_deny_nxdomain: bool,
+    /// Longest an answer waits for its addresses to reach the kernel.
+    pub dns_hold_timeout: Duration,
+    /// Shortest lifetime of a learned address (0: honour the DNS TTL).
+    pub fqdn_min_ttl: Duration,
+    /// Most addresses kept per name (Cilium's default: 1000).
+    pub fqdn_max_ips_per_name: usize,
+    /// Most learned (name, address) entries in all.
+    pub fqdn_max_entries: usize,
+    /// nflog group of policy drops.
+    pub nflog_group: u16,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        PolicySettings {
+            dns_proxy_port: 10053,
+            dns_deny_nxdomain: false,
+            dns_hold_timeout: Duration::from_millis(100),
+            fqdn_min_ttl: Duration::ZERO,
+            fqdn_max_ips_per_name: 1000,
+            fqdn_max_entries: 200_000,
+            nflog_group: 109,
+        }
+    }
 }
 
 /// Command-line values that win over the file's.
@@ -119,6 +154,16 @@ struct RawConfig {
     socket_path: Option<PathBuf>,
     #[serde(rename = "clusterCIDR")]
     cluster_cidr: Option<String>,
+    dns_proxy_port: Option<u16>,
+    /// `refused` (default) or `nxdomain`.
+    dns_deny_response: Option<String>,
+    dns_hold_timeout: Option<String>,
+    #[serde(rename = "fqdnMinTTL")]
+    fqdn_min_ttl: Option<String>,
+    #[serde(rename = "fqdnMaxIPsPerName")]
+    fqdn_max_ips_per_name: Option<usize>,
+    fqdn_max_entries: Option<usize>,
+    nflog_group: Option<u16>,
 }
 
 impl Config {
@@ -306,7 +351,63 @@ impl Config {
             }
         };
 
+        let defaults = PolicySettings::default();
+        let duration = |field: &str, text: Option<String>, default: Duration| match text {
+            None => Ok(default),
+            Some(text) => humantime::parse_duration(text.trim())
+                .map_err(|e| invalid(field, format!("{text:?}: {e} (e.g. 100ms, 30s)"))),
+        };
+        let dns_proxy_port = raw.dns_proxy_port.unwrap_or(defaults.dns_proxy_port);
+        if dns_proxy_port == 0 {
+            return Err(invalid("dnsProxyPort", "must not be 0".into()));
+        }
+        let dns_deny_nxdomain = match raw.dns_deny_response.as_deref().map(str::trim) {
+            None | Some("refused") => false,
+            Some("nxdomain") => true,
+            Some(other) => {
+                return Err(invalid(
+                    "dnsDenyResponse",
+                    format!("{other:?}: want refused or nxdomain"),
+                ))
+            }
+        };
+        let dns_hold_timeout = duration(
+            "dnsHoldTimeout",
+            raw.dns_hold_timeout,
+            defaults.dns_hold_timeout,
+        )?;
+        if dns_hold_timeout.is_zero() || dns_hold_timeout > Duration::from_secs(5) {
+            return Err(invalid(
+                "dnsHoldTimeout",
+                format!("{dns_hold_timeout:?} is outside 1ms..=5s"),
+            ));
+        }
+        let fqdn_min_ttl = duration("fqdnMinTTL", raw.fqdn_min_ttl, defaults.fqdn_min_ttl)?;
+        let positive = |field: &str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(invalid(field, "must be at least 1".into())),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let policy = PolicySettings {
+            dns_proxy_port,
+            dns_deny_nxdomain,
+            dns_hold_timeout,
+            fqdn_min_ttl,
+            fqdn_max_ips_per_name: positive(
+                "fqdnMaxIPsPerName",
+                raw.fqdn_max_ips_per_name,
+                defaults.fqdn_max_ips_per_name,
+            )?,
+            fqdn_max_entries: positive(
+                "fqdnMaxEntries",
+                raw.fqdn_max_entries,
+                defaults.fqdn_max_entries,
+            )?,
+            nflog_group: raw.nflog_group.unwrap_or(defaults.nflog_group),
+        };
+
         Ok(Config {
+            policy,
             node_name,
             state_dir,
             datastore,
