@@ -39,7 +39,7 @@
 
 pub mod cache;
 mod control;
-pub mod health;
+mod health;
 mod netlink;
 pub mod plan;
 pub mod protocol;
