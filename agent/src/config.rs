@@ -12,6 +12,7 @@
 //! strictMode: true                 # default
 //! socketPath: /run/meshward/agent.sock   # default
 //! clusterCIDR: 10.244.0.0/16       # default; the whole pod range (strict mode guards it)
+//! healthAddress: 127.0.0.1:9879    # default; HTTP /healthz, /readyz, /metrics
 //! ```
 //!
 //! Unknown keys are errors. Relative paths in the file are relative to the
@@ -30,6 +31,9 @@ pub const DEFAULT_PORT: u16 = 51871;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshward";
 pub const DEFAULT_SOCKET: &str = "/run/meshward/agent.sock";
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+/// Where the agent's health endpoint listens unless configured.
+pub const DEFAULT_HEALTH_ADDRESS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9879);
 /// The Kubernetes convention for the cluster's pod range when unset.
 pub const DEFAULT_CLUSTER_CIDR: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(10, 244, 0, 0), 16) {
     Ok(net) => net,
@@ -54,6 +58,13 @@ pub struct AgentArgs {
     /// Overrides the file's nodeName
     #[arg(long, value_name = "NAME")]
     pub node_name: Option<String>,
+    /// Overrides the file's endpoint (ip or ip:port), e.g. the node's
+    /// address from the Kubernetes downward API
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub endpoint: Option<String>,
+    /// Only check the configuration: print it and exit
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// The agent's configuration, validated and with defaults filled in.
@@ -77,6 +88,8 @@ pub struct Config {
     pub cluster_cidr: Ipv4Net,
     /// Policy enforcement and the transparent DNS proxy.
     pub policy: PolicySettings,
+    /// HTTP: `/healthz`, `/readyz`, `/metrics`.
+    pub health_address: SocketAddr,
 }
 
 /// Policy enforcement knobs (`dns*`, `fqdn*`, `nflogGroup` keys).
@@ -117,6 +130,7 @@ impl Default for PolicySettings {
 pub struct Overrides {
     pub datastore: Option<DatastoreSpec>,
     pub node_name: Option<String>,
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +178,7 @@ struct RawConfig {
     fqdn_max_ips_per_name: Option<usize>,
     fqdn_max_entries: Option<usize>,
     nflog_group: Option<u16>,
+    health_address: Option<String>,
 }
 
 impl Config {
@@ -180,6 +195,7 @@ impl Config {
                 other => other,
             }),
             node_name: args.node_name.clone(),
+            endpoint: args.endpoint.clone(),
         };
         Config::parse(&text, &args.config, &overrides, hostname)
     }
@@ -244,7 +260,11 @@ impl Config {
             return Err(invalid("listenPort", "must not be 0".into()));
         }
 
-        let endpoint = match raw.endpoint {
+        let (endpoint_field, endpoint_text) = match (&overrides.endpoint, raw.endpoint) {
+            (Some(text), _) => ("--endpoint", Some(text.clone())),
+            (None, text) => ("endpoint", text),
+        };
+        let endpoint = match endpoint_text {
             None => {
                 return Err(invalid(
                     "endpoint",
@@ -261,12 +281,12 @@ impl Config {
                     Ok(ip) => SocketAddr::new(ip, listen_port),
                     Err(_) => text.parse::<SocketAddr>().map_err(|_| {
                         invalid(
-                            "endpoint",
+                            endpoint_field,
                             format!("{text:?} is not ip or ip:port (e.g. 198.18.0.1:51871)"),
                         )
                     })?,
                 };
-                check_endpoint(addr).map_err(|m| invalid("endpoint", m))?;
+                check_endpoint(addr).map_err(|m| invalid(endpoint_field, m))?;
                 addr
             }
         };
@@ -405,6 +425,18 @@ impl Config {
             )?,
             nflog_group: raw.nflog_group.unwrap_or(defaults.nflog_group),
         };
+        let health_address = match raw.health_address {
+            None => DEFAULT_HEALTH_ADDRESS,
+            Some(text) => text.trim().parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "healthAddress",
+                    format!("{text:?} is not ip:port (e.g. 0.0.0.0:9879)"),
+                )
+            })?,
+        };
+        if health_address.port() == 0 {
+            return Err(invalid("healthAddress", "port must not be 0".into()));
+        }
 
         Ok(Config {
             policy,
@@ -419,6 +451,7 @@ impl Config {
             strict_mode: raw.strict_mode.unwrap_or(true),
             socket_path,
             cluster_cidr,
+            health_address,
         })
     }
 }
@@ -492,6 +525,7 @@ mod tests {
                 strict_mode: true,
                 socket_path: DEFAULT_SOCKET.into(),
                 cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+                health_address: "127.0.0.1:9879".parse().unwrap(),
             }
         );
     }
@@ -502,7 +536,7 @@ mod tests {
             "nodeName: node1\nstateDir: state\ndatastore: kubernetes\n\
              endpoint: '[fd00::1]:4000'\nlistenPort: 5000\nunderlayMTU: 9001\nmtu: 8921\n\
              keyRotationInterval: 24h\nstrictMode: false\nsocketPath: /tmp/a.sock\n\
-             clusterCIDR: 198.19.0.0/16\n",
+             clusterCIDR: 198.19.0.0/16\nhealthAddress: '[::]:9000'\n",
         )
         .unwrap();
         assert_eq!(c.node_name, "node1");
@@ -515,6 +549,7 @@ mod tests {
         assert!(!c.strict_mode);
         assert_eq!(c.socket_path, PathBuf::from("/tmp/a.sock"));
         assert_eq!(c.cluster_cidr, "198.19.0.0/16".parse::<Ipv4Net>().unwrap());
+        assert_eq!(c.health_address, "[::]:9000".parse().unwrap());
     }
 
     #[test]
@@ -532,10 +567,32 @@ mod tests {
         let o = Overrides {
             datastore: Some(DatastoreSpec::Dir("/x".into())),
             node_name: Some("other".into()),
+            endpoint: Some("198.18.0.9".into()),
         };
         let c = Config::parse(MINIMAL, Path::new(FILE), &o, || None).unwrap();
         assert_eq!(c.node_name, "other");
         assert_eq!(c.datastore, DatastoreSpec::Dir("/x".into()));
+        assert_eq!(c.endpoint, "198.18.0.9:51871".parse().unwrap());
+        // the override stands in for a missing endpoint, and is named when bad
+        let o = Overrides {
+            endpoint: Some("[fd00::9]:4000".into()),
+            ..Default::default()
+        };
+        let c = Config::parse("datastore: kubernetes\n", Path::new(FILE), &o, || {
+            Some("n".into())
+        })
+        .unwrap();
+        assert_eq!(c.endpoint, "[fd00::9]:4000".parse().unwrap());
+        let o = Overrides {
+            endpoint: Some("node-a".into()),
+            ..Default::default()
+        };
+        let e = Config::parse(MINIMAL, Path::new(FILE), &o, || Some("n".into())).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("config file {FILE}: --endpoint: ")),
+            "{e}"
+        );
         let o = Overrides {
             node_name: Some("Bad_Name".into()),
             ..Default::default()
@@ -615,6 +672,14 @@ mod tests {
                 "datastore: kubernetes\nendpoint: 198.18.0.1\nclusterCIDR: 'fd00::/64'\n",
                 "clusterCIDR",
             ),
+            (
+                "datastore: kubernetes\nendpoint: 198.18.0.1\nhealthAddress: 9879\n",
+                "healthAddress",
+            ),
+            (
+                "datastore: kubernetes\nendpoint: 198.18.0.1\nhealthAddress: 0.0.0.0:0\n",
+                "healthAddress",
+            ),
         ];
         for (text, field) in cases {
             let e = error(text);
@@ -665,6 +730,8 @@ mod tests {
             config: "/nonexistent/agent.yaml".into(),
             datastore: None,
             node_name: None,
+            endpoint: None,
+            check: false,
         };
         let e = Config::load(&args).unwrap_err();
         assert!(
@@ -683,6 +750,8 @@ mod tests {
             config: file,
             datastore: Some("dir:rel".parse().unwrap()),
             node_name: None,
+            endpoint: None,
+            check: false,
         };
         let c = Config::load(&args).unwrap();
         assert_eq!(c.node_name, "n1");

@@ -27,6 +27,11 @@ enum Command {
     Keys(cli::keys::KeysArgs),
     /// Show the running agent's peers, sessions, traffic and drops
     Status(cli::status::StatusArgs),
+    /// Print the CustomResourceDefinitions of meshward's policy types (YAML)
+    Crd,
+    /// Install meshward-cni and its network configuration on this node
+    /// (the Helm chart's init container)
+    InstallCni(cli::install_cni::InstallCniArgs),
     /// A cluster of network namespaces on this machine: fabric, nodes, pods, external services
     Lab(lab::LabArgs),
 }
@@ -42,9 +47,12 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Agent(args) if args.check => cli::check::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Agent(args) => agent::run(args),
         Command::Keys(args) => cli::keys::run(args).map(|()| ExitCode::SUCCESS),
         Command::Status(args) => cli::status::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Crd => cli::crd::run().map(|()| ExitCode::SUCCESS),
+        Command::InstallCni(args) => cli::install_cni::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lab(args) => lab::run(args),
     };
     result.unwrap_or_else(|e| {

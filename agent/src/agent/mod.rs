@@ -39,6 +39,7 @@
 
 pub mod cache;
 mod control;
+mod health;
 mod netlink;
 pub mod plan;
 pub mod protocol;
@@ -101,7 +102,13 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async move {
+        // Up before start-up, so liveness passes while it waits.
+        let address = config.health_address;
+        let health = health::Server::start(address)
+            .await
+            .with_context(|| format!("health endpoint (healthAddress {address})"))?;
         let (agent, requests) = Agent::start(config, instance_lock).await?;
+        health.started(agent.rx.clone());
         agent.run(requests).await
     })?;
     Ok(ExitCode::SUCCESS)

@@ -1,5 +1,9 @@
-//! The small commands around the agent: `meshward keys` and `meshward status`.
+//! The small commands around the agent: `meshward keys`, `status`, `crd`,
+//! `install-cni` and `agent --check`.
 
+pub mod check;
+pub mod crd;
+pub mod install_cni;
 pub mod keys;
 pub mod status;
 
@@ -15,6 +19,8 @@ fn load_config(file: &Path) -> Result<Config> {
         config: file.to_path_buf(),
         datastore: None,
         node_name: None,
+        endpoint: None,
+        check: false,
     })
     .context("reading the agent's configuration")
 }
