@@ -85,7 +85,7 @@
 //! * `rules.http` is accepted and ignored here (L7 is enforced elsewhere);
 //!   its port is allowed at L3/L4.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -126,20 +126,74 @@ pub struct PolicyError {
 ///
 /// Every pod on `node` with IPs and not on the host network gets an
 /// [`EndpointRules`]; a direction is `None` when no policy isolates it.
+/// To recompile often, keep a [`Compiler`]: it parses each policy once.
 pub fn compile(view: &ClusterView, node: &str) -> Compiled {
-    let mut errors = Vec::new();
-    let parsed: Vec<Parsed> = view
-        .policies
-        .iter()
-        .filter_map(|p| match parse_policy(p) {
-            Ok(parsed) => Some(parsed),
-            Err(e) => {
-                errors.extend(e);
-                None
-            }
-        })
-        .collect();
+    Compiler::new().compile(view, node)
+}
 
+/// A compiler that keeps each policy's checked, parsed form between
+/// compiles, keyed by the identity of the policy's `Arc`. A datastore that
+/// keeps the same `Arc` for an unchanged object (as it should) makes
+/// recompiles after pod or namespace changes skip all policy parsing; a
+/// changed object is a new `Arc` and is parsed again. Entries of policies
+/// no longer in the view are dropped at each compile. The result is always
+/// exactly [`compile`]'s.
+#[derive(Default)]
+pub struct Compiler {
+    parsed: HashMap<(PolicyKind, usize), CachedPolicy>,
+}
+
+struct CachedPolicy {
+    /// Held so the `Arc`'s address cannot be reused while cached.
+    _object: PolicyObject,
+    result: Result<Arc<Parsed>, Arc<[PolicyError]>>,
+}
+
+impl Compiler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Compiles `view` for `node`; see [`compile`].
+    pub fn compile(&mut self, view: &ClusterView, node: &str) -> Compiled {
+        let mut errors = Vec::new();
+        let mut parsed = Vec::with_capacity(view.policies.len());
+        let mut live = HashSet::with_capacity(view.policies.len());
+        for p in &view.policies {
+            let key = object_key(p);
+            live.insert(key);
+            let cached = self.parsed.entry(key).or_insert_with(|| CachedPolicy {
+                _object: p.clone(),
+                result: parse_policy(p).map(Arc::new).map_err(Arc::from),
+            });
+            match &cached.result {
+                Ok(x) => parsed.push(x.clone()),
+                Err(e) => errors.extend(e.iter().cloned()),
+            }
+        }
+        self.parsed.retain(|k, _| live.contains(k));
+        build(view, node, &parsed, errors)
+    }
+}
+
+fn object_key(p: &PolicyObject) -> (PolicyKind, usize) {
+    match p {
+        PolicyObject::Kubernetes(o) => (PolicyKind::NetworkPolicy, Arc::as_ptr(o) as usize),
+        PolicyObject::Mesh(o) => (PolicyKind::MeshNetworkPolicy, Arc::as_ptr(o) as usize),
+        PolicyObject::Clusterwide(o) => (
+            PolicyKind::MeshClusterwideNetworkPolicy,
+            Arc::as_ptr(o) as usize,
+        ),
+    }
+}
+
+/// Resolves the parsed policies for `node` and assembles its rules.
+fn build(
+    view: &ClusterView,
+    node: &str,
+    parsed: &[Arc<Parsed>],
+    errors: Vec<PolicyError>,
+) -> Compiled {
     let index = Index::new(view, node);
     let mut cache = Cache::default();
     let mut resolved: Vec<Option<Resolved>> = Vec::with_capacity(parsed.len());
@@ -185,7 +239,7 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
             Some(ids) if !ids.is_empty() => {
                 let shared = egress_cache
                     .entry(ids.clone())
-                    .or_insert_with(|| egress_rules(&parsed, &resolved, ids));
+                    .or_insert_with(|| egress_rules(parsed, &resolved, ids));
                 (Some(shared.rules.clone()), shared.dns.clone())
             }
             _ => (None, None),
@@ -196,7 +250,7 @@ pub fn compile(view: &ClusterView, node: &str) -> Compiled {
                 let rules = ingress_cache
                     .entry((ids.clone(), local_ports))
                     .or_insert_with_key(|(ids, ports)| {
-                        Arc::new(ingress_rules(&parsed, &resolved, ids, ports))
+                        Arc::new(ingress_rules(parsed, &resolved, ids, ports))
                     });
                 Some(rules.clone())
             }
@@ -1569,7 +1623,7 @@ fn local_named_ports(
 }
 
 fn ingress_rules(
-    parsed: &[Parsed],
+    parsed: &[Arc<Parsed>],
     resolved: &[Option<Resolved>],
     ids: &[usize],
     local_ports: &[Vec<PortMatch>],
@@ -1609,7 +1663,11 @@ struct EgressShared {
     dns: Option<Arc<DnsRules>>,
 }
 
-fn egress_rules(parsed: &[Parsed], resolved: &[Option<Resolved>], ids: &[usize]) -> EgressShared {
+fn egress_rules(
+    parsed: &[Arc<Parsed>],
+    resolved: &[Option<Resolved>],
+    ids: &[usize],
+) -> EgressShared {
     let mut rules = DirectionRules::default();
     let mut wants_dns = false;
     let mut dns = DnsRules::default();

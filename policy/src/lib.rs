@@ -16,7 +16,7 @@
 //!   endpoint, egress/ingress allow lists, toFQDNs ports and DNS rules, with
 //!   pure queries ([`DirectionRules::allows`], [`EndpointRules::fqdn_ports`],
 //!   [`DnsRules::query_allowed`]).
-//! * [`compile`](mod@compile): [`compile()`] turns a [`ClusterView`] into one node's
+//! * [`compile`](mod@compile): [`compile()`] (or a reusable [`Compiler`]) turns a [`ClusterView`] into one node's
 //!   [`NodeRules`] plus a [`PolicyError`] (policy, field path, message) per
 //!   problem; a bad policy is skipped as a whole, the rest still applies.
 //!   The module docs spell out the NetworkPolicy and Cilium semantics and
@@ -28,7 +28,7 @@ pub mod fqdn;
 pub mod model;
 pub mod rules;
 
-pub use compile::{compile, Compiled, PolicyError};
+pub use compile::{compile, Compiled, Compiler, PolicyError};
 pub use crd::{
     crds_yaml, CidrRule, CrdYamlError, EgressRule, FieldError, FqdnRule, HeaderMatch, HttpRule,
     IngressRule, L7Rules, MeshClusterwideNetworkPolicy, MeshClusterwideNetworkPolicySpec,

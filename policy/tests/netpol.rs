@@ -1128,3 +1128,51 @@ spec:
     // Claims x/a is still reachable: must fail.
     c.compile().check(TCP, 80, |_, _| true);
 }
+
+#[test]
+fn any_of_several_pod_selectors() {
+    let mut c = Cluster::e2e();
+    c.k8s(
+        "
+metadata: {name: b-or-c, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {pod: b}}
+    - podSelector: {matchLabels: {pod: c}}
+",
+    );
+    let w = c.compile();
+    w.check(TCP, 80, |from, to| {
+        to != "x/a" || from == "x/b" || from == "x/c"
+    });
+}
+
+#[test]
+fn updated_policy_is_enforced() {
+    let mut c = Cluster::e2e();
+    c.k8s(
+        "
+metadata: {name: p, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress: [{from: [{namespaceSelector: {}}]}]
+",
+    );
+    let w = c.compile();
+    w.check(TCP, 80, |from, to| to != "x/a" || from != EXT);
+    // The same policy, updated: only x/b on 81.
+    c.view.policies.clear();
+    c.k8s(
+        "
+metadata: {name: p, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}], ports: [{port: 81}]}]
+",
+    );
+    let w = c.compile();
+    w.check(TCP, 80, |_, to| to != "x/a");
+    w.check(TCP, 81, |from, to| to != "x/a" || from == "x/b");
+}
