@@ -42,6 +42,7 @@ mod control;
 mod health;
 mod netlink;
 pub mod plan;
+mod policy;
 pub mod protocol;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -142,6 +143,7 @@ struct Agent {
     last_publish: Option<Instant>,
     own_node_warning: Option<String>,
     control: Option<control::Server>,
+    policy: Option<policy::PolicyEngine>,
     /// Held for the agent's lifetime (`stateDir/agent.lock`).
     _instance_lock: Flock<std::fs::File>,
 }
@@ -337,6 +339,7 @@ impl Agent {
             last_publish: None,
             own_node_warning: None,
             control: None,
+            policy: None,
             _instance_lock: instance_lock,
             config,
         };
@@ -351,6 +354,21 @@ impl Agent {
         } else {
             warn!("strictMode is off: pod traffic to other nodes is not forced through the tunnel");
         }
+
+        // 5b. policy: the structure, the first full apply (with the learned
+        // names restored from the state directory), then the DNS proxy
+        let mut engine = policy::PolicyEngine::start(
+            &agent.config.node_name,
+            agent.config.state_dir.clone(),
+            &agent.config.policy,
+        )?;
+        if !engine.update(&agent.snapshot, true) {
+            bail!("applying the policy to the kernel failed (see above)");
+        }
+        engine
+            .start_dns_proxy(&agent.config.policy)
+            .context("starting the DNS proxy")?;
+        agent.policy = Some(engine);
 
         // 6. the data plane
         let listen = SocketAddr::new(
@@ -431,6 +449,7 @@ impl Agent {
         let mut resync = tokio::time::interval(RESYNC_INTERVAL);
         resync.tick().await;
         let mut forget = tokio::time::interval(FORGET_POLL);
+        let mut policy_tick = tokio::time::interval(policy::PolicyEngine::save_interval());
         let far = || Instant::now() + Duration::from_secs(365 * 86400);
         let result = loop {
             let rotation_at = self.next_rotation.unwrap_or_else(far);
@@ -449,6 +468,11 @@ impl Agent {
                     let _ = reply.send(response);
                 }
                 _ = resync.tick() => self.reconcile().await,
+                _ = policy_tick.tick() => {
+                    if let Some(policy) = &self.policy {
+                        policy.tick();
+                    }
+                }
                 _ = forget.tick(), if self.previous.is_some() => self.forget_previous_if_done().await,
                 _ = tokio::time::sleep_until(rotation_at), if self.next_rotation.is_some() => {
                     info!("scheduled key rotation (keyRotationInterval)");
@@ -475,6 +499,10 @@ impl Agent {
     async fn shutdown(mut self) {
         if let Some(control) = self.control.take() {
             control.stop();
+        }
+        if let Some(policy) = &self.policy {
+            // Policy and learned peers stay in the kernel; save the cache.
+            policy.tick();
         }
         if let Some(device) = self.device.take() {
             let stopped = tokio::time::timeout(
@@ -513,6 +541,9 @@ impl Agent {
     /// Brings peers, routes, strict mode and the own Node in line with the
     /// current snapshot. Failures are logged and retried on the next pass.
     async fn reconcile(&mut self) {
+        if let Some(policy) = &mut self.policy {
+            policy.update(&self.snapshot, false);
+        }
         let plan = self.plan();
         if plan.problems != self.problems {
             for problem in plan.problems.iter().filter(|p| !self.problems.contains(p)) {
@@ -814,6 +845,7 @@ impl Agent {
                 .map(|(reason, n)| (reason.as_str().to_string(), n))
                 .collect(),
             problems: self.problems.iter().map(ToString::to_string).collect(),
+            policy: self.policy.as_ref().map(policy::PolicyEngine::status),
         }
     }
 }

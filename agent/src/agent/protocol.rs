@@ -110,6 +110,27 @@ pub struct Status {
     pub drops: BTreeMap<String, u64>,
     /// Problems with other Nodes' data, as last planned.
     pub problems: Vec<String>,
+    /// Policy enforcement and the DNS proxy.
+    #[serde(default)]
+    pub policy: Option<PolicyStatus>,
+}
+
+/// What policy enforcement is doing on this node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// Local pods the compiler saw.
+    pub endpoints: usize,
+    pub isolated_egress: usize,
+    pub isolated_ingress: usize,
+    /// Pods whose DNS goes through the proxy.
+    pub dns_redirected: usize,
+    /// Policies skipped, with why.
+    pub errors: Vec<String>,
+    /// Learned (name, address) entries.
+    pub learned_entries: usize,
+    /// DNS proxy counters by name.
+    pub dns: BTreeMap<String, u64>,
 }
 
 impl Status {
