@@ -345,6 +345,7 @@ async fn lists_follows_watch_events_and_resumes_after_bookmarks_and_drops() {
 
     // a cut connection: the watch resumes, events sent meanwhile arrive
     let pods_listed = lists(&api, Kind::Pod);
+    let node_watches = watches(&api, Kind::Node).len();
     {
         let mut s = api.state();
         s.drop_connections();
@@ -361,6 +362,10 @@ async fn lists_follows_watch_events_and_resumes_after_bookmarks_and_drops() {
         "resumed, not relisted"
     );
     assert_eq!(lists(&api, Kind::Pod), pods_listed, "resumed, not relisted");
+    assert!(
+        watches(&api, Kind::Node).len() > node_watches,
+        "watched again"
+    );
     assert!(rx.borrow().synced());
 }
 
