@@ -255,39 +255,14 @@ fn dispatch(
         .to_string();
     let (api_version, kind) = (api_version.to_string(), kind.to_string());
     let (api_version, kind) = (api_version.as_str(), kind.as_str());
-    let converted: Result<Object, FieldError> = match (api_version, kind) {
-        ("v1", "Node") => typed::<Node>(value)
-            .and_then(|n| NodeInfo::try_from(&n))
-            .map(Object::Node),
-        ("v1", "Pod") => typed::<Pod>(value)
-            .and_then(|p| pod_info(&p))
-            .map(Object::Pod),
-        ("v1", "Namespace") => typed::<Namespace>(value)
-            .and_then(|n| namespace_info(&n))
-            .map(Object::Namespace),
-        ("networking.k8s.io/v1", "NetworkPolicy") => typed::<NetworkPolicy>(value)
-            .and_then(|p| named(p.metadata.name.as_deref()).map(|_| p))
-            .map(|p| Object::Policy(PolicyObject::Kubernetes(Arc::new(p)))),
-        ("meshward.io/v1alpha1", "MeshNetworkPolicy") => typed::<MeshNetworkPolicy>(value)
-            .and_then(|p| named(p.metadata.name.as_deref()).map(|_| p))
-            .and_then(|p| checked(p.spec.validate()).map(|_| p))
-            .map(|p| Object::Policy(PolicyObject::Mesh(Arc::new(p)))),
-        ("meshward.io/v1alpha1", "MeshClusterwideNetworkPolicy") => {
-            typed::<MeshClusterwideNetworkPolicy>(value)
-                .and_then(|p| named(p.metadata.name.as_deref()).map(|_| p))
-                .and_then(|p| checked(p.spec.validate()).map(|_| p))
-                .map(|p| Object::Policy(PolicyObject::Clusterwide(Arc::new(p))))
-        }
-        _ => {
-            debug!(
-                file = %at.file.display(),
-                document = at.document,
-                "ignoring {api_version} {kind}: not a kind meshward reads"
-            );
-            return;
-        }
+    let Some(object) = convert(api_version, kind, value) else {
+        debug!(
+            file = %at.file.display(),
+            document = at.document,
+            "ignoring {api_version} {kind}: not a kind meshward reads"
+        );
+        return;
     };
-    let object = converted.and_then(|o| policy_problems(&o).map_or(Ok(o), Err));
     match object {
         Ok(object) => {
             let key = object.key();
@@ -314,8 +289,48 @@ fn dispatch(
     }
 }
 
+/// An object of a kind meshward reads, from its JSON form: `None` for any
+/// other kind. The one conversion every datastore uses.
+pub(crate) fn convert(
+    api_version: &str,
+    kind: &str,
+    value: Value,
+) -> Option<Result<Object, FieldError>> {
+    let converted: Result<Object, FieldError> = match (api_version, kind) {
+        ("v1", "Node") => typed::<Node>(value)
+            .and_then(|n| NodeInfo::try_from(&n))
+            .map(Object::Node),
+        ("v1", "Pod") => typed::<Pod>(value)
+            .and_then(|p| pod_info(&p))
+            .map(Object::Pod),
+        ("v1", "Namespace") => typed::<Namespace>(value)
+            .and_then(|n| namespace_info(&n))
+            .map(Object::Namespace),
+        ("networking.k8s.io/v1", "NetworkPolicy") => typed::<NetworkPolicy>(value)
+            .and_then(|p| named(p.metadata.name.as_deref()).map(|_| p))
+            .map(|p| Object::Policy(PolicyObject::Kubernetes(Arc::new(p)))),
+        ("meshward.io/v1alpha1", "MeshNetworkPolicy") => typed::<MeshNetworkPolicy>(value)
+            .and_then(|p| named(p.metadata.name.as_deref()).map(|_| p))
+            .and_then(|p| checked(p.spec.validate()).map(|_| p))
+            .map(|p| Object::Policy(PolicyObject::Mesh(Arc::new(p)))),
+        ("meshward.io/v1alpha1", "MeshClusterwideNetworkPolicy") => {
+            typed::<MeshClusterwideNetworkPolicy>(value)
+                .and_then(|p| named(p.metadata.name.as_deref()).map(|_| p))
+                .and_then(|p| checked(p.spec.validate()).map(|_| p))
+                .map(|p| Object::Policy(PolicyObject::Clusterwide(Arc::new(p))))
+        }
+        _ => return None,
+    };
+    Some(converted.and_then(|o| policy_problems(&o).map_or(Ok(o), Err)))
+}
+
 /// The key a rejected object would have had.
-fn key_of(api_version: &str, kind: &str, namespace: String, name: String) -> Option<ObjectKey> {
+pub(crate) fn key_of(
+    api_version: &str,
+    kind: &str,
+    namespace: String,
+    name: String,
+) -> Option<ObjectKey> {
     use meshward_policy::{PodRef, PolicyKind, PolicyRef};
     let policy = |kind, namespace| {
         Some(ObjectKey::Policy(PolicyRef {

@@ -1,7 +1,7 @@
 //! Where the agent learns about the cluster, and where it publishes itself.
 //!
-//! Two datastores, one interface: Kubernetes (its own issue) or a directory
-//! of Kubernetes-style manifests (`dir:PATH`, see `file.rs`). A backend turns
+//! Two datastores, one interface: Kubernetes (`kubernetes`, see `kube.rs`)
+//! or a directory of Kubernetes-style manifests (`dir:PATH`, see `file.rs`). A backend turns
 //! what it sees into [`Event`]s (a kube-rs watcher's apply/delete/init-done
 //! map onto them one to one); one [`Store`](store::Store) applies each batch
 //! of events and publishes an immutable [`Cluster`] snapshot on a
@@ -22,6 +22,7 @@
 //! remove peers for being absent before then.
 
 mod file;
+mod kube;
 mod manifest;
 mod model;
 mod store;
@@ -80,7 +81,9 @@ pub struct OwnNode {
     pub public_key: String,
     pub endpoint: SocketAddr,
     /// Set as `spec.podCIDR(s)` only where the Node has none (in Kubernetes
-    /// they are immutable once set; an operator's values always win).
+    /// they are immutable once set; an operator's values always win). Only
+    /// the file datastore writes them: in Kubernetes they are the node
+    /// IPAM's, read from the Node.
     pub pod_cidrs: Vec<IpNet>,
 }
 
@@ -122,8 +125,14 @@ pub enum DatastoreError {
     InvalidOwnNode(FieldError),
     #[error("cannot publish own node into {}: {message}", file.display())]
     OwnNodeFile { file: PathBuf, message: String },
-    #[error("the {0} datastore is not implemented yet")]
-    Unsupported(DatastoreSpec),
+    #[error("cannot configure the Kubernetes client (in-cluster or kubeconfig): {0}")]
+    KubeConfig(#[source] ::kube::Error),
+    #[error("{message}")]
+    Kubernetes {
+        verb: &'static str,
+        resource: String,
+        message: String,
+    },
 }
 
 /// A running datastore. Dropping it stops it; subscribers then see their
@@ -136,11 +145,14 @@ pub struct Datastore {
 #[derive(Debug)]
 enum Backend {
     Dir(file::DirDatastore),
+    Kubernetes(kube::KubeDatastore),
 }
 
 impl Datastore {
     /// Starts the datastore. For `dir:` the first (synced) snapshot is
-    /// already published when this returns.
+    /// already published when this returns; `kubernetes` (in-cluster
+    /// credentials, else the kubeconfig) returns at once and syncs when it
+    /// has listed everything.
     pub async fn start(spec: &DatastoreSpec) -> Result<Self, DatastoreError> {
         match spec {
             DatastoreSpec::Dir(dir) => {
@@ -155,7 +167,19 @@ impl Datastore {
                     backend: Backend::Dir(backend),
                 })
             }
-            DatastoreSpec::Kubernetes => Err(DatastoreError::Unsupported(spec.clone())),
+            DatastoreSpec::Kubernetes => {
+                let client = ::kube::Client::try_default()
+                    .await
+                    .map_err(DatastoreError::KubeConfig)?;
+                Ok(Datastore::kubernetes(client))
+            }
+        }
+    }
+
+    /// The Kubernetes datastore on a given client.
+    pub(crate) fn kubernetes(client: ::kube::Client) -> Self {
+        Datastore {
+            backend: Backend::Kubernetes(kube::KubeDatastore::start(client)),
         }
     }
 
@@ -163,6 +187,7 @@ impl Datastore {
     pub fn subscribe(&self) -> watch::Receiver<Arc<Cluster>> {
         match &self.backend {
             Backend::Dir(d) => d.store().subscribe(),
+            Backend::Kubernetes(k) => k.store().subscribe(),
         }
     }
 
@@ -174,6 +199,7 @@ impl Datastore {
     pub async fn publish_own_node(&self, own: &OwnNode) -> Result<(), DatastoreError> {
         match &self.backend {
             Backend::Dir(d) => d.publish_own_node(own).await,
+            Backend::Kubernetes(k) => k.publish_own_node(own).await,
         }
     }
 }
