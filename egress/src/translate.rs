@@ -105,6 +105,11 @@ fn is_host(net: &IpNet) -> bool {
     net.prefix_len() == net.max_prefix_len()
 }
 
+/// An inclusive address range (addresses as integers).
+type AddrRange = (u128, u128);
+/// An address range on an inclusive port range.
+type Rect = (AddrRange, (u16, u16));
+
 /// Sorted, disjoint, non-adjacent union of inclusive ranges.
 pub(crate) fn merge_ranges(mut ranges: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
     ranges.sort_unstable();
@@ -120,9 +125,7 @@ pub(crate) fn merge_ranges(mut ranges: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
 
 /// Disjoint rectangles (address range × port range) covering exactly the
 /// union of `rects`.
-pub(crate) fn disjoint_rects(
-    rects: &[((u128, u128), (u16, u16))],
-) -> Vec<((u128, u128), (u16, u16))> {
+pub(crate) fn disjoint_rects(rects: &[Rect]) -> Vec<Rect> {
     let mut bounds: Vec<u32> = rects
         .iter()
         .flat_map(|(_, (lo, hi))| [u32::from(*lo), u32::from(*hi) + 1])
@@ -132,7 +135,7 @@ pub(crate) fn disjoint_rects(
     let mut out = Vec::new();
     // (port interval, merged address ranges) of the previous slab, to join
     // neighbours with the same ranges.
-    let mut open: Option<((u32, u32), Vec<(u128, u128)>)> = None;
+    let mut open: Option<((u32, u32), Vec<AddrRange>)> = None;
     for w in bounds.windows(2) {
         let (lo, hi) = (w[0], w[1] - 1);
         let covering: Vec<(u128, u128)> = rects
@@ -157,7 +160,7 @@ pub(crate) fn disjoint_rects(
     out
 }
 
-fn emit(out: &mut Vec<((u128, u128), (u16, u16))>, ports: (u32, u32), ranges: Vec<(u128, u128)>) {
+fn emit(out: &mut Vec<Rect>, ports: (u32, u32), ranges: Vec<AddrRange>) {
     for r in ranges {
         out.push((r, (ports.0 as u16, ports.1 as u16)));
     }
@@ -203,7 +206,7 @@ fn add_direction(desired: &mut Desired, dir: Direction, local: IpAddr, rules: &D
         .or_default()
         .insert(Elem::Addr(local), None);
     let mut any_ranges = Vec::new();
-    let mut rects: BTreeMap<u8, Vec<((u128, u128), (u16, u16))>> = BTreeMap::new();
+    let mut rects: BTreeMap<u8, Vec<Rect>> = BTreeMap::new();
     for allow in &rules.allow {
         for net in allow.nets.iter().filter(|n| Family::of(&n.addr()) == fam) {
             for port in &allow.ports {
@@ -520,7 +523,8 @@ pub fn admits(
 
 /// Pairs of elements of an interval set that overlap (must be none).
 pub fn overlaps(contents: &Contents) -> Vec<(Elem, Elem)> {
-    let boxes: Vec<(Elem, IpAddr, (u128, u128), u8, (u16, u16))> = contents
+    type Box5 = (Elem, IpAddr, AddrRange, u8, (u16, u16));
+    let boxes: Vec<Box5> = contents
         .keys()
         .filter_map(|e| match *e {
             Elem::PairRange { local, peer } => {

@@ -340,3 +340,60 @@ fn a_hundred_thousand_learned_peers_load() {
     }])
     .unwrap();
 }
+
+#[test]
+fn ipv6_elements_are_accepted_by_the_kernel() {
+    // No IPv6 traffic here: this checks that 16-byte keys, ranges and
+    // timeouts are encoded as the kernel expects, by reading them back.
+    let lab = Lab::new(&["198.19.1.2"]);
+    let mut t = tables(&lab);
+    let pod6: std::net::IpAddr = "fd00::2".parse().unwrap();
+    let mut st = state(vec![Ep {
+        ip: pod6,
+        egress: Some(rules(vec![
+            allow(&["2001:db8::1/128"], &[tcp(443)]),
+            allow(
+                &["2001:db8:1::/64"],
+                &[PortMatch::Ports {
+                    protocol: L4Protocol::Udp,
+                    first: 5000,
+                    last: 5100,
+                }],
+            ),
+            allow(&["2001:db8:2::/48"], &[PortMatch::Any]),
+        ])),
+        ingress: Some(rules(vec![allow(&["fd00::3/128"], &[PortMatch::Any])])),
+        dns: true,
+    }]);
+    st.fqdn.push(FqdnElement {
+        src: pod6,
+        dst: "2001:db8::53".parse().unwrap(),
+        ports: PortMatch::Ports {
+            protocol: L4Protocol::Tcp,
+            first: 80,
+            last: 81,
+        },
+        timeout: Duration::from_secs(60),
+    });
+    t.apply_policy(&st).expect("apply IPv6 policy");
+    let listing = |set: &str| lab.set_listing(set);
+    assert!(listing("egress6_isolated").contains("fd00::2"));
+    assert!(listing("egress6_port").contains("fd00::2 . 2001:db8::1 . tcp . 443"));
+    assert!(
+        listing("egress6_range").contains("fd00::2 . 2001:db8:1::/64 . udp . 5000-5100"),
+        "{}",
+        listing("egress6_range")
+    );
+    assert!(
+        listing("egress6_net_any").contains("fd00::2 . 2001:db8:2::/48"),
+        "{}",
+        listing("egress6_net_any")
+    );
+    assert!(listing("ingress6_any").contains("fd00::2 . fd00::3"));
+    assert!(
+        listing("egress6_fqdn_range").contains("2001:db8::53 . tcp . 80-81 timeout"),
+        "{}",
+        listing("egress6_fqdn_range")
+    );
+    assert!(listing("dns_redirect6").contains("fd00::2"));
+}
