@@ -526,8 +526,41 @@ mod tests {
                 socket_path: DEFAULT_SOCKET.into(),
                 cluster_cidr: "10.244.0.0/16".parse().unwrap(),
                 health_address: "127.0.0.1:9879".parse().unwrap(),
+                policy: PolicySettings::default(),
             }
         );
+    }
+
+    #[test]
+    fn policy_settings() {
+        let c = parse(&format!(
+            "{MINIMAL}dnsProxyPort: 5353\ndnsDenyResponse: nxdomain\ndnsHoldTimeout: 250ms\n\
+             fqdnMinTTL: 30s\nfqdnMaxIPsPerName: 10\nfqdnMaxEntries: 99\nnflogGroup: 7\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.policy,
+            PolicySettings {
+                dns_proxy_port: 5353,
+                dns_deny_nxdomain: true,
+                dns_hold_timeout: Duration::from_millis(250),
+                fqdn_min_ttl: Duration::from_secs(30),
+                fqdn_max_ips_per_name: 10,
+                fqdn_max_entries: 99,
+                nflog_group: 7,
+            }
+        );
+        for (text, want) in [
+            ("dnsProxyPort: 0", "dnsProxyPort: must not be 0"),
+            ("dnsDenyResponse: drop", "dnsDenyResponse: \"drop\": want refused or nxdomain"),
+            ("dnsHoldTimeout: 10s", "dnsHoldTimeout: 10s is outside 1ms..=5s"),
+            ("dnsHoldTimeout: soon", "dnsHoldTimeout: \"soon\""),
+            ("fqdnMinTTL: x", "fqdnMinTTL: \"x\""),
+            ("fqdnMaxIPsPerName: 0", "fqdnMaxIPsPerName: must be at least 1"),
+        ] {
+            let e = error(&format!("{MINIMAL}{text}\n"));
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]
