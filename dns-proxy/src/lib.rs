@@ -23,6 +23,7 @@ pub mod core;
 pub mod learn;
 pub mod server;
 mod sock;
+mod upstream;
 pub mod stats;
 
 pub use cache::{CacheConfig, CacheEntry, CacheError, CacheUpdate, FqdnCache, LoadReport, CACHE_FILE};
