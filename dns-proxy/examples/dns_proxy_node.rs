@@ -40,7 +40,9 @@ fn parse_args() -> Result<Args, String> {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--listen" => args.listen = value()?.parse().map_err(|e| format!("--listen: {e}"))?,
-            "--workers" => args.workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?,
+            "--workers" => {
+                args.workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?
+            }
             "--deny-suffix" => args.deny_suffixes.push(value()?),
             "--hold-timeout-ms" => {
                 args.hold_timeout =
@@ -69,7 +71,9 @@ fn main() {
         rt.worker_threads(args.workers);
     }
     let rt = rt.enable_all().build().expect("tokio runtime");
-    rt.block_on(run(args));
+    // On a worker, like the agent's task: with one worker everything runs
+    // on one thread (no cross-thread wake-ups per query).
+    rt.block_on(async { tokio::spawn(run(args)).await.expect("proxy task") });
 }
 
 async fn run(args: Args) {

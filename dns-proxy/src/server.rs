@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
@@ -280,7 +280,12 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
     async fn udp_exchange(&self, pending: PendingQuery, query: &[u8]) -> Vec<u8> {
         let pending = Arc::new(pending);
         let timeout = self.inner.config.upstream_timeout;
-        match self.inner.upstreams.exchange(&pending, query, timeout).await {
+        match self
+            .inner
+            .upstreams
+            .exchange(&pending, query, timeout)
+            .await
+        {
             Exchange::Answer(a) => {
                 self.relay(a.learned, a.truncated, a.unparsed).await;
                 a.bytes
@@ -462,7 +467,12 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 server,
                 transport: Transport::Tcp,
             };
-            let reply = match handle_query(&self.inner.policy, self.inner.config.deny_rcode, ctx, &query) {
+            let reply = match handle_query(
+                &self.inner.policy,
+                self.inner.config.deny_rcode,
+                ctx,
+                &query,
+            ) {
                 QueryOutcome::Forward(pending) => {
                     bump(&self.inner.stats.queries_allowed);
                     self.tcp_exchange(&pending, &mut upstream, &query).await
@@ -526,7 +536,10 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 conn.write_all(&framed).await?;
                 loop {
                     let Some(msg) = read_frame(conn).await? else {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "upstream closed"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "upstream closed",
+                        ));
                     };
                     if let Some(reply) = self.take_response(pending, server, &msg).await {
                         return Ok(reply);

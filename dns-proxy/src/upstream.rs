@@ -301,7 +301,10 @@ fn dispatch(sock: &PooledSocket, stats: &Stats, msg: &[u8]) {
         } => {
             let mut waiters = sock.waiters();
             // The query may have timed out meanwhile and a new one taken its ID.
-            if !waiters.get(&id).is_some_and(|w| Arc::ptr_eq(&w.pending, &pending)) {
+            if !waiters
+                .get(&id)
+                .is_some_and(|w| Arc::ptr_eq(&w.pending, &pending))
+            {
                 bump(&stats.responses_mismatched);
                 return;
             }
