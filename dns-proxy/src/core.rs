@@ -168,7 +168,7 @@ pub enum DropReason {
 pub enum QueryOutcome {
     /// Send the client's bytes, unchanged, to `pending.server()` over the
     /// same transport and wait for the answer.
-    Forward(PendingQuery),
+    Forward(Box<PendingQuery>),
     /// Send `reply` back to the client (from the server's address).
     Answer {
         reply: Vec<u8>,
@@ -408,13 +408,13 @@ pub fn handle_query<P: DnsPolicy + ?Sized>(
     };
     match policy.check(&info) {
         Decision::Deny => deny_reply(),
-        Decision::Allow => QueryOutcome::Forward(PendingQuery {
+        Decision::Allow => QueryOutcome::Forward(Box::new(PendingQuery {
             ctx,
             id: metadata.id,
             question,
             name,
             template,
-        }),
+        })),
     }
 }
 

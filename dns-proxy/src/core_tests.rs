@@ -77,7 +77,7 @@ fn forward(q: &Message) -> PendingQuery {
         ctx(Transport::Udp),
         &bytes(q),
     ) {
-        QueryOutcome::Forward(p) => p,
+        QueryOutcome::Forward(p) => *p,
         other => panic!("expected Forward, got {other:?}"),
     }
 }

@@ -139,6 +139,12 @@ impl Listeners {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.udp.local_addr()
     }
+
+    /// The sockets, e.g. to hand their descriptors to the next agent
+    /// process (which takes them back with [`Listeners::from_std`]).
+    pub fn into_std(self) -> (std::net::UdpSocket, std::net::TcpListener) {
+        (self.udp, self.tcp)
+    }
 }
 
 struct Inner<P, H> {
@@ -184,8 +190,9 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         }
     }
 
-    pub fn stats(&self) -> &Stats {
-        &self.inner.stats
+    /// The proxy's counters (shared: keep it for a metrics endpoint).
+    pub fn stats(&self) -> Arc<Stats> {
+        self.inner.stats.clone()
     }
 
     pub fn policy(&self) -> &P {
@@ -277,8 +284,8 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
 
     /// Sends the query upstream (pooled socket); the answer (after the
     /// hold) or SERVFAIL.
-    async fn udp_exchange(&self, pending: PendingQuery, query: &[u8]) -> Vec<u8> {
-        let pending = Arc::new(pending);
+    async fn udp_exchange(&self, pending: Box<PendingQuery>, query: &[u8]) -> Vec<u8> {
+        let pending = Arc::<PendingQuery>::from(pending);
         let timeout = self.inner.config.upstream_timeout;
         match self
             .inner

@@ -10,12 +10,12 @@
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use meshward_dns_proxy::{
-    Decision, DnsProxy, Learned, Listeners, ProxyConfig, QueryInfo, StatsSnapshot,
+    Decision, DnsProxy, Learned, Listeners, ProxyConfig, QueryInfo, Stats, StatsSnapshot,
 };
 use meshward_testkit::{veth, Netns};
 use nix::sched::{setns, CloneFlags};
@@ -42,7 +42,7 @@ struct Lab {
     ext: Netns,
     dnsmasq: Option<Child>,
     proxy: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
-    stats: Arc<Mutex<Option<Box<dyn Fn() -> StatsSnapshot + Send>>>>,
+    stats: Arc<OnceLock<Arc<Stats>>>,
     learned: LearnLog,
 }
 
@@ -52,6 +52,9 @@ struct Options {
     /// The hook waits this long before it returns.
     hook_delay: Duration,
     upstream_timeout: Duration,
+    /// Serve sockets taken over from another owner (dup'ed descriptors)
+    /// rather than the ones bound.
+    handover: bool,
 }
 
 impl Default for Options {
@@ -61,6 +64,7 @@ impl Default for Options {
             hold_timeout: Duration::from_secs(3),
             hook_delay: Duration::ZERO,
             upstream_timeout: Duration::from_secs(1),
+            handover: false,
         }
     }
 }
@@ -135,7 +139,7 @@ impl Lab {
             ext,
             dnsmasq: None,
             proxy: None,
-            stats: Arc::new(Mutex::new(None)),
+            stats: Arc::new(OnceLock::new()),
             learned: Arc::new(Mutex::new(Vec::new())),
         };
         lab.start_dnsmasq();
@@ -237,8 +241,17 @@ impl Lab {
                         return;
                     }
                 };
-                let p2 = proxy.clone();
-                *stats_slot.lock().unwrap() = Some(Box::new(move || p2.stats().snapshot()));
+                let listeners = if opts.handover {
+                    // What the next agent process gets: duplicates of the
+                    // descriptors, the originals closed.
+                    let (udp, tcp) = listeners.into_std();
+                    let dup = (udp.try_clone().unwrap(), tcp.try_clone().unwrap());
+                    drop((udp, tcp));
+                    Listeners::from_std(dup.0, dup.1).unwrap()
+                } else {
+                    listeners
+                };
+                let _ = stats_slot.set(proxy.stats());
                 ready_tx.send(Ok(())).unwrap();
                 tokio::select! {
                     r = proxy.serve(listeners) => panic!("proxy stopped: {r:?}"),
@@ -254,7 +267,7 @@ impl Lab {
     }
 
     fn stats(&self) -> StatsSnapshot {
-        (self.stats.lock().unwrap().as_ref().unwrap())()
+        self.stats.get().expect("proxy started").snapshot()
     }
 
     /// `dig @server ARGS` in the pod; its output.
@@ -345,6 +358,19 @@ fn allowed_answers_are_learned_before_they_reach_the_pod() {
         );
         assert!(s.hold_us_max >= 300_000, "{s:?}");
     }
+}
+
+#[test]
+fn listeners_handed_over_keep_serving() {
+    let lab = Lab::new(Options {
+        handover: true,
+        ..Options::default()
+    });
+    let out = lab.dig(DNS, &["api.example.test", "+short"]);
+    assert_eq!(out.trim(), "198.18.100.10", "{out}");
+    let out = lab.dig(DNS, &["api.example.test", "+short", "+tcp"]);
+    assert_eq!(out.trim(), "198.18.100.10", "{out}");
+    assert_eq!(lab.stats().queries_allowed, 2);
 }
 
 #[test]

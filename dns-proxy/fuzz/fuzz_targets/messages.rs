@@ -58,7 +58,7 @@ fn pending() -> &'static PendingQuery {
         q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
         q.extend_from_slice(&question());
         match handle_query(&allow, DenyRcode::Refused, ctx(Transport::Udp), &q) {
-            QueryOutcome::Forward(p) => p,
+            QueryOutcome::Forward(p) => *p,
             other => panic!("setup: {other:?}"),
         }
     })
