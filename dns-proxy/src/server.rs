@@ -4,7 +4,7 @@
 //! - UDP: one listener socket (IP_TRANSPARENT, IP_RECVORIGDSTADDR) receives
 //!   every redirected datagram with its original destination. Each allowed
 //!   query goes upstream over a pooled socket connected to that destination
-//!   (see [`crate::upstream`]: only the server can answer, ports rotate).
+//!   (`upstream.rs`: only the server can answer, ports rotate).
 //!   Replies reach the client from the server's own address and port
 //!   through a transparent socket bound to it (one per server, kept).
 //! - TCP: an accepted connection's local address is the original
