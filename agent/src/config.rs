@@ -552,11 +552,20 @@ mod tests {
         );
         for (text, want) in [
             ("dnsProxyPort: 0", "dnsProxyPort: must not be 0"),
-            ("dnsDenyResponse: drop", "dnsDenyResponse: \"drop\": want refused or nxdomain"),
-            ("dnsHoldTimeout: 10s", "dnsHoldTimeout: 10s is outside 1ms..=5s"),
+            (
+                "dnsDenyResponse: drop",
+                "dnsDenyResponse: \"drop\": want refused or nxdomain",
+            ),
+            (
+                "dnsHoldTimeout: 10s",
+                "dnsHoldTimeout: 10s is outside 1ms..=5s",
+            ),
             ("dnsHoldTimeout: soon", "dnsHoldTimeout: \"soon\""),
             ("fqdnMinTTL: x", "fqdnMinTTL: \"x\""),
-            ("fqdnMaxIPsPerName: 0", "fqdnMaxIPsPerName: must be at least 1"),
+            (
+                "fqdnMaxIPsPerName: 0",
+                "fqdnMaxIPsPerName: must be at least 1",
+            ),
         ] {
             let e = error(&format!("{MINIMAL}{text}\n"));
             assert!(e.contains(want), "{text}: {e}");

@@ -24,8 +24,11 @@ pub mod learn;
 pub mod server;
 mod sock;
 pub mod stats;
+mod upstream;
 
-pub use cache::{CacheConfig, CacheEntry, CacheError, CacheUpdate, FqdnCache, LoadReport, CACHE_FILE};
+pub use cache::{
+    CacheConfig, CacheEntry, CacheError, CacheUpdate, FqdnCache, LoadReport, CACHE_FILE,
+};
 pub use core::{
     check_dns_rules, handle_query, Decision, DenyRcode, DnsPolicy, DropReason, LocalAnswer,
     Mismatch, PendingQuery, QueryContext, QueryInfo, QueryOutcome, ResponseOutcome, Transport,

@@ -3,11 +3,10 @@
 //!
 //! - UDP: one listener socket (IP_TRANSPARENT, IP_RECVORIGDSTADDR) receives
 //!   every redirected datagram with its original destination. Each allowed
-//!   query goes upstream from a fresh socket on a random port connected to
-//!   that destination, so only the server can answer it and the ID plus the
-//!   port must both be guessed to spoof. Replies reach the client from the
-//!   server's own address and port through a transparent socket bound to
-//!   it (one per server, kept).
+//!   query goes upstream over a pooled socket connected to that destination
+//!   (`upstream.rs`: only the server can answer, ports rotate).
+//!   Replies reach the client from the server's own address and port
+//!   through a transparent socket bound to it (one per server, kept).
 //! - TCP: an accepted connection's local address is the original
 //!   destination; the proxy opens one upstream connection per client
 //!   connection and answers queries in order (RFC 7766 framing, several
@@ -21,13 +20,13 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
@@ -39,6 +38,7 @@ use crate::core::{
 use crate::learn::Learned;
 use crate::sock;
 use crate::stats::{bump, Stats};
+use crate::upstream::{Exchange, UdpUpstreams};
 
 /// Largest DNS message (UDP payload or TCP frame).
 const MAX_MESSAGE: usize = 65_535;
@@ -139,13 +139,20 @@ impl Listeners {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.udp.local_addr()
     }
+
+    /// The sockets, e.g. to hand their descriptors to the next agent
+    /// process (which takes them back with [`Listeners::from_std`]).
+    pub fn into_std(self) -> (std::net::UdpSocket, std::net::TcpListener) {
+        (self.udp, self.tcp)
+    }
 }
 
 struct Inner<P, H> {
     config: ProxyConfig,
     policy: P,
     hook: Arc<H>,
-    stats: Stats,
+    stats: Arc<Stats>,
+    upstreams: UdpUpstreams,
     udp_slots: Arc<Semaphore>,
     tcp_slots: Arc<Semaphore>,
     reply_sockets: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
@@ -168,12 +175,14 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
     pub fn new(config: ProxyConfig, policy: P, hook: H) -> Self {
         let udp_slots = Arc::new(Semaphore::new(config.max_udp_in_flight));
         let tcp_slots = Arc::new(Semaphore::new(config.max_tcp_connections));
+        let stats = Arc::new(Stats::default());
         DnsProxy {
             inner: Arc::new(Inner {
                 config,
                 policy,
                 hook: Arc::new(hook),
-                stats: Stats::default(),
+                upstreams: UdpUpstreams::new(stats.clone()),
+                stats,
                 udp_slots,
                 tcp_slots,
                 reply_sockets: Mutex::new(HashMap::new()),
@@ -181,8 +190,9 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         }
     }
 
-    pub fn stats(&self) -> &Stats {
-        &self.inner.stats
+    /// The proxy's counters (shared: keep it for a metrics endpoint).
+    pub fn stats(&self) -> Arc<Stats> {
+        self.inner.stats.clone()
     }
 
     pub fn policy(&self) -> &P {
@@ -248,7 +258,7 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                     let query = buf[..n].to_vec();
                     let this = self.clone();
                     tokio::spawn(async move {
-                        let reply = this.udp_exchange(&pending, &query).await;
+                        let reply = this.udp_exchange(pending, &query).await;
                         this.reply_udp(server, client, &reply).await;
                         drop(permit);
                     });
@@ -272,43 +282,45 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         });
     }
 
-    /// Sends the query upstream from a fresh socket; the answer (after the
+    /// Sends the query upstream (pooled socket); the answer (after the
     /// hold) or SERVFAIL.
-    async fn udp_exchange(&self, pending: &PendingQuery, query: &[u8]) -> Vec<u8> {
-        let server = pending.server();
-        let sock = match upstream_udp_socket(server).await {
-            Ok(s) => s,
-            Err(e) => {
-                debug!(%server, error = %e, "upstream UDP socket");
+    async fn udp_exchange(&self, pending: Box<PendingQuery>, query: &[u8]) -> Vec<u8> {
+        let pending = Arc::<PendingQuery>::from(pending);
+        let timeout = self.inner.config.upstream_timeout;
+        match self
+            .inner
+            .upstreams
+            .exchange(&pending, query, timeout)
+            .await
+        {
+            Exchange::Answer(a) => {
+                self.relay(a.learned, a.truncated, a.unparsed).await;
+                a.bytes
+            }
+            Exchange::Timeout => {
+                bump(&self.inner.stats.upstream_timeouts);
+                pending.servfail()
+            }
+            Exchange::Failed(e) => {
+                debug!(server = %pending.server(), error = %e, "UDP exchange with upstream");
                 bump(&self.inner.stats.upstream_errors);
-                return pending.servfail();
+                pending.servfail()
             }
-        };
-        if let Err(e) = sock.send(query).await {
-            debug!(%server, error = %e, "sending upstream");
-            bump(&self.inner.stats.upstream_errors);
-            return pending.servfail();
         }
-        let deadline = tokio::time::Instant::now() + self.inner.config.upstream_timeout;
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        loop {
-            let received = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await;
-            let (n, from) = match received {
-                Err(_) => {
-                    bump(&self.inner.stats.upstream_timeouts);
-                    return pending.servfail();
-                }
-                Ok(Err(e)) => {
-                    // E.g. ECONNREFUSED from an ICMP port unreachable.
-                    debug!(%server, error = %e, "receiving from upstream");
-                    bump(&self.inner.stats.upstream_errors);
-                    return pending.servfail();
-                }
-                Ok(Ok(r)) => r,
-            };
-            if let Some(reply) = self.take_response(pending, from, &buf[..n]).await {
-                return reply;
-            }
+    }
+
+    /// Counts an answer and holds it for the learn hook.
+    async fn relay(&self, learned: Option<Learned>, truncated: bool, unparsed: bool) {
+        let s = &self.inner.stats;
+        bump(&s.responses_relayed);
+        if truncated {
+            bump(&s.responses_truncated);
+        }
+        if unparsed {
+            bump(&s.responses_unparsed);
+        }
+        if let Some(learned) = learned {
+            self.hold(learned).await;
         }
     }
 
@@ -332,16 +344,7 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 truncated,
                 unparsed,
             } => {
-                bump(&s.responses_relayed);
-                if truncated {
-                    bump(&s.responses_truncated);
-                }
-                if unparsed {
-                    bump(&s.responses_unparsed);
-                }
-                if let Some(learned) = learned {
-                    self.hold(learned).await;
-                }
+                self.relay(learned, truncated, unparsed).await;
                 Some(bytes.to_vec())
             }
         }
@@ -471,7 +474,12 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 server,
                 transport: Transport::Tcp,
             };
-            let reply = match handle_query(&self.inner.policy, self.inner.config.deny_rcode, ctx, &query) {
+            let reply = match handle_query(
+                &self.inner.policy,
+                self.inner.config.deny_rcode,
+                ctx,
+                &query,
+            ) {
                 QueryOutcome::Forward(pending) => {
                     bump(&self.inner.stats.queries_allowed);
                     self.tcp_exchange(&pending, &mut upstream, &query).await
@@ -535,7 +543,10 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 conn.write_all(&framed).await?;
                 loop {
                     let Some(msg) = read_frame(conn).await? else {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "upstream closed"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "upstream closed",
+                        ));
                     };
                     if let Some(reply) = self.take_response(pending, server, &msg).await {
                         return Ok(reply);
@@ -565,17 +576,6 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         bump(&self.inner.stats.upstream_errors);
         pending.servfail()
     }
-}
-
-/// A connected UDP socket on a random local port towards `server`.
-async fn upstream_udp_socket(server: SocketAddr) -> io::Result<UdpSocket> {
-    let local: SocketAddr = match server.ip() {
-        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let sock = UdpSocket::bind(local).await?;
-    sock.connect(server).await?;
-    Ok(sock)
 }
 
 /// A DNS message with its two-octet TCP length prefix.

@@ -10,12 +10,12 @@
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use meshward_dns_proxy::{
-    Decision, DnsProxy, Learned, Listeners, ProxyConfig, QueryInfo, StatsSnapshot,
+    Decision, DnsProxy, Learned, Listeners, ProxyConfig, QueryInfo, Stats, StatsSnapshot,
 };
 use meshward_testkit::{veth, Netns};
 use nix::sched::{setns, CloneFlags};
@@ -29,6 +29,8 @@ const DNS_CLOSED: &str = "198.18.100.54";
 const DNS_BLACKHOLE: &str = "198.18.100.55";
 /// A test-owned server that sends a spoofed answer before the real one.
 const DNS_SPOOFING: &str = "198.18.100.56";
+/// A test-owned server that records source ports and answers in its own order.
+const DNS_SCRIPTED: &str = "198.18.100.57";
 const MANY: usize = 60;
 
 /// What the learn hook saw, with when it finished.
@@ -40,7 +42,7 @@ struct Lab {
     ext: Netns,
     dnsmasq: Option<Child>,
     proxy: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
-    stats: Arc<Mutex<Option<Box<dyn Fn() -> StatsSnapshot + Send>>>>,
+    stats: Arc<OnceLock<Arc<Stats>>>,
     learned: LearnLog,
 }
 
@@ -50,6 +52,9 @@ struct Options {
     /// The hook waits this long before it returns.
     hook_delay: Duration,
     upstream_timeout: Duration,
+    /// Serve sockets taken over from another owner (dup'ed descriptors)
+    /// rather than the ones bound.
+    handover: bool,
 }
 
 impl Default for Options {
@@ -59,6 +64,7 @@ impl Default for Options {
             hold_timeout: Duration::from_secs(3),
             hook_delay: Duration::ZERO,
             upstream_timeout: Duration::from_secs(1),
+            handover: false,
         }
     }
 }
@@ -76,9 +82,23 @@ impl Lab {
         let pod = Netns::new("p");
         let node = Netns::new("n");
         let ext = Netns::new("e");
-        veth(&pod, "eth0", "198.19.1.2/24", &node, "pod0", "198.19.1.1/24");
-        veth(&node, "ext0", "198.18.100.1/24", &ext, "eth0", "198.18.100.53/24");
-        for extra in [DNS_CLOSED, DNS_BLACKHOLE, DNS_SPOOFING] {
+        veth(
+            &pod,
+            "eth0",
+            "198.19.1.2/24",
+            &node,
+            "pod0",
+            "198.19.1.1/24",
+        );
+        veth(
+            &node,
+            "ext0",
+            "198.18.100.1/24",
+            &ext,
+            "eth0",
+            "198.18.100.53/24",
+        );
+        for extra in [DNS_CLOSED, DNS_BLACKHOLE, DNS_SPOOFING, DNS_SCRIPTED] {
             ext.ip(&["addr", "add", &format!("{extra}/32"), "dev", "eth0"]);
         }
         pod.ip(&["route", "add", "default", "via", "198.19.1.1"]);
@@ -102,7 +122,16 @@ impl Lab {
             ),
         ]);
         node.ip(&["rule", "add", "fwmark", "0x1", "lookup", "109"]);
-        node.ip(&["route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "109"]);
+        node.ip(&[
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "109",
+        ]);
 
         let mut lab = Lab {
             pod,
@@ -110,7 +139,7 @@ impl Lab {
             ext,
             dnsmasq: None,
             proxy: None,
-            stats: Arc::new(Mutex::new(None)),
+            stats: Arc::new(OnceLock::new()),
             learned: Arc::new(Mutex::new(Vec::new())),
         };
         lab.start_dnsmasq();
@@ -149,7 +178,14 @@ impl Lab {
             .expect("dnsmasq (apt-get install dnsmasq-base)");
         self.dnsmasq = Some(child);
         for _ in 0..50 {
-            let (ok, out) = self.ext.exec(&["dig", &format!("@{DNS}"), "api.example.test", "+short", "+time=1", "+tries=1"]);
+            let (ok, out) = self.ext.exec(&[
+                "dig",
+                &format!("@{DNS}"),
+                "api.example.test",
+                "+short",
+                "+time=1",
+                "+tries=1",
+            ]);
             if ok && out.contains("198.18.100.10") {
                 return;
             }
@@ -205,8 +241,17 @@ impl Lab {
                         return;
                     }
                 };
-                let p2 = proxy.clone();
-                *stats_slot.lock().unwrap() = Some(Box::new(move || p2.stats().snapshot()));
+                let listeners = if opts.handover {
+                    // What the next agent process gets: duplicates of the
+                    // descriptors, the originals closed.
+                    let (udp, tcp) = listeners.into_std();
+                    let dup = (udp.try_clone().unwrap(), tcp.try_clone().unwrap());
+                    drop((udp, tcp));
+                    Listeners::from_std(dup.0, dup.1).unwrap()
+                } else {
+                    listeners
+                };
+                let _ = stats_slot.set(proxy.stats());
                 ready_tx.send(Ok(())).unwrap();
                 tokio::select! {
                     r = proxy.serve(listeners) => panic!("proxy stopped: {r:?}"),
@@ -222,12 +267,17 @@ impl Lab {
     }
 
     fn stats(&self) -> StatsSnapshot {
-        (self.stats.lock().unwrap().as_ref().unwrap())()
+        self.stats.get().expect("proxy started").snapshot()
     }
 
     /// `dig @server ARGS` in the pod; its output.
     fn dig(&self, server: &str, args: &[&str]) -> String {
-        let mut cmd = vec!["dig".to_string(), format!("@{server}"), "+time=4".into(), "+tries=1".into()];
+        let mut cmd = vec![
+            "dig".to_string(),
+            format!("@{server}"),
+            "+time=4".into(),
+            "+tries=1".into(),
+        ];
         cmd.extend(args.iter().map(|s| s.to_string()));
         let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
         self.pod.exec(&cmd).1
@@ -291,11 +341,36 @@ fn allowed_answers_are_learned_before_they_reach_the_pod() {
         let (l, hook_done) = &learned[0];
         assert_eq!(l.client, ip("198.19.1.2"));
         assert_eq!(l.ips, vec![(ip("198.18.100.10"), 300)]);
-        assert!(*hook_done <= dig_done, "the answer reached the pod before the hook finished");
+        assert!(
+            *hook_done <= dig_done,
+            "the answer reached the pod before the hook finished"
+        );
         let s = lab.stats();
-        assert_eq!((s.queries_allowed, s.responses_relayed, s.holds, s.hold_timeouts), (1, 1, 1, 0), "{s:?}");
+        assert_eq!(
+            (
+                s.queries_allowed,
+                s.responses_relayed,
+                s.holds,
+                s.hold_timeouts
+            ),
+            (1, 1, 1, 0),
+            "{s:?}"
+        );
         assert!(s.hold_us_max >= 300_000, "{s:?}");
     }
+}
+
+#[test]
+fn listeners_handed_over_keep_serving() {
+    let lab = Lab::new(Options {
+        handover: true,
+        ..Options::default()
+    });
+    let out = lab.dig(DNS, &["api.example.test", "+short"]);
+    assert_eq!(out.trim(), "198.18.100.10", "{out}");
+    let out = lab.dig(DNS, &["api.example.test", "+short", "+tcp"]);
+    assert_eq!(out.trim(), "198.18.100.10", "{out}");
+    assert_eq!(lab.stats().queries_allowed, 2);
 }
 
 #[test]
@@ -308,7 +383,14 @@ fn cname_chain_is_attributed_to_every_name() {
     let learned = lab.learned_for("www.example.test.");
     assert_eq!(learned.len(), 1);
     let names: Vec<&str> = learned[0].0.names.iter().map(|n| n.as_str()).collect();
-    assert_eq!(names, ["www.example.test.", "alias.example.test.", "edge.example.test."]);
+    assert_eq!(
+        names,
+        [
+            "www.example.test.",
+            "alias.example.test.",
+            "edge.example.test."
+        ]
+    );
     assert_eq!(learned[0].0.ips, vec![(ip("198.18.100.11"), 300)]);
 }
 
@@ -325,7 +407,11 @@ fn denied_names_are_refused_over_udp_and_tcp() {
     // Nothing was asked upstream or learned.
     assert!(lab.learned.lock().unwrap().is_empty());
     let s = lab.stats();
-    assert_eq!((s.queries_denied, s.queries_allowed, s.tcp_connections), (2, 0, 1), "{s:?}");
+    assert_eq!(
+        (s.queries_denied, s.queries_allowed, s.tcp_connections),
+        (2, 0, 1),
+        "{s:?}"
+    );
 }
 
 #[test]
@@ -336,7 +422,10 @@ fn truncated_udp_answers_are_retried_over_tcp() {
     let rows = answers(&out);
     assert_eq!(rows.len(), MANY, "{out}");
     let s = lab.stats();
-    assert!(s.responses_truncated >= 1 && s.tcp_connections >= 1, "{s:?}");
+    assert!(
+        s.responses_truncated >= 1 && s.tcp_connections >= 1,
+        "{s:?}"
+    );
     let learned = lab.learned_for("many.example.test.");
     assert_eq!(learned.len(), 1, "only the full (TCP) answer teaches");
     assert_eq!(learned[0].0.ips.len(), MANY);
@@ -347,11 +436,25 @@ fn several_queries_on_one_tcp_connection() {
     let lab = Lab::new(Options::default());
     let out = lab.dig(
         DNS,
-        &["+tcp", "+keepopen", "+short", "api.example.test", "edge.example.test", "api.blocked.example.test"],
+        &[
+            "+tcp",
+            "+keepopen",
+            "+short",
+            "api.example.test",
+            "edge.example.test",
+            "api.blocked.example.test",
+        ],
     );
-    assert!(out.contains("198.18.100.10") && out.contains("198.18.100.11"), "{out}");
+    assert!(
+        out.contains("198.18.100.10") && out.contains("198.18.100.11"),
+        "{out}"
+    );
     let s = lab.stats();
-    assert_eq!((s.tcp_connections, s.queries_allowed, s.queries_denied), (1, 2, 1), "{s:?}");
+    assert_eq!(
+        (s.tcp_connections, s.queries_allowed, s.queries_denied),
+        (1, 2, 1),
+        "{s:?}"
+    );
 }
 
 #[test]
@@ -399,28 +502,19 @@ fn spoofed_answers_are_ignored() {
     let lab = Lab::new(Options::default());
     // A server that first answers with a wrong ID and a wrong question,
     // then with the right answer.
-    let sock = lab
-        .ext
-        .run(|| UdpSocket::bind((DNS_SPOOFING, 53)).unwrap());
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let sock = lab.ext.run(|| UdpSocket::bind((DNS_SPOOFING, 53)).unwrap());
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let server = std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         let (n, from) = sock.recv_from(&mut buf).unwrap();
         let q = &buf[..n];
         let answer = |id: [u8; 2], qname_byte: Option<u8>| {
-            let mut r = q.to_vec();
+            let mut r = answer_to(q, [198, 18, 100, 66]);
             r[..2].copy_from_slice(&id);
-            r[2] |= 0x80; // QR
-            r[3] = 0x80; // RA, NOERROR
-            r[10] = 0; // no additional (drop the OPT record)
-            r[11] = 0;
-            let qend = 12 + q[12..].iter().position(|&b| b == 0).unwrap() + 1 + 4;
-            r.truncate(qend);
             if let Some(b) = qname_byte {
                 r[13] = b;
             }
-            r[7] = 1; // one answer: pointer to the question name, A 198.18.100.66
-            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 18, 100, 66]);
             r
         };
         let id = [q[0], q[1]];
@@ -435,5 +529,118 @@ fn spoofed_answers_are_ignored() {
     assert_eq!(out.trim(), "198.18.100.66", "{out}");
     let s = lab.stats();
     assert_eq!(s.responses_mismatched, 2, "{s:?}");
-    assert_eq!(lab.learned_for("api.example.test.")[0].0.ips, vec![(ip("198.18.100.66"), 60)]);
+    assert_eq!(
+        lab.learned_for("api.example.test.")[0].0.ips,
+        vec![(ip("198.18.100.66"), 60)]
+    );
+}
+
+/// An answer to query `q`: its header and question, one A record (owner: a
+/// pointer to the question's name), no additional records.
+fn answer_to(q: &[u8], ip: [u8; 4]) -> Vec<u8> {
+    let qend = 12 + q[12..].iter().position(|&b| b == 0).unwrap() + 1 + 4;
+    let mut r = q[..qend].to_vec();
+    r[2] |= 0x80; // QR
+    r[3] = 0x80; // RA, NOERROR
+    r[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]);
+    r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+    r.extend_from_slice(&ip);
+    r
+}
+
+/// A query for `name` (dotted, no trailing dot) with this ID, type A.
+fn query_for(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The question name of a message (uncompressed, as our queries are).
+fn qname_of(m: &[u8]) -> String {
+    let mut labels = Vec::new();
+    let mut i = 12;
+    while m[i] != 0 {
+        let len = m[i] as usize;
+        labels.push(String::from_utf8_lossy(&m[i + 1..i + 1 + len]).into_owned());
+        i += 1 + len;
+    }
+    labels.join(".")
+}
+
+#[test]
+fn one_id_from_two_clients_at_once_and_rotating_ports() {
+    // More than the pool's sockets (4) can serve before each is replaced
+    // by one on a new port (1000 queries each).
+    const SEQUENTIAL: usize = 4400;
+    let lab = Lab::new(Options::default());
+    let server_sock = lab.ext.run(|| UdpSocket::bind((DNS_SCRIPTED, 53)).unwrap());
+    server_sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        let mut ports = std::collections::BTreeSet::new();
+        // The two queries with one ID: answered in reverse order.
+        let mut first = Vec::new();
+        for _ in 0..2 {
+            let (n, from) = server_sock.recv_from(&mut buf).unwrap();
+            first.push((buf[..n].to_vec(), from));
+        }
+        assert_eq!(first[0].0[..2], first[1].0[..2], "same ID");
+        assert_ne!(
+            first[0].1, first[1].1,
+            "one ID in flight twice must not share a socket"
+        );
+        for (q, from) in first.iter().rev() {
+            server_sock
+                .send_to(&answer_to(q, [198, 18, 100, 77]), from)
+                .unwrap();
+        }
+        for _ in 0..SEQUENTIAL {
+            let (n, from) = server_sock.recv_from(&mut buf).unwrap();
+            ports.insert(from.port());
+            server_sock
+                .send_to(&answer_to(&buf[..n], [198, 18, 100, 78]), from)
+                .unwrap();
+        }
+        ports
+    });
+
+    let (a, b) = lab.pod.run(|| {
+        (
+            UdpSocket::bind("198.19.1.2:0").unwrap(),
+            UdpSocket::bind("198.19.1.2:0").unwrap(),
+        )
+    });
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.connect((DNS_SCRIPTED, 53)).unwrap();
+    }
+    a.send(&query_for(7, "a.example.test")).unwrap();
+    // Let the first one reach the server first.
+    std::thread::sleep(Duration::from_millis(100));
+    b.send(&query_for(7, "b.example.test")).unwrap();
+    let mut buf = [0u8; 1500];
+    let n = a.recv(&mut buf).unwrap();
+    assert_eq!(qname_of(&buf[..n]), "a.example.test");
+    let n = b.recv(&mut buf).unwrap();
+    assert_eq!(qname_of(&buf[..n]), "b.example.test");
+
+    for i in 0..SEQUENTIAL {
+        let name = format!("n{i}.example.test");
+        a.send(&query_for(i as u16, &name)).unwrap();
+        let n = a.recv(&mut buf).unwrap();
+        assert_eq!(qname_of(&buf[..n]), name);
+        assert_eq!(&buf[n - 4..n], &[198, 18, 100, 78]);
+    }
+    let ports = server.join().unwrap();
+    assert!(ports.len() > 4, "upstream ports never rotated: {ports:?}");
+    let s = lab.stats();
+    assert_eq!(s.responses_relayed as usize, SEQUENTIAL + 2, "{s:?}");
+    assert_eq!(s.responses_mismatched, 0, "{s:?}");
 }

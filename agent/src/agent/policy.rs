@@ -250,7 +250,7 @@ impl PolicyEngine {
             dns: self
                 .proxy
                 .as_ref()
-                .map(|p| dns_counters(p.stats()))
+                .map(|p| dns_counters(&p.stats()))
                 .unwrap_or_default(),
         }
     }
