@@ -173,6 +173,25 @@ pub fn render(s: &Status) -> String {
     for problem in &s.problems {
         let _ = writeln!(out, "problem: {problem}");
     }
+    if let Some(p) = &s.policy {
+        let _ = writeln!(
+            out,
+            "policy: {} local pods, {} egress-isolated, {} ingress-isolated, {} via the DNS proxy; {} learned name/address entries",
+            p.endpoints, p.isolated_egress, p.isolated_ingress, p.dns_redirected, p.learned_entries
+        );
+        let count = |k: &str| p.dns.get(k).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "dns: {} allowed, {} denied, {} upstream timeouts, {} answers held past the bound",
+            count("queriesAllowed"),
+            count("queriesDenied"),
+            count("upstreamTimeouts"),
+            count("holdTimeouts")
+        );
+        for e in &p.errors {
+            let _ = writeln!(out, "policy skipped: {e}");
+        }
+    }
     out
 }
 
@@ -223,7 +242,15 @@ mod tests {
             }],
             drops: [("cryptokey_routing".to_string(), 2)].into(),
             problems: vec!["node node9: bad".into()],
-            policy: None,
+            policy: Some(crate::agent::protocol::PolicyStatus {
+                endpoints: 2,
+                isolated_egress: 1,
+                dns_redirected: 1,
+                learned_entries: 3,
+                dns: [("queriesDenied".to_string(), 4)].into(),
+                errors: vec!["NetworkPolicy a/b: spec.podSelector: bad".into()],
+                ..Default::default()
+            }),
         };
         let text = render(&status);
         assert!(
@@ -253,5 +280,11 @@ mod tests {
         );
         assert!(text.contains("drops: cryptokey_routing 2"));
         assert!(text.contains("problem: node node9: bad"));
+        assert!(
+            text.contains("policy: 2 local pods, 1 egress-isolated, 0 ingress-isolated, 1 via the DNS proxy; 3 learned"),
+            "{text}"
+        );
+        assert!(text.contains("dns: 0 allowed, 4 denied"), "{text}");
+        assert!(text.contains("policy skipped: NetworkPolicy a/b: spec.podSelector: bad"));
     }
 }
