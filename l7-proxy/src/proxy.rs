@@ -584,16 +584,19 @@ enum Sender {
     H2(http2::SendRequest<Incoming>),
 }
 
+/// (original destination, HTTP/2).
+type PoolKey = (SocketAddr, bool);
+
 /// Upstream connections by (original destination, HTTP/2). HTTP/2: one
 /// shared connection. HTTP/1: a stack of connections, each taken when it
 /// is ready for another request.
 #[derive(Default)]
 struct Pool {
-    conns: Mutex<HashMap<(SocketAddr, bool), Vec<(Sender, Instant)>>>,
+    conns: Mutex<HashMap<PoolKey, Vec<(Sender, Instant)>>>,
 }
 
 impl Pool {
-    fn take_h2(&self, key: (SocketAddr, bool)) -> Option<http2::SendRequest<Incoming>> {
+    fn take_h2(&self, key: PoolKey) -> Option<http2::SendRequest<Incoming>> {
         let mut map = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = map.get_mut(&key)?;
         list.retain(|(s, _)| match s {
@@ -608,7 +611,7 @@ impl Pool {
 
     fn take_h1(
         &self,
-        key: (SocketAddr, bool),
+        key: PoolKey,
         now: Instant,
         max_idle: Duration,
     ) -> Option<http1::SendRequest<Incoming>> {
@@ -616,7 +619,8 @@ impl Pool {
         let list = map.get_mut(&key)?;
         list.retain(|(s, used)| match s {
             Sender::H1(s) => {
-                !s.is_closed() && !(s.is_ready() && now.duration_since(*used) > max_idle)
+                let stale = s.is_ready() && now.duration_since(*used) > max_idle;
+                !s.is_closed() && !stale
             }
             Sender::H2(_) => false,
         });
@@ -630,7 +634,7 @@ impl Pool {
         }
     }
 
-    fn put(&self, key: (SocketAddr, bool), sender: Sender, now: Instant, max: usize) {
+    fn put(&self, key: PoolKey, sender: Sender, now: Instant, max: usize) {
         let mut map = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = map.entry(key).or_default();
         match sender {
