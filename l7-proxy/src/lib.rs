@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 pub mod decide;
+pub mod h1scan;
 pub mod path;
 mod proxy;
 pub mod rules;

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -28,7 +28,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::decide::{bad_request_response, decide, denied_response, is_grpc, Decision};
+use crate::decide::{bad_request_response, decide, denied_response, is_grpc, BadRequest, Decision};
+use crate::h1scan::HeadScanner;
 use crate::sni::{parse_client_hello, Hello, SniVerdict, MAX_CLIENT_HELLO};
 use crate::{sock, Direction, EventSink, L7Event, L7Protocol, PolicySource, PortPolicy, Verdict};
 
@@ -268,15 +269,22 @@ impl Shared {
     async fn http(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
         let cfg = &self.config;
         let activity = Arc::new(AtomicU64::new(self.now_ms()));
+        let scanner = Arc::new(Mutex::new(HeadScanner::new(cfg.max_header_bytes.max(8192))));
         let io = TokioIo::new(ActivityIo {
             inner: stream,
             activity: activity.clone(),
             epoch: self.epoch,
+            scanner: scanner.clone(),
         });
         let shared = self.clone();
-        let svc = hyper::service::service_fn(move |req| {
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(shared.request(req, peer, dst).await) }
+            let framing = if req.version() < Version::HTTP_2 {
+                lock(&scanner).next_request()
+            } else {
+                None
+            };
+            async move { Ok::<_, Infallible>(shared.request(req, peer, dst, framing).await) }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -317,6 +325,7 @@ impl Shared {
         req: Request<Incoming>,
         peer: SocketAddr,
         dst: SocketAddr,
+        framing: Option<BadRequest>,
     ) -> Response<RespBody> {
         let (mut parts, body) = req.into_parts();
         let egress = self.policy.lookup(peer.ip(), dst, Direction::Egress);
@@ -329,7 +338,10 @@ impl Shared {
         } else {
             L7Protocol::Http1
         };
-        let (decision, summary) = decide(&parts, &egress, &ingress);
+        let (mut decision, summary) = decide(&parts, &egress, &ingress);
+        if let Some(e) = framing {
+            decision = Decision::Malformed(e);
+        }
         let mut event = L7Event {
             time: SystemTime::now(),
             verdict: Verdict::Allowed,
@@ -353,6 +365,7 @@ impl Shared {
                 event.verdict = Verdict::Denied;
                 event.policy = Some(policies.clone());
                 self.emit(event);
+                drain(body);
                 return denied_response(grpc, &policies).map(Either::Right);
             }
             Decision::Forward {
@@ -499,6 +512,30 @@ impl Shared {
 
 type RespBody = Either<Incoming, Full<Bytes>>;
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads and discards what is left of a denied request's body (bounded in
+/// bytes and time) so the client can finish sending and read the denial
+/// instead of seeing its stream reset.
+fn drain(body: Incoming) {
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut left: usize = 1 << 20;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(Ok(frame)) = body.frame().await {
+                let n = frame.data_ref().map_or(0, |d| d.len());
+                if n >= left {
+                    return;
+                }
+                left -= n;
+            }
+        })
+        .await;
+    });
+}
+
 fn simple(status: StatusCode, body: &'static str) -> Response<RespBody> {
     let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
         body.as_bytes(),
@@ -597,7 +634,7 @@ struct Pool {
 
 impl Pool {
     fn take_h2(&self, key: PoolKey) -> Option<http2::SendRequest<Incoming>> {
-        let mut map = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.conns);
         let list = map.get_mut(&key)?;
         list.retain(|(s, _)| match s {
             Sender::H2(s) => !s.is_closed(),
@@ -615,7 +652,7 @@ impl Pool {
         now: Instant,
         max_idle: Duration,
     ) -> Option<http1::SendRequest<Incoming>> {
-        let mut map = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.conns);
         let list = map.get_mut(&key)?;
         list.retain(|(s, used)| match s {
             Sender::H1(s) => {
@@ -635,7 +672,7 @@ impl Pool {
     }
 
     fn put(&self, key: PoolKey, sender: Sender, now: Instant, max: usize) {
-        let mut map = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.conns);
         let list = map.entry(key).or_default();
         match sender {
             Sender::H2(s) => {
@@ -657,6 +694,7 @@ struct ActivityIo {
     inner: TcpStream,
     activity: Arc<AtomicU64>,
     epoch: Instant,
+    scanner: Arc<Mutex<HeadScanner>>,
 }
 
 impl ActivityIo {
@@ -676,6 +714,7 @@ impl AsyncRead for ActivityIo {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.touch();
+            lock(&self.scanner).feed(&buf.filled()[before..]);
         }
         r
     }
