@@ -371,8 +371,7 @@ fn curl(lab: &Lab, args: &[&str]) -> (u16, String) {
     let status = r
         .stdout
         .lines()
-        .filter(|l| l.starts_with("HTTP/"))
-        .next_back()
+        .rfind(|l| l.starts_with("HTTP/"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
