@@ -27,10 +27,18 @@ fn main() -> std::io::Result<()> {
         name: "content-type".into(),
         value: Some("application/json".into()),
     }]);
-    let rules = [rule("GET", "/api/v1/products.*"), orders, rule("GET", "/healthz")];
+    let rules = [
+        rule("GET", "/api/v1/products.*"),
+        orders,
+        rule("GET", "/healthz"),
+    ];
     let set = Arc::new(
-        HttpRuleSet::new(rules.iter().map(|r| (r, "MeshNetworkPolicy bench/frontend")))
-            .expect("rules compile"),
+        HttpRuleSet::new(
+            rules
+                .iter()
+                .map(|r| (r, "MeshNetworkPolicy bench/frontend")),
+        )
+        .expect("rules compile"),
     );
     let policy = move |_src: IpAddr, _dst: SocketAddr, dir: Direction| match dir {
         Direction::Egress => PortPolicy::Http(set.clone()),

@@ -571,8 +571,18 @@ impl std::fmt::Display for UpstreamError {
     }
 }
 
+/// A WebSocket upgrade (the only upgrade passed through). Others, h2c
+/// above all, would turn the rest of the connection into requests the
+/// proxy never sees, so their Upgrade header is dropped and the request is
+/// forwarded as a plain one.
 fn wants_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
+    let websocket = h.get(header::UPGRADE).is_some_and(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .all(|t| t.trim().eq_ignore_ascii_case("websocket"))
+        })
+    });
+    websocket
         && h.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str().is_ok_and(|v| {
                 v.split(',')

@@ -660,6 +660,19 @@ fn streaming_bodies_and_websocket_upgrade() {
         b"GET /admin HTTP/1.1\r\nHost: s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     );
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    // An h2c upgrade is not passed on: the server sees a plain request
+    // (and so the connection stays HTTP/1.1 under the proxy's eyes).
+    let before = lab.log.lock().unwrap().len();
+    let out = raw(
+        &lab,
+        FRONTEND,
+        b"GET /healthz HTTP/1.1\r\nHost: s\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let seen = lab.log.lock().unwrap()[before..].to_vec();
+    assert_eq!(seen.len(), 1);
+    assert!(!seen[0].headers.contains_key("upgrade"), "{seen:?}");
+    assert!(!seen[0].headers.contains_key("http2-settings"), "{seen:?}");
 }
 
 #[test]
