@@ -1,0 +1,70 @@
+//! The proxy with the seed rules (frontend's) for every source, for
+//! bench/l7-proxy: `l7-bench-proxy [LISTEN]` (default 127.0.0.1:15001,
+//! transparent). Run it in the namespace whose nftables TPROXYs to it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use meshward_l7_proxy::{Direction, HttpRuleSet, L7Proxy, PortPolicy, ProxyConfig, Verdict};
+use meshward_policy::crd::{HeaderMatch, HttpRule};
+
+fn rule(method: &str, path: &str) -> HttpRule {
+    HttpRule {
+        method: Some(method.into()),
+        path: Some(path.into()),
+        ..Default::default()
+    }
+}
+
+fn main() -> std::io::Result<()> {
+    let listen: SocketAddr = std::env::args()
+        .nth(1)
+        .map(|a| a.parse().expect("LISTEN must be ip:port"))
+        .unwrap_or_else(|| ProxyConfig::default().listen);
+    let mut orders = rule("POST", "/api/v1/orders");
+    orders.header_matches = Some(vec![HeaderMatch {
+        name: "content-type".into(),
+        value: Some("application/json".into()),
+    }]);
+    let rules = [
+        rule("GET", "/api/v1/products.*"),
+        orders,
+        rule("GET", "/healthz"),
+    ];
+    let set = Arc::new(
+        HttpRuleSet::new(
+            rules
+                .iter()
+                .map(|r| (r, "MeshNetworkPolicy bench/frontend")),
+        )
+        .expect("rules compile"),
+    );
+    let policy = move |_src: IpAddr, _dst: SocketAddr, dir: Direction| match dir {
+        Direction::Egress => PortPolicy::Http(set.clone()),
+        Direction::Ingress => PortPolicy::AllowAll,
+    };
+    let denied = Arc::new(AtomicU64::new(0));
+    let d = denied.clone();
+    let events = Arc::new(move |e: meshward_l7_proxy::L7Event| {
+        if e.verdict != Verdict::Allowed {
+            d.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let proxy = L7Proxy::bind(
+            ProxyConfig {
+                listen,
+                ..ProxyConfig::default()
+            },
+            Arc::new(policy),
+            events,
+        )?;
+        eprintln!("l7-bench-proxy listening on {}", proxy.local_addr());
+        proxy.run().await;
+        Ok(())
+    })
+}

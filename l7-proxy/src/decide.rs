@@ -1,0 +1,438 @@
+//! The per-request decision, without I/O: framing checks, path
+//! normalisation, rule matching, and the responses a denied or malformed
+//! request gets.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{request, Method, Response, StatusCode, Version};
+use http_body_util::Full;
+
+use crate::path::{normalize_path, PathError};
+use crate::rules::{RequestView, RuleVerdict};
+use crate::PortPolicy;
+
+/// Why a request was refused as malformed (400, connection closed, never
+/// forwarded).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    #[error("both Content-Length and Transfer-Encoding")]
+    ContentLengthWithTransferEncoding,
+    #[error("more than one Content-Length")]
+    DuplicateContentLength,
+    #[error("invalid Content-Length")]
+    InvalidContentLength,
+    #[error("Transfer-Encoding other than a single chunked")]
+    BadTransferEncoding,
+    #[error("more than one Host header")]
+    DuplicateHost,
+    #[error("Host header differs from the request target's authority")]
+    ConflictingHost,
+    #[error("invalid Host header")]
+    InvalidHost,
+    #[error("path: {0}")]
+    Path(#[from] PathError),
+    #[error("CONNECT is not proxied")]
+    Connect,
+}
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Forward, with the target's path replaced by `path_and_query` (the
+    /// normalised path the rules were matched on, plus the query).
+    Forward {
+        path_and_query: String,
+        /// The policy whose rule allowed it (`None`: no rules applied).
+        policy: Option<Arc<str>>,
+    },
+    /// No rule allows it; the policies that apply.
+    Deny {
+        policies: Arc<str>,
+    },
+    Malformed(BadRequest),
+}
+
+/// The fields of a request the decision was about, for events.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestSummary {
+    pub method: String,
+    /// Normalised when normalisation succeeded, raw otherwise.
+    pub path: String,
+    pub host: Option<String>,
+}
+
+/// Rejects ambiguous message framing. hyper already refuses invalid
+/// chunking, differing Content-Lengths and a Transfer-Encoding not ending
+/// in chunked; this also refuses what it tolerates (RFC 9112 lets a server
+/// accept CL with TE, and identical repeated CLs).
+pub fn check_framing(headers: &HeaderMap, version: Version) -> Result<(), BadRequest> {
+    let cl: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    let te = headers.get_all(header::TRANSFER_ENCODING).iter().count();
+    if !cl.is_empty() && te > 0 {
+        return Err(BadRequest::ContentLengthWithTransferEncoding);
+    }
+    if cl.len() > 1 {
+        return Err(BadRequest::DuplicateContentLength);
+    }
+    if let Some(v) = cl.first() {
+        let ok = !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit);
+        if !ok {
+            return Err(BadRequest::InvalidContentLength);
+        }
+    }
+    if te > 0 {
+        // HTTP/2 forbids it; HTTP/1.0 has none; HTTP/1.1: exactly `chunked`
+        // (another coding would have to be re-encoded to be forwarded).
+        let mut all = headers.get_all(header::TRANSFER_ENCODING).iter();
+        let only_chunked = all
+            .next()
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("chunked"))
+            && all.next().is_none();
+        if version != Version::HTTP_11 || !only_chunked {
+            return Err(BadRequest::BadTransferEncoding);
+        }
+    }
+    Ok(())
+}
+
+/// The request's authority, lower-cased: the target's (absolute form,
+/// HTTP/2 `:authority`) or the single Host header; both present must agree.
+pub fn request_host(parts: &request::Parts) -> Result<Option<String>, BadRequest> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(BadRequest::DuplicateHost);
+    }
+    let host = host
+        .map(|h| h.to_str().map_err(|_| BadRequest::InvalidHost))
+        .transpose()?
+        .map(str::to_ascii_lowercase);
+    let target = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_ascii_lowercase());
+    match (target, host) {
+        (Some(t), Some(h)) if t != h => Err(BadRequest::ConflictingHost),
+        (Some(t), _) => Ok(Some(t)),
+        (None, h) => Ok(h),
+    }
+}
+
+/// gRPC requests get gRPC denials.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let v = v.trim_start();
+            v.len() >= 16 && v[..16].eq_ignore_ascii_case("application/grpc")
+        })
+}
+
+fn check_one(policy: &PortPolicy, view: &RequestView<'_>) -> RuleVerdict {
+    match policy {
+        PortPolicy::AllowAll => RuleVerdict::Allowed(None),
+        PortPolicy::Http(rules) => rules.check(view),
+        // TLS is expected here, not HTTP: nothing can be checked.
+        PortPolicy::Sni(_) => RuleVerdict::Denied(Arc::from("TLS server-name policy")),
+    }
+}
+
+/// The decision on a request under the egress policy of its source and the
+/// ingress policy of its destination (both must allow).
+pub fn decide(
+    parts: &request::Parts,
+    egress: &PortPolicy,
+    ingress: &PortPolicy,
+) -> (Decision, RequestSummary) {
+    let mut summary = RequestSummary {
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
+        host: None,
+    };
+    let malformed = |e, s| (Decision::Malformed(e), s);
+    if let Err(e) = check_framing(&parts.headers, parts.version) {
+        return malformed(e, summary);
+    }
+    if parts.method == Method::CONNECT {
+        return malformed(BadRequest::Connect, summary);
+    }
+    match request_host(parts) {
+        Ok(h) => summary.host = h,
+        Err(e) => return malformed(e, summary),
+    }
+    let path = match normalize_path(parts.uri.path()) {
+        Ok(p) => p,
+        Err(e) => return malformed(e.into(), summary),
+    };
+    summary.path = path;
+    let view = RequestView {
+        method: &summary.method,
+        path: &summary.path,
+        host: summary.host.as_deref(),
+        headers: &parts.headers,
+    };
+    let mut allowed_by = None;
+    for policy in [egress, ingress] {
+        match check_one(policy, &view) {
+            RuleVerdict::Allowed(p) => allowed_by = p.or(allowed_by),
+            RuleVerdict::Denied(policies) => return (Decision::Deny { policies }, summary),
+        }
+    }
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{}?{q}", summary.path),
+        None => summary.path.clone(),
+    };
+    (
+        Decision::Forward {
+            path_and_query,
+            policy: allowed_by,
+        },
+        summary,
+    )
+}
+
+/// The body of an HTTP denial.
+pub const DENIED_BODY: &str = "Access denied";
+/// gRPC status PERMISSION_DENIED.
+pub const GRPC_PERMISSION_DENIED: &str = "7";
+
+/// The response to a denied request: 403 `Access denied`, or for gRPC a
+/// trailers-only response with `grpc-status: 7` and a message naming the
+/// policies.
+pub fn denied_response(grpc: bool, policies: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    if grpc {
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(
+            "grpc-status",
+            HeaderValue::from_static(GRPC_PERMISSION_DENIED),
+        );
+        let message = grpc_percent_encode(&format!("denied by policy: {policies}"));
+        if let Ok(v) = HeaderValue::from_str(&message) {
+            h.insert("grpc-message", v);
+        }
+    } else {
+        *resp.status_mut() = StatusCode::FORBIDDEN;
+        *resp.body_mut() = Full::new(Bytes::from_static(DENIED_BODY.as_bytes()));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    resp
+}
+
+/// The response to a malformed request (the connection is closed after it).
+pub fn bad_request_response(e: &BadRequest) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(format!("Bad request: {e}\n"))));
+    *resp.status_mut() = StatusCode::BAD_REQUEST;
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// gRPC's grpc-message encoding: printable ASCII except `%` as is, every
+/// other byte as `%XX`.
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use http::Request;
+    use meshward_policy::crd::HttpRule;
+
+    use super::*;
+    use crate::rules::HttpRuleSet;
+
+    fn parts(builder: http::request::Builder) -> request::Parts {
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn frontend() -> PortPolicy {
+        let r = HttpRule {
+            method: Some("GET".into()),
+            path: Some("/api/v1/.*".into()),
+            ..Default::default()
+        };
+        PortPolicy::Http(Arc::new(HttpRuleSet::new([(&r, "P")]).unwrap()))
+    }
+
+    fn verdict(b: http::request::Builder) -> Decision {
+        decide(&parts(b), &frontend(), &PortPolicy::AllowAll).0
+    }
+
+    fn get(uri: &str) -> http::request::Builder {
+        Request::get(uri).header("host", "shop")
+    }
+
+    #[test]
+    fn bypass_list_denied_or_refused() {
+        assert!(matches!(
+            verdict(get("/api/v1/x")),
+            Decision::Forward { .. }
+        ));
+        for uri in [
+            "/api/v1/../admin",
+            "/api/v1/%2e%2e/admin",
+            "/api/v1/%2E%2E/%2e%2e/admin",
+            "//admin",
+            "/API/v1/x",
+            "/admin",
+        ] {
+            assert!(
+                matches!(verdict(get(uri)), Decision::Deny { .. }),
+                "{uri}: {:?}",
+                verdict(get(uri))
+            );
+        }
+        for uri in [
+            "/api/v1/..%2Fadmin",
+            "/api/v1/%2F",
+            "/api/v1/x%00",
+            "/api/v1/..;/x",
+        ] {
+            assert!(
+                matches!(verdict(get(uri)), Decision::Malformed(BadRequest::Path(_))),
+                "{uri}"
+            );
+        }
+    }
+
+    #[test]
+    fn forwarded_path_is_the_matched_one() {
+        let d = verdict(get("/api/v1//a/./b/../c?q=%2e%2e"));
+        assert_eq!(
+            d,
+            Decision::Forward {
+                path_and_query: "/api/v1/a/c?q=%2e%2e".into(),
+                policy: Some("P".into())
+            }
+        );
+        // Dot segments inside the allowed prefix are fine once resolved.
+        assert!(matches!(
+            verdict(get("/api/v2/../v1/x")),
+            Decision::Forward { .. }
+        ));
+    }
+
+    #[test]
+    fn smuggling_framing_refused() {
+        let d = verdict(
+            get("/api/v1/x")
+                .header("content-length", "5")
+                .header("transfer-encoding", "chunked"),
+        );
+        assert_eq!(
+            d,
+            Decision::Malformed(BadRequest::ContentLengthWithTransferEncoding)
+        );
+        let d = verdict(
+            get("/api/v1/x")
+                .header("content-length", "5")
+                .header("content-length", "5"),
+        );
+        assert_eq!(d, Decision::Malformed(BadRequest::DuplicateContentLength));
+        let d = verdict(get("/api/v1/x").header("content-length", "5, 5"));
+        assert_eq!(d, Decision::Malformed(BadRequest::InvalidContentLength));
+        let d = verdict(get("/api/v1/x").header("transfer-encoding", "chunked, gzip"));
+        assert_eq!(d, Decision::Malformed(BadRequest::BadTransferEncoding));
+        let d = verdict(
+            get("/api/v1/x")
+                .version(Version::HTTP_10)
+                .header("transfer-encoding", "chunked"),
+        );
+        assert_eq!(d, Decision::Malformed(BadRequest::BadTransferEncoding));
+        let d = verdict(get("/api/v1/x").header("transfer-encoding", "gzip, chunked"));
+        assert_eq!(d, Decision::Malformed(BadRequest::BadTransferEncoding));
+        assert!(matches!(
+            verdict(get("/api/v1/x").header("transfer-encoding", "chunked")),
+            Decision::Forward { .. }
+        ));
+    }
+
+    #[test]
+    fn host_confusion_refused() {
+        let d = verdict(get("/api/v1/x").header("host", "other"));
+        assert_eq!(d, Decision::Malformed(BadRequest::DuplicateHost));
+        let d = verdict(Request::get("http://evil/api/v1/x").header("host", "shop"));
+        assert_eq!(d, Decision::Malformed(BadRequest::ConflictingHost));
+        let (_, s) = decide(
+            &parts(Request::get("http://Shop:8080/api/v1/x")),
+            &frontend(),
+            &PortPolicy::AllowAll,
+        );
+        assert_eq!(s.host.as_deref(), Some("shop:8080"));
+    }
+
+    #[test]
+    fn both_directions_must_allow() {
+        let p = parts(get("/api/v1/x"));
+        let deny_all = {
+            let r = HttpRule {
+                path: Some("/nothing".into()),
+                ..Default::default()
+            };
+            PortPolicy::Http(Arc::new(HttpRuleSet::new([(&r, "Q")]).unwrap()))
+        };
+        assert!(matches!(
+            decide(&p, &frontend(), &PortPolicy::AllowAll).0,
+            Decision::Forward { .. }
+        ));
+        assert_eq!(
+            decide(&p, &frontend(), &deny_all).0,
+            Decision::Deny {
+                policies: "Q".into()
+            }
+        );
+        assert!(matches!(
+            decide(&p, &deny_all, &frontend()).0,
+            Decision::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn connect_refused() {
+        let d = verdict(Request::connect("shop:443"));
+        assert_eq!(d, Decision::Malformed(BadRequest::Connect));
+    }
+
+    #[test]
+    fn grpc_detection_and_denial() {
+        let mut h = HeaderMap::new();
+        assert!(!is_grpc(&h));
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&h));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        assert!(!is_grpc(&h));
+        let r = denied_response(true, "MeshNetworkPolicy shop/grpc-l7");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "7");
+        assert_eq!(
+            r.headers()["grpc-message"],
+            "denied by policy: MeshNetworkPolicy shop/grpc-l7"
+        );
+        let r = denied_response(false, "x");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(grpc_percent_encode("a%b\u{e9}"), "a%25b%C3%A9");
+    }
+}

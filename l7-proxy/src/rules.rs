@@ -1,0 +1,388 @@
+//! HTTP rules as CiliumNetworkPolicy's `toPorts[].rules.http` defines them,
+//! compiled for matching.
+//!
+//! * `method`, `path`, `host`: regular expressions matched against the
+//!   whole value (anchored as `^(?:…)$`). The path is the normalised one
+//!   ([`crate::path`]); the host is the request's authority (`Host` header
+//!   or HTTP/2 `:authority`), lower-cased, port included when the client
+//!   sent one. The method is case-sensitive.
+//! * `headers`: each entry is `Name` (the header must be present) or
+//!   `Name value` / `Name: value` (present with exactly that value), as
+//!   Cilium splits it at the first space and trims the colon.
+//! * `headerMatches`: `{name, value}` — the header must be present with
+//!   exactly `value` (only present when `value` is absent); a mismatch
+//!   means the rule does not match (so the request is denied unless
+//!   another rule allows it).
+//! * A header sent several times matches when any of its values does.
+//! * A request is allowed when any rule matches; a rule with no fields
+//!   matches every request. A set with no rules allows everything (no
+//!   rules on the port).
+
+use std::sync::Arc;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use meshward_policy::crd::HttpRule;
+use regex::Regex;
+
+/// A rule that cannot be compiled, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{policy}: http rule {index}: {field}: {message}")]
+pub struct RuleError {
+    pub policy: String,
+    pub index: usize,
+    pub field: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+enum HeaderCond {
+    Present(HeaderName),
+    Equals(HeaderName, HeaderValue),
+}
+
+impl HeaderCond {
+    fn holds(&self, headers: &HeaderMap) -> bool {
+        match self {
+            HeaderCond::Present(n) => headers.contains_key(n),
+            HeaderCond::Equals(n, v) => headers.get_all(n).iter().any(|have| have == v),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct CompiledRule {
+    method: Option<Regex>,
+    path: Option<Regex>,
+    host: Option<Regex>,
+    headers: Vec<HeaderCond>,
+    policy: Arc<str>,
+}
+
+/// What a request is matched on.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    /// Normalised path ([`crate::path::normalize_path`]).
+    pub path: &'a str,
+    /// Lower-cased authority, if the request had one.
+    pub host: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+/// The verdict on one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleVerdict {
+    /// Allowed by a rule of this policy (`None`: no rules, allow-all).
+    Allowed(Option<Arc<str>>),
+    /// No rule matched; the policies whose rules apply here.
+    Denied(Arc<str>),
+}
+
+/// The HTTP rules of one port, for one direction of one endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct HttpRuleSet {
+    rules: Vec<CompiledRule>,
+    /// The distinct policies contributing rules, joined for messages.
+    policies: Arc<str>,
+}
+
+fn anchored(
+    field: &'static str,
+    re: &Option<String>,
+    err: &dyn Fn(&'static str, String) -> RuleError,
+) -> Result<Option<Regex>, RuleError> {
+    re.as_deref()
+        .map(|s| Regex::new(&format!("^(?:{s})$")).map_err(|e| err(field, e.to_string())))
+        .transpose()
+}
+
+fn header_name(
+    field: &'static str,
+    s: &str,
+    err: &dyn Fn(&'static str, String) -> RuleError,
+) -> Result<HeaderName, RuleError> {
+    HeaderName::from_bytes(s.trim().as_bytes())
+        .map_err(|_| err(field, format!("{s:?} is not a valid header name")))
+}
+
+fn header_value(
+    field: &'static str,
+    s: &str,
+    err: &dyn Fn(&'static str, String) -> RuleError,
+) -> Result<HeaderValue, RuleError> {
+    HeaderValue::from_str(s).map_err(|_| err(field, format!("{s:?} is not a valid header value")))
+}
+
+impl HttpRuleSet {
+    /// Compiles rules, each with the name of the policy it came from (as
+    /// shown in denials and events).
+    pub fn new<'a>(
+        rules: impl IntoIterator<Item = (&'a HttpRule, &'a str)>,
+    ) -> Result<Self, RuleError> {
+        let mut compiled = Vec::new();
+        let mut names: Vec<Arc<str>> = Vec::new();
+        for (index, (rule, policy)) in rules.into_iter().enumerate() {
+            let err = |field, message| RuleError {
+                policy: policy.to_owned(),
+                index,
+                field,
+                message,
+            };
+            let policy: Arc<str> = match names.iter().find(|n| ***n == *policy) {
+                Some(n) => n.clone(),
+                None => {
+                    names.push(policy.into());
+                    names[names.len() - 1].clone()
+                }
+            };
+            let mut headers = Vec::new();
+            for h in rule.headers.iter().flatten() {
+                let h = h.trim();
+                match h.split_once(' ') {
+                    Some((name, value)) => headers.push(HeaderCond::Equals(
+                        header_name("headers", name.trim_end_matches(':'), &err)?,
+                        header_value("headers", value.trim_start(), &err)?,
+                    )),
+                    None => headers.push(HeaderCond::Present(header_name(
+                        "headers",
+                        h.trim_end_matches(':'),
+                        &err,
+                    )?)),
+                }
+            }
+            for m in rule.header_matches.iter().flatten() {
+                let name = header_name("headerMatches", &m.name, &err)?;
+                headers.push(match &m.value {
+                    Some(v) => HeaderCond::Equals(name, header_value("headerMatches", v, &err)?),
+                    None => HeaderCond::Present(name),
+                });
+            }
+            compiled.push(CompiledRule {
+                method: anchored("method", &rule.method, &err)?,
+                path: anchored("path", &rule.path, &err)?,
+                host: anchored("host", &rule.host, &err)?,
+                headers,
+                policy,
+            });
+        }
+        let policies = names
+            .iter()
+            .map(|n| &**n)
+            .collect::<Vec<_>>()
+            .join(", ")
+            .into();
+        Ok(HttpRuleSet {
+            rules: compiled,
+            policies,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The verdict on a request.
+    pub fn check(&self, req: &RequestView<'_>) -> RuleVerdict {
+        if self.rules.is_empty() {
+            return RuleVerdict::Allowed(None);
+        }
+        let hit = self.rules.iter().find(|r| {
+            r.method.as_ref().is_none_or(|re| re.is_match(req.method))
+                && r.path.as_ref().is_none_or(|re| re.is_match(req.path))
+                && r.host
+                    .as_ref()
+                    .is_none_or(|re| req.host.is_some_and(|h| re.is_match(h)))
+                && r.headers.iter().all(|c| c.holds(req.headers))
+        });
+        match hit {
+            Some(r) => RuleVerdict::Allowed(Some(r.policy.clone())),
+            None => RuleVerdict::Denied(self.policies.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshward_policy::crd::HeaderMatch;
+
+    use super::*;
+
+    fn rule(method: &str, path: &str) -> HttpRule {
+        HttpRule {
+            method: Some(method.into()),
+            path: Some(path.into()),
+            ..Default::default()
+        }
+    }
+
+    /// The seed example: frontend's rules.
+    fn frontend() -> HttpRuleSet {
+        let mut orders = rule("POST", "/api/v1/orders");
+        orders.header_matches = Some(vec![HeaderMatch {
+            name: "Content-Type".into(),
+            value: Some("application/json".into()),
+        }]);
+        let rules = [
+            rule("GET", "/api/v1/products.*"),
+            orders,
+            rule("GET", "/healthz"),
+        ];
+        HttpRuleSet::new(rules.iter().map(|r| (r, "MeshNetworkPolicy shop/frontend"))).unwrap()
+    }
+
+    fn check(set: &HttpRuleSet, method: &str, path: &str, headers: &[(&str, &str)]) -> bool {
+        let mut map = HeaderMap::new();
+        for (n, v) in headers {
+            map.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let view = RequestView {
+            method,
+            path,
+            host: Some("shop.example"),
+            headers: &map,
+        };
+        matches!(set.check(&view), RuleVerdict::Allowed(_))
+    }
+
+    #[test]
+    fn seed_example() {
+        let s = frontend();
+        assert!(check(&s, "GET", "/api/v1/products", &[]));
+        assert!(check(&s, "GET", "/api/v1/products/42", &[]));
+        assert!(check(&s, "GET", "/healthz", &[]));
+        assert!(!check(&s, "GET", "/healthz/x", &[]), "anchored at the end");
+        assert!(
+            !check(&s, "GET", "/x/api/v1/products", &[]),
+            "anchored at the start"
+        );
+        assert!(!check(&s, "POST", "/api/v1/products", &[]));
+        assert!(!check(&s, "DELETE", "/api/v1/orders", &[]));
+        assert!(
+            !check(&s, "get", "/healthz", &[]),
+            "methods are case-sensitive"
+        );
+        assert!(
+            !check(&s, "GET", "/API/v1/products", &[]),
+            "paths are case-sensitive"
+        );
+        assert!(!check(&s, "GET", "/admin", &[]));
+        assert!(check(
+            &s,
+            "POST",
+            "/api/v1/orders",
+            &[("content-type", "application/json")]
+        ));
+        assert!(!check(
+            &s,
+            "POST",
+            "/api/v1/orders",
+            &[("content-type", "text/plain")]
+        ));
+        assert!(!check(&s, "POST", "/api/v1/orders", &[]));
+        // One of several values matching is enough.
+        assert!(check(
+            &s,
+            "POST",
+            "/api/v1/orders",
+            &[
+                ("content-type", "text/plain"),
+                ("content-type", "application/json")
+            ]
+        ));
+    }
+
+    #[test]
+    fn alternation_is_anchored_as_a_whole() {
+        let r = rule("GET|HEAD", "/a|/b");
+        let s = HttpRuleSet::new([(&r, "p")]).unwrap();
+        assert!(check(&s, "HEAD", "/b", &[]));
+        assert!(!check(&s, "GETX", "/a", &[]));
+        assert!(!check(&s, "GET", "/bx", &[]));
+        assert!(!check(&s, "GET", "/x/a", &[]));
+    }
+
+    #[test]
+    fn headers_presence_and_value_forms() {
+        let r = HttpRule {
+            headers: Some(vec![
+                "X-Token".into(),
+                "X-Mode: strict".into(),
+                "X-Env prod".into(),
+            ]),
+            ..Default::default()
+        };
+        let s = HttpRuleSet::new([(&r, "p")]).unwrap();
+        let all = [
+            ("x-token", "anything"),
+            ("x-mode", "strict"),
+            ("x-env", "prod"),
+        ];
+        assert!(check(&s, "GET", "/", &all));
+        assert!(!check(&s, "GET", "/", &all[1..]));
+        assert!(!check(&s, "GET", "/", &[all[0], ("x-mode", "lax"), all[2]]));
+        assert!(!check(&s, "GET", "/", &[all[0], all[1], ("x-env", "dev")]));
+    }
+
+    #[test]
+    fn host_rule() {
+        let r = HttpRule {
+            host: Some(r"shop\.example".into()),
+            ..Default::default()
+        };
+        let s = HttpRuleSet::new([(&r, "p")]).unwrap();
+        assert!(check(&s, "GET", "/", &[]));
+        let map = HeaderMap::new();
+        let mut v = RequestView {
+            method: "GET",
+            path: "/",
+            host: Some("evil.example"),
+            headers: &map,
+        };
+        assert!(matches!(s.check(&v), RuleVerdict::Denied(_)));
+        v.host = None;
+        assert!(matches!(s.check(&v), RuleVerdict::Denied(_)));
+    }
+
+    #[test]
+    fn empty_rule_matches_all_and_empty_set_allows() {
+        let r = HttpRule::default();
+        let s = HttpRuleSet::new([(&r, "p")]).unwrap();
+        assert!(check(&s, "DELETE", "/anything", &[]));
+        let none = HttpRuleSet::new([]).unwrap();
+        assert!(none.is_empty());
+        assert!(check(&none, "DELETE", "/anything", &[]));
+    }
+
+    #[test]
+    fn denial_names_every_policy_once() {
+        let a = rule("GET", "/a");
+        let b = rule("GET", "/b");
+        let s = HttpRuleSet::new([(&a, "P1"), (&b, "P2"), (&a, "P1")]).unwrap();
+        let map = HeaderMap::new();
+        let v = RequestView {
+            method: "GET",
+            path: "/c",
+            host: None,
+            headers: &map,
+        };
+        assert_eq!(s.check(&v), RuleVerdict::Denied("P1, P2".into()));
+        let v = RequestView { path: "/b", ..v };
+        assert_eq!(s.check(&v), RuleVerdict::Allowed(Some("P2".into())));
+    }
+
+    #[test]
+    fn bad_rules_name_the_field() {
+        let r = rule("GET", "/a(");
+        let e = HttpRuleSet::new([(&r, "P")]).unwrap_err();
+        assert_eq!((e.field, e.index, e.policy.as_str()), ("path", 0, "P"));
+        let r = HttpRule {
+            headers: Some(vec!["Bad Name\u{1}: x".into()]),
+            ..Default::default()
+        };
+        let e = HttpRuleSet::new([(&r, "P")]).unwrap_err();
+        assert_eq!(e.field, "headers");
+    }
+}
