@@ -223,6 +223,7 @@ mod tests {
             }],
             drops: [("cryptokey_routing".to_string(), 2)].into(),
             problems: vec!["node node9: bad".into()],
+            policy: None,
         };
         let text = render(&status);
         assert!(
