@@ -237,6 +237,9 @@ impl PolicyEngine {
     /// For `meshward status`.
     pub fn status(&self) -> PolicyStatus {
         let rules = self.shared.rules.load();
+        // each takes the cache lock: not inside one expression
+        let learned_entries = self.shared.cache.lock().len();
+        let learned = learned_names(&self.shared, LEARNED_SHOWN);
         PolicyStatus {
             endpoints: rules.endpoints.len(),
             isolated_egress: rules
@@ -251,8 +254,8 @@ impl PolicyEngine {
                 .count(),
             dns_redirected: rules.endpoints.values().filter(|e| e.dns.is_some()).count(),
             errors: self.errors.iter().map(|e| e.to_string()).collect(),
-            learned_entries: self.shared.cache.lock().len(),
-            learned: learned_names(&self.shared, LEARNED_SHOWN),
+            learned_entries,
+            learned,
             dns: self
                 .proxy
                 .as_ref()
