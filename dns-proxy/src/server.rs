@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
@@ -37,9 +37,9 @@ use crate::core::{
     ResponseOutcome, Transport,
 };
 use crate::learn::Learned;
-use meshward_policy::Fqdn;
 use crate::sock;
 use crate::stats::{bump, Stats};
+use meshward_policy::Fqdn;
 
 /// Largest DNS message (UDP payload or TCP frame).
 const MAX_MESSAGE: usize = 65_535;
@@ -520,7 +520,12 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 server,
                 transport: Transport::Tcp,
             };
-            let reply = match handle_query(&self.inner.policy, self.inner.config.deny_rcode, ctx, &query) {
+            let reply = match handle_query(
+                &self.inner.policy,
+                self.inner.config.deny_rcode,
+                ctx,
+                &query,
+            ) {
                 QueryOutcome::Forward(pending) => {
                     bump(&self.inner.stats.queries_allowed);
                     self.tcp_exchange(&pending, &mut upstream, &query).await
@@ -584,7 +589,10 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 conn.write_all(&framed).await?;
                 loop {
                     let Some(msg) = read_frame(conn).await? else {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "upstream closed"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "upstream closed",
+                        ));
                     };
                     if let Some(reply) = self.take_response(pending, server, &msg).await {
                         return Ok(reply);

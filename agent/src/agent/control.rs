@@ -205,7 +205,10 @@ async fn stream_events(
     let backlog = hub.recent(&observe.filter, observe.limit.unwrap_or(usize::MAX));
     let last_time = backlog.last().map(|e| e.time);
     for event in &backlog {
-        if reply(&mut write, &Response::event(FlowEvent::clone(event))).await.is_err() {
+        if reply(&mut write, &Response::event(FlowEvent::clone(event)))
+            .await
+            .is_err()
+        {
             return;
         }
     }

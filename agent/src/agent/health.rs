@@ -249,7 +249,10 @@ mod tests {
             Readiness::DatastoreNotSynced,
             Readiness::Ready,
         ] {
-            assert_eq!(respond(&Method::GET, "/healthz", r, None).status, StatusCode::OK);
+            assert_eq!(
+                respond(&Method::GET, "/healthz", r, None).status,
+                StatusCode::OK
+            );
         }
     }
 

@@ -196,11 +196,7 @@ fn mesh_metrics(registry: &mut Registry, mesh: &Mesh) {
         "Completed WireGuard handshakes per peer",
         handshakes,
     );
-    registry.register(
-        "meshward_peer_up",
-        "Whether the peer's session is up",
-        up,
-    );
+    registry.register("meshward_peer_up", "Whether the peer's session is up", up);
     registry.register(
         "meshward_peer_last_handshake_timestamp_seconds",
         "Unix time of the peer's last completed handshake",
@@ -345,12 +341,18 @@ mod tests {
     fn without_sources_the_basics_are_there() {
         let text = render(true, None);
         assert!(text.contains("\nmeshward_agent_ready 1\n"), "{text}");
-        assert!(text.contains("# TYPE meshward_l7_requests counter"), "{text}");
+        assert!(
+            text.contains("# TYPE meshward_l7_requests counter"),
+            "{text}"
+        );
         assert!(
             text.contains("meshward_l7_requests_total{verdict=\"denied\"} 0"),
             "{text}"
         );
-        assert!(text.contains("meshward_process_resident_memory_bytes "), "{text}");
+        assert!(
+            text.contains("meshward_process_resident_memory_bytes "),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 

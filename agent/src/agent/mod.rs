@@ -869,6 +869,8 @@ impl Agent {
                 .collect(),
             problems: self.problems.iter().map(ToString::to_string).collect(),
             policy: self.policy.as_ref().map(policy::PolicyEngine::status),
+            health_address: Some(self.config.health_address.to_string()),
+            flow_events: Some(self.events.stats()),
         }
     }
 }

@@ -181,7 +181,9 @@ fn send_config(socket: &Socket, group: u16, nlas: Vec<ConfigNla>) -> Result<()> 
     let msg = config_request(NetfilterProtoFamily::Unspec, group, nlas);
     let mut buf = vec![0; msg.header.length as usize];
     msg.serialize(&mut buf[..]);
-    socket.send(&buf, 0).context("sending an nflog config request")?;
+    socket
+        .send(&buf, 0)
+        .context("sending an nflog config request")?;
     let mut answer = vec![0u8; 4096];
     let n = socket
         .recv(&mut &mut answer[..], 0)

@@ -163,7 +163,10 @@ mod tests {
             .collect();
         assert_eq!(
             summary,
-            ["peer-up Some(\"node2\") None", "invalid-packets None Some(3)"]
+            [
+                "peer-up Some(\"node2\") None",
+                "invalid-packets None Some(3)"
+            ]
         );
         assert!(e[1].verdict == Verdict::Dropped);
         assert_eq!(e[1].reason.as_deref(), Some("decrypt_failed"));

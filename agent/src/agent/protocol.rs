@@ -151,6 +151,12 @@ pub struct Status {
     /// Policy enforcement and the DNS proxy.
     #[serde(default)]
     pub policy: Option<PolicyStatus>,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_address: Option<String>,
+    /// The flow-event buffer's counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_events: Option<HubStats>,
 }
 
 /// What policy enforcement is doing on this node.
@@ -352,8 +358,7 @@ pub fn observe(
             // the agent went away: a follow ends here
             return Ok(None);
         }
-        let response: Response =
-            serde_json::from_str(&answer).map_err(|e| bad(e.to_string()))?;
+        let response: Response = serde_json::from_str(&answer).map_err(|e| bad(e.to_string()))?;
         if !response.ok {
             return Err(ClientError::Refused(
                 response.error.unwrap_or_else(|| "no reason given".into()),
@@ -396,6 +401,9 @@ mod tests {
         };
         assert!(o.follow);
         assert_eq!(o.filter.from_pod.as_deref(), Some("default/a"));
-        assert_eq!(o.filter.verdict, Some(super::super::events::Verdict::Dropped));
+        assert_eq!(
+            o.filter.verdict,
+            Some(super::super::events::Verdict::Dropped)
+        );
     }
 }

@@ -137,9 +137,8 @@ pub fn observe_many(sockets: Vec<(String, PathBuf)>, filter: &FilterArgs) -> Res
         let tx = tx.clone();
         let request = request.clone();
         std::thread::spawn(move || {
-            let result = protocol::observe(&socket, &request, READ_TIMEOUT, |e| {
-                tx.send(Ok(e)).is_ok()
-            });
+            let result =
+                protocol::observe(&socket, &request, READ_TIMEOUT, |e| tx.send(Ok(e)).is_ok());
             if let Err(e) = result {
                 let _ = tx.send(Err(format!("{node}: {e}")));
             }
