@@ -264,14 +264,17 @@ fn drops_and_refusals_show_with_pods_and_policies_and_metrics_move() {
 fn mesh_peers_going_down_and_up_show_as_events() {
     let lab = TestLab::new("om");
     lab.up(2, 0);
-    // node1's session with node2 came up when the lab started
-    let events = observe(&lab, &["--type", "mesh", "--verdict", "info"]);
-    assert!(
-        events.iter().any(|e| e["node"] == "node1"
-            && e["mesh"]["peer"] == "node2"
-            && e["mesh"]["event"] == "peer-up"),
-        "{events:#?}"
-    );
+    // node1's session with node2 came up when the lab started (the
+    // watcher looks once a second)
+    eventually("node1's peer-up", Duration::from_secs(10), || {
+        observe(&lab, &["--type", "mesh", "--verdict", "info"])
+            .iter()
+            .any(|e| {
+                e["node"] == "node1"
+                    && e["mesh"]["peer"] == "node2"
+                    && e["mesh"]["event"] == "peer-up"
+            })
+    });
     let restarted = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
