@@ -183,13 +183,7 @@ impl FqdnCache {
         let mut update = CacheUpdate::default();
         for name in &learned.names {
             for &(ip, ttl) in &learned.ips {
-                self.insert_one(
-                    name,
-                    ip,
-                    Duration::from_secs(u64::from(ttl)),
-                    now,
-                    &mut update,
-                );
+                self.insert_one(name, ip, Duration::from_secs(u64::from(ttl)), now, &mut update);
             }
         }
         update
@@ -205,8 +199,7 @@ impl FqdnCache {
         update: &mut CacheUpdate,
     ) {
         let life = ttl.max(self.config.ttl_floor);
-        let expires_ms =
-            to_ms(now).saturating_add(u64::try_from(life.as_millis()).unwrap_or(u64::MAX));
+        let expires_ms = to_ms(now).saturating_add(u64::try_from(life.as_millis()).unwrap_or(u64::MAX));
         self.put(name, ip, expires_ms, update);
     }
 
@@ -245,11 +238,7 @@ impl FqdnCache {
             });
         }
         // Caps: the oldest entry of this name, then the oldest of all.
-        while self
-            .names
-            .get(name)
-            .is_some_and(|e| e.ips.len() > self.config.per_name_cap)
-        {
+        while self.names.get(name).is_some_and(|e| e.ips.len() > self.config.per_name_cap) {
             let Some(&oldest) = self.names.get(name).and_then(|e| e.order.first()) else {
                 break;
             };
@@ -479,11 +468,7 @@ mod tests {
     }
 
     fn ips_of(c: &FqdnCache, name: &str, now: SystemTime) -> Vec<IpAddr> {
-        let mut v: Vec<IpAddr> = c
-            .lookup(&n(name), now)
-            .into_iter()
-            .map(|(ip, _)| ip)
-            .collect();
+        let mut v: Vec<IpAddr> = c.lookup(&n(name), now).into_iter().map(|(ip, _)| ip).collect();
         v.sort();
         v
     }
@@ -491,10 +476,7 @@ mod tests {
     #[test]
     fn ttl_is_honoured_and_attributed_to_every_name() {
         let mut c = FqdnCache::new(CacheConfig::default());
-        let u = c.insert(
-            &learned(&["www.test", "edge.test"], &[(1, 30), (2, 60)]),
-            t(0),
-        );
+        let u = c.insert(&learned(&["www.test", "edge.test"], &[(1, 30), (2, 60)]), t(0));
         assert_eq!(u.upserted.len(), 4);
         assert!(u.evicted.is_empty());
         assert_eq!(c.len(), 4);
@@ -521,14 +503,7 @@ mod tests {
         assert!(u.is_empty(), "{u:?}");
         assert_eq!(c.lookup(&n("a.test"), t(99)), vec![(ip(1), t(100))]);
         let u = c.insert(&learned(&["a.test"], &[(1, 200)]), t(5));
-        assert_eq!(
-            u.upserted,
-            vec![CacheEntry {
-                name: n("a.test"),
-                ip: ip(1),
-                expires: t(205)
-            }]
-        );
+        assert_eq!(u.upserted, vec![CacheEntry { name: n("a.test"), ip: ip(1), expires: t(205) }]);
         assert_eq!(c.len(), 1);
     }
 
@@ -587,10 +562,7 @@ mod tests {
         });
         let u = c.insert(&learned(&["a.test"], &[(1, 60), (2, 60)]), t(0));
         assert_eq!(u.evicted, vec![(n("a.test"), ip(1))]);
-        assert_eq!(
-            u.upserted.iter().map(|e| e.ip).collect::<Vec<_>>(),
-            vec![ip(2)]
-        );
+        assert_eq!(u.upserted.iter().map(|e| e.ip).collect::<Vec<_>>(), vec![ip(2)]);
     }
 
     #[test]
@@ -604,19 +576,8 @@ mod tests {
         assert!(!dir.path().join(format!("{CACHE_FILE}.tmp")).exists());
 
         let (r, report) = FqdnCache::load(dir.path(), CacheConfig::default(), t(20)).unwrap();
-        assert_eq!(
-            report,
-            LoadReport {
-                restored: 2,
-                expired: 1,
-                evicted: 0,
-                corrupt: None
-            }
-        );
-        assert_eq!(
-            r.lookup(&n("a.test"), t(20)),
-            vec![(ip(1), t(100)), (ip(3), t(50))]
-        );
+        assert_eq!(report, LoadReport { restored: 2, expired: 1, evicted: 0, corrupt: None });
+        assert_eq!(r.lookup(&n("a.test"), t(20)), vec![(ip(1), t(100)), (ip(3), t(50))]);
         assert!(r.lookup(&n("b.test"), t(20)).is_empty());
         // Age order survives: with a cap of 2 per name, 1 (oldest) goes first.
         let mut r = r;
@@ -641,8 +602,7 @@ mod tests {
     #[test]
     fn missing_file_is_an_empty_cache() {
         let dir = tempfile::tempdir().unwrap();
-        let (c, report) =
-            FqdnCache::load(&dir.path().join("none"), CacheConfig::default(), t(0)).unwrap();
+        let (c, report) = FqdnCache::load(&dir.path().join("none"), CacheConfig::default(), t(0)).unwrap();
         assert!(c.is_empty());
         assert_eq!(report, LoadReport::default());
     }

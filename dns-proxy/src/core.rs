@@ -31,9 +31,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use hickory_proto::op::{
-    Edns, Header, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
-};
+use hickory_proto::op::{Edns, Header, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::Name;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use meshward_policy::{DnsRules, DnsVerdict, Fqdn, NodeRules};
@@ -124,12 +122,7 @@ impl DnsPolicy for NodeRules {
 
 /// One endpoint's DNS rules applied to a query.
 pub fn check_dns_rules(rules: &DnsRules, q: &QueryInfo<'_>) -> Decision {
-    match rules.query_allowed(
-        q.server.ip(),
-        q.transport.protocol(),
-        q.server.port(),
-        q.name,
-    ) {
+    match rules.query_allowed(q.server.ip(), q.transport.protocol(), q.server.port(), q.name) {
         DnsVerdict::Allowed(_) => Decision::Allow,
         DnsVerdict::Denied => Decision::Deny,
     }
@@ -170,10 +163,7 @@ pub enum QueryOutcome {
     /// same transport and wait for the answer.
     Forward(PendingQuery),
     /// Send `reply` back to the client (from the server's address).
-    Answer {
-        reply: Vec<u8>,
-        why: LocalAnswer,
-    },
+    Answer { reply: Vec<u8>, why: LocalAnswer },
     Drop(DropReason),
 }
 

@@ -71,12 +71,7 @@ fn cname(owner: &str, ttl: u32, target: &str) -> Record {
 }
 
 fn forward(q: &Message) -> PendingQuery {
-    match handle_query(
-        &allow_all,
-        DenyRcode::Refused,
-        ctx(Transport::Udp),
-        &bytes(q),
-    ) {
+    match handle_query(&allow_all, DenyRcode::Refused, ctx(Transport::Udp), &bytes(q)) {
         QueryOutcome::Forward(p) => p,
         other => panic!("expected Forward, got {other:?}"),
     }
@@ -120,9 +115,7 @@ fn allowed_query_is_forwarded_and_policy_sees_the_query() {
         Decision::Allow
     };
     let q = query(4242, "API.Example.Test.", RecordType::AAAA);
-    let QueryOutcome::Forward(p) =
-        handle_query(&policy, DenyRcode::Refused, ctx(Transport::Tcp), &bytes(&q))
-    else {
+    let QueryOutcome::Forward(p) = handle_query(&policy, DenyRcode::Refused, ctx(Transport::Tcp), &bytes(&q)) else {
         panic!("not forwarded");
     };
     assert_eq!(p.id(), 4242);
@@ -131,25 +124,14 @@ fn allowed_query_is_forwarded_and_policy_sees_the_query() {
     assert_eq!(p.context().transport, Transport::Tcp);
     assert_eq!(
         *seen.lock().unwrap(),
-        vec![(
-            CLIENT,
-            server(),
-            Transport::Tcp,
-            fqdn("api.example.test."),
-            28
-        )]
+        vec![(CLIENT, server(), Transport::Tcp, fqdn("api.example.test."), 28)]
     );
 }
 
 #[test]
 fn denied_query_gets_refused_with_id_and_question() {
     let q = query(7, "evil.example.test.", RecordType::A);
-    let (r, why) = answer(handle_query(
-        &deny_all,
-        DenyRcode::Refused,
-        ctx(Transport::Udp),
-        &bytes(&q),
-    ));
+    let (r, why) = answer(handle_query(&deny_all, DenyRcode::Refused, ctx(Transport::Udp), &bytes(&q)));
     assert_eq!(why, LocalAnswer::Denied);
     assert_eq!(r.metadata.id, 7);
     assert_eq!(r.metadata.message_type, MessageType::Response);
@@ -163,12 +145,7 @@ fn denied_query_gets_refused_with_id_and_question() {
 #[test]
 fn nxdomain_mode() {
     let q = query(8, "evil.example.test.", RecordType::A);
-    let (r, why) = answer(handle_query(
-        &deny_all,
-        DenyRcode::NxDomain,
-        ctx(Transport::Udp),
-        &bytes(&q),
-    ));
+    let (r, why) = answer(handle_query(&deny_all, DenyRcode::NxDomain, ctx(Transport::Udp), &bytes(&q)));
     assert_eq!(why, LocalAnswer::Denied);
     assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
     assert_eq!(r.queries, q.queries);
@@ -181,12 +158,7 @@ fn edns0_is_echoed_on_local_answers() {
     edns.set_max_payload(4096);
     edns.set_dnssec_ok(true);
     q.set_edns(edns);
-    let (r, _) = answer(handle_query(
-        &deny_all,
-        DenyRcode::Refused,
-        ctx(Transport::Udp),
-        &bytes(&q),
-    ));
+    let (r, _) = answer(handle_query(&deny_all, DenyRcode::Refused, ctx(Transport::Udp), &bytes(&q)));
     let e = r.edns.expect("OPT echoed");
     assert!(e.flags().dnssec_ok);
     assert_eq!(e.version(), 0);
@@ -204,23 +176,13 @@ fn edns0_is_echoed_on_local_answers() {
 fn not_exactly_one_question_is_formerr() {
     let mut q = query(10, "a.example.test.", RecordType::A);
     q.add_query(Query::query(name("b.example.test."), RecordType::A));
-    let (r, why) = answer(handle_query(
-        &allow_all,
-        DenyRcode::Refused,
-        ctx(Transport::Udp),
-        &bytes(&q),
-    ));
+    let (r, why) = answer(handle_query(&allow_all, DenyRcode::Refused, ctx(Transport::Udp), &bytes(&q)));
     assert_eq!(why, LocalAnswer::FormatError);
     assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
     assert_eq!(r.metadata.id, 10);
 
     let none = Message::new(11, MessageType::Query, OpCode::Query);
-    let (r, why) = answer(handle_query(
-        &allow_all,
-        DenyRcode::Refused,
-        ctx(Transport::Udp),
-        &bytes(&none),
-    ));
+    let (r, why) = answer(handle_query(&allow_all, DenyRcode::Refused, ctx(Transport::Udp), &bytes(&none)));
     assert_eq!(why, LocalAnswer::FormatError);
     assert_eq!(r.metadata.id, 11);
 }
@@ -229,24 +191,14 @@ fn not_exactly_one_question_is_formerr() {
 fn malformed_queries_get_formerr_or_are_dropped() {
     let good = bytes(&query(12, "a.example.test.", RecordType::A));
     // Cut inside the question: header readable, FORMERR with the same ID.
-    let (r, why) = answer(handle_query(
-        &allow_all,
-        DenyRcode::Refused,
-        ctx(Transport::Udp),
-        &good[..good.len() - 3],
-    ));
+    let (r, why) = answer(handle_query(&allow_all, DenyRcode::Refused, ctx(Transport::Udp), &good[..good.len() - 3]));
     assert_eq!(why, LocalAnswer::FormatError);
     assert_eq!(r.metadata.id, 12);
     assert!(r.metadata.recursion_desired);
     assert!(r.queries.is_empty());
     // Shorter than a header: nothing to answer.
     assert!(matches!(
-        handle_query(
-            &allow_all,
-            DenyRcode::Refused,
-            ctx(Transport::Udp),
-            &good[..11]
-        ),
+        handle_query(&allow_all, DenyRcode::Refused, ctx(Transport::Udp), &good[..11]),
         QueryOutcome::Drop(DropReason::TooShort)
     ));
     assert!(matches!(
@@ -254,10 +206,7 @@ fn malformed_queries_get_formerr_or_are_dropped() {
         QueryOutcome::Drop(DropReason::TooShort)
     ));
     // A response sent to us.
-    let resp = bytes(&response(
-        &query(13, "a.example.test.", RecordType::A),
-        vec![],
-    ));
+    let resp = bytes(&response(&query(13, "a.example.test.", RecordType::A), vec![]));
     assert!(matches!(
         handle_query(&allow_all, DenyRcode::Refused, ctx(Transport::Udp), &resp),
         QueryOutcome::Drop(DropReason::NotAQuery)
@@ -268,12 +217,7 @@ fn malformed_queries_get_formerr_or_are_dropped() {
 fn other_opcodes_get_notimp() {
     let mut q = query(14, "a.example.test.", RecordType::SOA);
     q.metadata.op_code = OpCode::Notify;
-    let (r, why) = answer(handle_query(
-        &allow_all,
-        DenyRcode::Refused,
-        ctx(Transport::Udp),
-        &bytes(&q),
-    ));
+    let (r, why) = answer(handle_query(&allow_all, DenyRcode::Refused, ctx(Transport::Udp), &bytes(&q)));
     assert_eq!(why, LocalAnswer::NotImplemented);
     assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
     assert_eq!(r.metadata.op_code, OpCode::Notify);
@@ -284,12 +228,7 @@ fn other_opcodes_get_notimp() {
 fn names_outside_the_fqdn_alphabet_are_denied() {
     let mut q = query(15, "x.example.test.", RecordType::A);
     q.queries[0].name = Name::from_labels(vec![b"a b".to_vec(), b"test".to_vec()]).unwrap();
-    let (r, why) = answer(handle_query(
-        &allow_all,
-        DenyRcode::Refused,
-        ctx(Transport::Udp),
-        &bytes(&q),
-    ));
+    let (r, why) = answer(handle_query(&allow_all, DenyRcode::Refused, ctx(Transport::Udp), &bytes(&q)));
     assert_eq!(why, LocalAnswer::Denied);
     assert_eq!(r.metadata.response_code, ResponseCode::Refused);
 }
@@ -404,11 +343,7 @@ fn cname_chain_out_of_order_with_min_ttl() {
     let l = learned.unwrap();
     assert_eq!(
         l.names,
-        vec![
-            fqdn("www.example.test"),
-            fqdn("alias.cdn.test"),
-            fqdn("edge.cdn.test")
-        ]
+        vec![fqdn("www.example.test"), fqdn("alias.cdn.test"), fqdn("edge.cdn.test")]
     );
     // 21: min(300, 120, 30) = 30; 22: its own 10.
     assert_eq!(
@@ -430,10 +365,7 @@ fn addresses_owned_midway_along_the_chain_count() {
         ],
     );
     let l = relay(&p, &bytes(&r)).0.unwrap();
-    assert_eq!(
-        l.ips,
-        vec![(ip4("198.18.1.1"), 40), (ip4("198.18.1.2"), 50)]
-    );
+    assert_eq!(l.ips, vec![(ip4("198.18.1.1"), 40), (ip4("198.18.1.2"), 50)]);
 }
 
 #[test]
@@ -474,11 +406,7 @@ fn aaaa_and_classes() {
     let r = response(
         &q,
         vec![
-            Record::from_rdata(
-                name("v6.test."),
-                77,
-                RData::AAAA(AAAA(Ipv6Addr::from_str("2001:db8::1").unwrap())),
-            ),
+            Record::from_rdata(name("v6.test."), 77, RData::AAAA(AAAA(Ipv6Addr::from_str("2001:db8::1").unwrap()))),
             ch,
             Record::from_rdata(name("v6.test."), 77, RData::TXT(TXT::new(vec!["x".into()]))),
         ],
@@ -497,10 +425,7 @@ fn nothing_learned_from_errors_or_empty_answers() {
     assert!(learned.is_none() && !truncated && !unparsed);
     let (learned, ..) = relay(&p, &bytes(&response(&q, vec![])));
     assert!(learned.is_none());
-    let (learned, ..) = relay(
-        &p,
-        &bytes(&response(&q, vec![cname("gone.test.", 5, "x.test.")])),
-    );
+    let (learned, ..) = relay(&p, &bytes(&response(&q, vec![cname("gone.test.", 5, "x.test.")])));
     assert!(learned.is_none());
 }
 
@@ -544,24 +469,7 @@ fn compressed_response(id: u16) -> Vec<u8> {
     let edge_at = m.len();
     m.extend_from_slice(b"\x04edge\xc0\x10");
     // Answer 2: owner = pointer to "edge..." in the rdata above.
-    m.extend_from_slice(&[
-        0xc0,
-        edge_at as u8,
-        0,
-        1,
-        0,
-        1,
-        0,
-        0,
-        0,
-        90,
-        0,
-        4,
-        198,
-        18,
-        100,
-        10,
-    ]);
+    m.extend_from_slice(&[0xc0, edge_at as u8, 0, 1, 0, 1, 0, 0, 0, 90, 0, 4, 198, 18, 100, 10]);
     m
 }
 
@@ -570,10 +478,7 @@ fn compressed_names_are_followed() {
     let q = query(300, "api.example.test.", RecordType::A);
     let p = forward(&q);
     let l = relay(&p, &compressed_response(300)).0.unwrap();
-    assert_eq!(
-        l.names,
-        vec![fqdn("api.example.test"), fqdn("edge.example.test")]
-    );
+    assert_eq!(l.names, vec![fqdn("api.example.test"), fqdn("edge.example.test")]);
     assert_eq!(l.ips, vec![(ip4("198.18.100.10"), 50)]);
 }
 
@@ -595,12 +500,7 @@ fn compression_loops_never_hang() {
     let mut q2 = Vec::from(&m[..12]);
     q2[2] = 0x01;
     q2.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
-    let (_, why) = answer(handle_query(
-        &allow_all,
-        DenyRcode::Refused,
-        ctx(Transport::Udp),
-        &q2,
-    ));
+    let (_, why) = answer(handle_query(&allow_all, DenyRcode::Refused, ctx(Transport::Udp), &q2));
     assert_eq!(why, LocalAnswer::FormatError);
 }
 
@@ -664,62 +564,11 @@ fn node_rules_as_policy() {
             qtype: 1,
         })
     };
-    assert_eq!(
-        check(
-            CLIENT,
-            "198.18.100.53:53",
-            Transport::Udp,
-            "api.example.test"
-        ),
-        Decision::Allow
-    );
-    assert_eq!(
-        check(
-            CLIENT,
-            "198.18.100.53:53",
-            Transport::Tcp,
-            "api.example.test"
-        ),
-        Decision::Allow
-    );
-    assert_eq!(
-        check(CLIENT, "198.18.100.53:53", Transport::Udp, "example.test"),
-        Decision::Deny
-    );
-    assert_eq!(
-        check(
-            CLIENT,
-            "198.18.100.54:53",
-            Transport::Udp,
-            "api.example.test"
-        ),
-        Decision::Deny
-    );
-    assert_eq!(
-        check(
-            CLIENT,
-            "198.18.100.53:5353",
-            Transport::Udp,
-            "api.example.test"
-        ),
-        Decision::Deny
-    );
-    assert_eq!(
-        check(
-            ip4("198.19.1.3"),
-            "198.18.100.53:53",
-            Transport::Udp,
-            "x.other.test"
-        ),
-        Decision::Allow
-    );
-    assert_eq!(
-        check(
-            ip4("198.19.1.99"),
-            "198.18.100.53:53",
-            Transport::Udp,
-            "api.example.test"
-        ),
-        Decision::Deny
-    );
+    assert_eq!(check(CLIENT, "198.18.100.53:53", Transport::Udp, "api.example.test"), Decision::Allow);
+    assert_eq!(check(CLIENT, "198.18.100.53:53", Transport::Tcp, "api.example.test"), Decision::Allow);
+    assert_eq!(check(CLIENT, "198.18.100.53:53", Transport::Udp, "example.test"), Decision::Deny);
+    assert_eq!(check(CLIENT, "198.18.100.54:53", Transport::Udp, "api.example.test"), Decision::Deny);
+    assert_eq!(check(CLIENT, "198.18.100.53:5353", Transport::Udp, "api.example.test"), Decision::Deny);
+    assert_eq!(check(ip4("198.19.1.3"), "198.18.100.53:53", Transport::Udp, "x.other.test"), Decision::Allow);
+    assert_eq!(check(ip4("198.19.1.99"), "198.18.100.53:53", Transport::Udp, "api.example.test"), Decision::Deny);
 }

@@ -25,9 +25,7 @@ pub mod server;
 mod sock;
 pub mod stats;
 
-pub use cache::{
-    CacheConfig, CacheEntry, CacheError, CacheUpdate, FqdnCache, LoadReport, CACHE_FILE,
-};
+pub use cache::{CacheConfig, CacheEntry, CacheError, CacheUpdate, FqdnCache, LoadReport, CACHE_FILE};
 pub use core::{
     check_dns_rules, handle_query, Decision, DenyRcode, DnsPolicy, DropReason, LocalAnswer,
     Mismatch, PendingQuery, QueryContext, QueryInfo, QueryOutcome, ResponseOutcome, Transport,

@@ -72,10 +72,7 @@ pub(crate) fn recv_orig_dst<F: AsRawFd>(
         match c {
             ControlMessageOwned::Ipv4OrigDstAddr(sin) => {
                 let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                orig = Some(SocketAddr::V4(SocketAddrV4::new(
-                    ip,
-                    u16::from_be(sin.sin_port),
-                )));
+                orig = Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))));
             }
             ControlMessageOwned::Ipv6OrigDstAddr(sin6) => {
                 let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
@@ -94,12 +91,7 @@ pub(crate) fn recv_orig_dst<F: AsRawFd>(
         .address
         .as_ref()
         .and_then(storage_to_std)
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "datagram without a source address",
-            )
-        })?;
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "datagram without a source address"))?;
     Ok((len, from, orig.map(unmap)))
 }
 

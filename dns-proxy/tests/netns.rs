@@ -76,22 +76,8 @@ impl Lab {
         let pod = Netns::new("p");
         let node = Netns::new("n");
         let ext = Netns::new("e");
-        veth(
-            &pod,
-            "eth0",
-            "198.19.1.2/24",
-            &node,
-            "pod0",
-            "198.19.1.1/24",
-        );
-        veth(
-            &node,
-            "ext0",
-            "198.18.100.1/24",
-            &ext,
-            "eth0",
-            "198.18.100.53/24",
-        );
+        veth(&pod, "eth0", "198.19.1.2/24", &node, "pod0", "198.19.1.1/24");
+        veth(&node, "ext0", "198.18.100.1/24", &ext, "eth0", "198.18.100.53/24");
         for extra in [DNS_CLOSED, DNS_BLACKHOLE, DNS_SPOOFING] {
             ext.ip(&["addr", "add", &format!("{extra}/32"), "dev", "eth0"]);
         }
@@ -116,16 +102,7 @@ impl Lab {
             ),
         ]);
         node.ip(&["rule", "add", "fwmark", "0x1", "lookup", "109"]);
-        node.ip(&[
-            "route",
-            "add",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            "109",
-        ]);
+        node.ip(&["route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "109"]);
 
         let mut lab = Lab {
             pod,
@@ -172,14 +149,7 @@ impl Lab {
             .expect("dnsmasq (apt-get install dnsmasq-base)");
         self.dnsmasq = Some(child);
         for _ in 0..50 {
-            let (ok, out) = self.ext.exec(&[
-                "dig",
-                &format!("@{DNS}"),
-                "api.example.test",
-                "+short",
-                "+time=1",
-                "+tries=1",
-            ]);
+            let (ok, out) = self.ext.exec(&["dig", &format!("@{DNS}"), "api.example.test", "+short", "+time=1", "+tries=1"]);
             if ok && out.contains("198.18.100.10") {
                 return;
             }
@@ -257,12 +227,7 @@ impl Lab {
 
     /// `dig @server ARGS` in the pod; its output.
     fn dig(&self, server: &str, args: &[&str]) -> String {
-        let mut cmd = vec![
-            "dig".to_string(),
-            format!("@{server}"),
-            "+time=4".into(),
-            "+tries=1".into(),
-        ];
+        let mut cmd = vec!["dig".to_string(), format!("@{server}"), "+time=4".into(), "+tries=1".into()];
         cmd.extend(args.iter().map(|s| s.to_string()));
         let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
         self.pod.exec(&cmd).1
@@ -326,21 +291,9 @@ fn allowed_answers_are_learned_before_they_reach_the_pod() {
         let (l, hook_done) = &learned[0];
         assert_eq!(l.client, ip("198.19.1.2"));
         assert_eq!(l.ips, vec![(ip("198.18.100.10"), 300)]);
-        assert!(
-            *hook_done <= dig_done,
-            "the answer reached the pod before the hook finished"
-        );
+        assert!(*hook_done <= dig_done, "the answer reached the pod before the hook finished");
         let s = lab.stats();
-        assert_eq!(
-            (
-                s.queries_allowed,
-                s.responses_relayed,
-                s.holds,
-                s.hold_timeouts
-            ),
-            (1, 1, 1, 0),
-            "{s:?}"
-        );
+        assert_eq!((s.queries_allowed, s.responses_relayed, s.holds, s.hold_timeouts), (1, 1, 1, 0), "{s:?}");
         assert!(s.hold_us_max >= 300_000, "{s:?}");
     }
 }
@@ -355,14 +308,7 @@ fn cname_chain_is_attributed_to_every_name() {
     let learned = lab.learned_for("www.example.test.");
     assert_eq!(learned.len(), 1);
     let names: Vec<&str> = learned[0].0.names.iter().map(|n| n.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "www.example.test.",
-            "alias.example.test.",
-            "edge.example.test."
-        ]
-    );
+    assert_eq!(names, ["www.example.test.", "alias.example.test.", "edge.example.test."]);
     assert_eq!(learned[0].0.ips, vec![(ip("198.18.100.11"), 300)]);
 }
 
@@ -379,11 +325,7 @@ fn denied_names_are_refused_over_udp_and_tcp() {
     // Nothing was asked upstream or learned.
     assert!(lab.learned.lock().unwrap().is_empty());
     let s = lab.stats();
-    assert_eq!(
-        (s.queries_denied, s.queries_allowed, s.tcp_connections),
-        (2, 0, 1),
-        "{s:?}"
-    );
+    assert_eq!((s.queries_denied, s.queries_allowed, s.tcp_connections), (2, 0, 1), "{s:?}");
 }
 
 #[test]
@@ -394,10 +336,7 @@ fn truncated_udp_answers_are_retried_over_tcp() {
     let rows = answers(&out);
     assert_eq!(rows.len(), MANY, "{out}");
     let s = lab.stats();
-    assert!(
-        s.responses_truncated >= 1 && s.tcp_connections >= 1,
-        "{s:?}"
-    );
+    assert!(s.responses_truncated >= 1 && s.tcp_connections >= 1, "{s:?}");
     let learned = lab.learned_for("many.example.test.");
     assert_eq!(learned.len(), 1, "only the full (TCP) answer teaches");
     assert_eq!(learned[0].0.ips.len(), MANY);
@@ -408,25 +347,11 @@ fn several_queries_on_one_tcp_connection() {
     let lab = Lab::new(Options::default());
     let out = lab.dig(
         DNS,
-        &[
-            "+tcp",
-            "+keepopen",
-            "+short",
-            "api.example.test",
-            "edge.example.test",
-            "api.blocked.example.test",
-        ],
+        &["+tcp", "+keepopen", "+short", "api.example.test", "edge.example.test", "api.blocked.example.test"],
     );
-    assert!(
-        out.contains("198.18.100.10") && out.contains("198.18.100.11"),
-        "{out}"
-    );
+    assert!(out.contains("198.18.100.10") && out.contains("198.18.100.11"), "{out}");
     let s = lab.stats();
-    assert_eq!(
-        (s.tcp_connections, s.queries_allowed, s.queries_denied),
-        (1, 2, 1),
-        "{s:?}"
-    );
+    assert_eq!((s.tcp_connections, s.queries_allowed, s.queries_denied), (1, 2, 1), "{s:?}");
 }
 
 #[test]
@@ -474,9 +399,10 @@ fn spoofed_answers_are_ignored() {
     let lab = Lab::new(Options::default());
     // A server that first answers with a wrong ID and a wrong question,
     // then with the right answer.
-    let sock = lab.ext.run(|| UdpSocket::bind((DNS_SPOOFING, 53)).unwrap());
-    sock.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let sock = lab
+        .ext
+        .run(|| UdpSocket::bind((DNS_SPOOFING, 53)).unwrap());
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let server = std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         let (n, from) = sock.recv_from(&mut buf).unwrap();
@@ -509,8 +435,5 @@ fn spoofed_answers_are_ignored() {
     assert_eq!(out.trim(), "198.18.100.66", "{out}");
     let s = lab.stats();
     assert_eq!(s.responses_mismatched, 2, "{s:?}");
-    assert_eq!(
-        lab.learned_for("api.example.test.")[0].0.ips,
-        vec![(ip("198.18.100.66"), 60)]
-    );
+    assert_eq!(lab.learned_for("api.example.test.")[0].0.ips, vec![(ip("198.18.100.66"), 60)]);
 }
