@@ -13,6 +13,7 @@
 //! socketPath: /run/meshward/agent.sock   # default
 //! clusterCIDR: 10.244.0.0/16       # default; the whole pod range (strict mode guards it)
 //! healthAddress: 127.0.0.1:9879    # default; HTTP /healthz, /readyz, /metrics
+//! flowEventBuffer: 4096            # default; recent flow events kept (`meshward observe`)
 //! ```
 //!
 //! Unknown keys are errors. Relative paths in the file are relative to the
@@ -90,6 +91,8 @@ pub struct Config {
     pub policy: PolicySettings,
     /// HTTP: `/healthz`, `/readyz`, `/metrics`.
     pub health_address: SocketAddr,
+    /// Recent flow events kept for `meshward observe`.
+    pub flow_event_buffer: usize,
 }
 
 /// Policy enforcement knobs (`dns*`, `fqdn*`, `nflogGroup` keys).
@@ -179,6 +182,7 @@ struct RawConfig {
     fqdn_max_entries: Option<usize>,
     nflog_group: Option<u16>,
     health_address: Option<String>,
+    flow_event_buffer: Option<usize>,
 }
 
 impl Config {
@@ -437,6 +441,16 @@ impl Config {
         if health_address.port() == 0 {
             return Err(invalid("healthAddress", "port must not be 0".into()));
         }
+        let flow_event_buffer = match raw.flow_event_buffer {
+            None => crate::agent::DEFAULT_FLOW_EVENTS,
+            Some(n) if (1..=1_000_000).contains(&n) => n,
+            Some(n) => {
+                return Err(invalid(
+                    "flowEventBuffer",
+                    format!("{n} is outside 1..=1000000"),
+                ))
+            }
+        };
 
         Ok(Config {
             policy,
@@ -452,6 +466,7 @@ impl Config {
             socket_path,
             cluster_cidr,
             health_address,
+            flow_event_buffer,
         })
     }
 }
@@ -527,6 +542,7 @@ mod tests {
                 cluster_cidr: "10.244.0.0/16".parse().unwrap(),
                 health_address: "127.0.0.1:9879".parse().unwrap(),
                 policy: PolicySettings::default(),
+                flow_event_buffer: 4096,
             }
         );
     }

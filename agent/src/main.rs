@@ -27,6 +27,8 @@ enum Command {
     Keys(cli::keys::KeysArgs),
     /// Show the running agent's peers, sessions, traffic and drops
     Status(cli::status::StatusArgs),
+    /// Show the agent's flow events: DNS verdicts, policy drops, mesh peers (filters, --follow, -o json)
+    Observe(cli::observe::ObserveArgs),
     /// Print the CustomResourceDefinitions of meshward's policy types (YAML)
     Crd,
     /// Install meshward-cni and its network configuration on this node
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent::run(args),
         Command::Keys(args) => cli::keys::run(args).map(|()| ExitCode::SUCCESS),
         Command::Status(args) => cli::status::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Observe(args) => cli::observe::run(args).map(|()| ExitCode::SUCCESS),
         Command::Crd => cli::crd::run().map(|()| ExitCode::SUCCESS),
         Command::InstallCni(args) => cli::install_cni::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lab(args) => lab::run(args),

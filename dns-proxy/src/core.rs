@@ -275,6 +275,11 @@ impl PendingQuery {
         &self.name
     }
 
+    /// The question's RR type (1 = A, 28 = AAAA, ...).
+    pub fn qtype(&self) -> u16 {
+        u16::from(self.question.query_type())
+    }
+
     /// The SERVFAIL the client gets when upstream does not answer.
     pub fn servfail(&self) -> Vec<u8> {
         self.template.build(ResponseCode::ServFail)

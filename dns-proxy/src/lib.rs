@@ -34,5 +34,5 @@ pub use core::{
     Mismatch, PendingQuery, QueryContext, QueryInfo, QueryOutcome, ResponseOutcome, Transport,
 };
 pub use learn::{Learned, MAX_CHAIN};
-pub use server::{DnsProxy, LearnHook, Listeners, ProxyConfig};
+pub use server::{DnsObserver, DnsProxy, LearnHook, Listeners, ProxyConfig, Relayed};
 pub use stats::{Stats, StatsSnapshot, HOLD_BUCKETS_US};

@@ -21,7 +21,7 @@ use std::fmt::Display;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,7 @@ use crate::learn::Learned;
 use crate::sock;
 use crate::stats::{bump, Stats};
 use crate::upstream::{Exchange, UdpUpstreams};
+use meshward_policy::Fqdn;
 
 /// Largest DNS message (UDP payload or TCP frame).
 const MAX_MESSAGE: usize = 65_535;
@@ -96,6 +97,28 @@ where
     fn learn(&self, learned: Learned) -> impl Future<Output = Result<(), E>> + Send {
         self(learned)
     }
+}
+
+/// Told about every answer relayed to a client, after its hold (for flow
+/// events). Runs on the proxy's thread before the answer is sent: keep it
+/// quick and non-blocking. Denied queries never reach the shell's
+/// exchange: the [`DnsPolicy`] sees those.
+pub trait DnsObserver: Send + Sync + 'static {
+    fn relayed(&self, answer: &Relayed<'_>);
+}
+
+/// One relayed answer.
+#[derive(Debug)]
+pub struct Relayed<'a> {
+    pub query: &'a QueryContext,
+    pub name: &'a Fqdn,
+    pub qtype: u16,
+    /// The answer's RCODE (header bits only).
+    pub rcode: u8,
+    /// The addresses it carried, if any.
+    pub learned: Option<&'a Learned>,
+    /// How long it was held for the learn hook (when it was).
+    pub hold: Option<Duration>,
 }
 
 /// The proxy's listening sockets: UDP and TCP on one address. Made by
@@ -156,6 +179,7 @@ struct Inner<P, H> {
     udp_slots: Arc<Semaphore>,
     tcp_slots: Arc<Semaphore>,
     reply_sockets: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
+    observer: OnceLock<Arc<dyn DnsObserver>>,
 }
 
 /// The transparent DNS proxy. Cheap to clone (shared state).
@@ -186,6 +210,7 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 udp_slots,
                 tcp_slots,
                 reply_sockets: Mutex::new(HashMap::new()),
+                observer: OnceLock::new(),
             }),
         }
     }
@@ -197,6 +222,12 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
 
     pub fn policy(&self) -> &P {
         &self.inner.policy
+    }
+
+    /// Sets the observer of relayed answers (once; later calls are
+    /// ignored and return false).
+    pub fn set_observer(&self, observer: Arc<dyn DnsObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
     }
 
     /// Serves both listeners until one fails for good (or the future is
@@ -294,7 +325,8 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
             .await
         {
             Exchange::Answer(a) => {
-                self.relay(a.learned, a.truncated, a.unparsed).await;
+                self.relay(&pending, &a.bytes, a.learned, a.truncated, a.unparsed)
+                    .await;
                 a.bytes
             }
             Exchange::Timeout => {
@@ -310,7 +342,16 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
     }
 
     /// Counts an answer and holds it for the learn hook.
-    async fn relay(&self, learned: Option<Learned>, truncated: bool, unparsed: bool) {
+    /// Counts an answer about to be relayed, holds it for the learn hook
+    /// and tells the observer.
+    async fn relay(
+        &self,
+        pending: &PendingQuery,
+        bytes: &[u8],
+        learned: Option<Learned>,
+        truncated: bool,
+        unparsed: bool,
+    ) {
         let s = &self.inner.stats;
         bump(&s.responses_relayed);
         if truncated {
@@ -319,8 +360,23 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         if unparsed {
             bump(&s.responses_unparsed);
         }
+        let observer = self.inner.observer.get();
+        let mut seen = None;
+        let mut hold = None;
         if let Some(learned) = learned {
-            self.hold(learned).await;
+            // a copy only when someone watches
+            seen = observer.map(|_| learned.clone());
+            hold = Some(self.hold(learned).await);
+        }
+        if let Some(observer) = observer {
+            observer.relayed(&Relayed {
+                query: pending.context(),
+                name: pending.name(),
+                qtype: pending.qtype(),
+                rcode: bytes.get(3).map_or(0, |b| b & 0x0f),
+                learned: seen.as_ref(),
+                hold,
+            });
         }
     }
 
@@ -344,14 +400,16 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 truncated,
                 unparsed,
             } => {
-                self.relay(learned, truncated, unparsed).await;
+                self.relay(pending, bytes, learned, truncated, unparsed)
+                    .await;
                 Some(bytes.to_vec())
             }
         }
     }
 
     /// Runs the learn hook and waits for it, at most the hold bound.
-    async fn hold(&self, learned: Learned) {
+    /// Returns how long the answer was held.
+    async fn hold(&self, learned: Learned) -> Duration {
         let start = Instant::now();
         let hook = self.inner.hook.clone();
         let qname = learned.qname.clone();
@@ -386,7 +444,9 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
             warn!(name = %qname, error = %e, "learn hook failed: releasing the answer");
             bump(&self.inner.stats.learn_errors);
         }
-        self.inner.stats.record_hold(start.elapsed());
+        let took = start.elapsed();
+        self.inner.stats.record_hold(took);
+        took
     }
 
     /// Sends `reply` to `client` from `server`'s address.

@@ -4,11 +4,14 @@
 //! reachable by others, not even for an instant) and every connection's
 //! peer credentials are checked: only root or the agent's own user may
 //! talk to it. Requests go to the agent's main loop one at a time, so a
-//! rotation and a status never interleave.
+//! rotation and a status never interleave. `observe` is answered here,
+//! from the event hub, without the main loop: a follower holds its
+//! connection open for as long as it likes.
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::stat::{umask, Mode};
@@ -18,7 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::protocol::{Request, Response, MAX_LINE};
+use super::events::{EventHub, FlowEvent};
+use super::protocol::{Observe, Request, Response, MAX_LINE};
 use super::ControlRequest;
 
 /// A connection idle this long is closed.
@@ -51,6 +55,7 @@ impl Server {
     pub async fn start(
         path: &Path,
         tx: mpsc::Sender<ControlRequest>,
+        events: Option<Arc<EventHub>>,
     ) -> Result<Server, ControlError> {
         let io = |action: &'static str| {
             let path = path.to_path_buf();
@@ -88,7 +93,7 @@ impl Server {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(io("setting mode 0600 on"))?;
         info!(socket = %path.display(), "control socket listening");
-        let task = tokio::spawn(accept(listener, tx));
+        let task = tokio::spawn(accept(listener, tx, events));
         Ok(Server {
             path: path.to_path_buf(),
             task,
@@ -102,7 +107,11 @@ impl Server {
     }
 }
 
-async fn accept(listener: UnixListener, tx: mpsc::Sender<ControlRequest>) {
+async fn accept(
+    listener: UnixListener,
+    tx: mpsc::Sender<ControlRequest>,
+    events: Option<Arc<EventHub>>,
+) {
     let me = nix::unistd::geteuid().as_raw();
     loop {
         let stream = match listener.accept().await {
@@ -127,11 +136,15 @@ async fn accept(listener: UnixListener, tx: mpsc::Sender<ControlRequest>) {
                 continue;
             }
         }
-        tokio::spawn(serve(stream, tx.clone()));
+        tokio::spawn(serve(stream, tx.clone(), events.clone()));
     }
 }
 
-async fn serve(stream: UnixStream, tx: mpsc::Sender<ControlRequest>) {
+async fn serve(
+    stream: UnixStream,
+    tx: mpsc::Sender<ControlRequest>,
+    events: Option<Arc<EventHub>>,
+) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
@@ -153,12 +166,87 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<ControlRequest>) {
             let _ = reply(&mut write, &Response::error("request line too long")).await;
             return;
         }
+        if let Some(observe) = observe_request(&line) {
+            let Some(hub) = &events else {
+                let _ = reply(&mut write, &Response::error("flow events are off")).await;
+                return;
+            };
+            // the connection is the stream's from here on
+            stream_events(hub, &observe, reader, write).await;
+            return;
+        }
         let response = match answer(&line, &tx).await {
             Some(response) => response,
             None => continue,
         };
         if reply(&mut write, &response).await.is_err() {
             return;
+        }
+    }
+}
+
+fn observe_request(line: &[u8]) -> Option<Observe> {
+    match serde_json::from_slice::<Request>(line) {
+        Ok(Request::Observe(o)) => Some(o),
+        _ => None,
+    }
+}
+
+/// Sends the buffered events `observe` selects, then (follow) every new
+/// one until the client closes its end; else an `end` line.
+async fn stream_events(
+    hub: &EventHub,
+    observe: &Observe,
+    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+) {
+    // subscribe first, so nothing falls between the backlog and the stream
+    let mut live = observe.follow.then(|| hub.subscribe());
+    let backlog = hub.recent(&observe.filter, observe.limit.unwrap_or(usize::MAX));
+    let last_time = backlog.last().map(|e| e.time);
+    for event in &backlog {
+        if reply(&mut write, &Response::event(FlowEvent::clone(event)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let Some(live) = live.as_mut() else {
+        let _ = reply(&mut write, &Response::end(hub.stats())).await;
+        return;
+    };
+    let mut skip_until = last_time;
+    let mut scratch = [0u8; 256];
+    loop {
+        tokio::select! {
+            received = live.recv() => match received {
+                Ok(event) => {
+                    // the backlog may already hold the first few
+                    if let Some(t) = skip_until {
+                        if event.time <= t && backlog.iter().any(|b| Arc::ptr_eq(b, &event)) {
+                            continue;
+                        }
+                        skip_until = None;
+                    }
+                    if !observe.filter.matches(&event) {
+                        continue;
+                    }
+                    if reply(&mut write, &Response::event(FlowEvent::clone(&event))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    debug!(skipped = n, "an observe follower fell behind");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            // the client closing its end ends the stream
+            read = reader.read(&mut scratch) => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    return;
+                }
+            }
         }
     }
 }

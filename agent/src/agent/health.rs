@@ -4,7 +4,9 @@
 //! * `/readyz`: 200 once start-up finished (mesh device up, strict mode
 //!   installed, control socket open) and the datastore has synced at least
 //!   once, else 503 saying which of the two is missing (readiness);
-//! * `/metrics`: the same readiness as a Prometheus gauge.
+//! * `/metrics`: Prometheus metrics (OpenMetrics text, `metrics.rs`):
+//!   readiness, and once start-up is done the mesh, DNS proxy, policy and
+//!   flow-event counters.
 //!
 //! It listens from the very start of `meshward agent`, so a liveness probe
 //! passes while start-up waits (e.g. for the own Node's pod CIDR) and
@@ -28,6 +30,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::metrics::{self, Sources};
 use crate::datastore::Cluster;
 
 /// Connections served at once; more are closed right away (probes and a
@@ -57,10 +60,14 @@ pub struct Reply {
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";
-const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What to answer for `method` and `path` (query strings ignored).
-pub fn respond(method: &Method, path: &str, readiness: Readiness) -> Reply {
+pub fn respond(
+    method: &Method,
+    path: &str,
+    readiness: Readiness,
+    sources: Option<&Sources>,
+) -> Reply {
     let reply = |status, content_type, body: &str| Reply {
         status,
         content_type,
@@ -90,8 +97,8 @@ pub fn respond(method: &Method, path: &str, readiness: Readiness) -> Reply {
         },
         "/metrics" => Reply {
             status: StatusCode::OK,
-            content_type: PROMETHEUS_TEXT,
-            body: metrics(readiness),
+            content_type: metrics::CONTENT_TYPE,
+            body: metrics::render(readiness == Readiness::Ready, sources),
         },
         _ => reply(
             StatusCode::NOT_FOUND,
@@ -101,23 +108,11 @@ pub fn respond(method: &Method, path: &str, readiness: Readiness) -> Reply {
     }
 }
 
-fn metrics(readiness: Readiness) -> String {
-    let ready = u8::from(readiness == Readiness::Ready);
-    format!(
-        "# HELP meshward_agent_ready Whether the agent has started and its datastore has synced.\n\
-         # TYPE meshward_agent_ready gauge\n\
-         meshward_agent_ready {ready}\n\
-         # HELP meshward_build_info The running meshward version.\n\
-         # TYPE meshward_build_info gauge\n\
-         meshward_build_info{{version=\"{}\"}} 1\n",
-        env!("CARGO_PKG_VERSION")
-    )
-}
-
 /// Set once start-up completes: the datastore whose sync readiness waits for.
 #[derive(Default)]
 struct State {
     datastore: OnceLock<watch::Receiver<Arc<Cluster>>>,
+    sources: OnceLock<Sources>,
 }
 
 impl State {
@@ -161,6 +156,11 @@ impl Server {
     pub fn started(&self, datastore: watch::Receiver<Arc<Cluster>>) {
         let _ = self.state.datastore.set(datastore);
     }
+
+    /// What `/metrics` reads from now on.
+    pub fn observe(&self, sources: Sources) {
+        let _ = self.state.sources.set(sources);
+    }
 }
 
 impl Drop for Server {
@@ -188,9 +188,23 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let reply = respond(request.method(), request.uri().path(), state.readiness());
-                let head_only = request.method() == Method::HEAD;
-                async move { Ok::<_, Infallible>(to_response(reply, head_only)) }
+                let state = state.clone();
+                let method = request.method().clone();
+                let path = request.uri().path().to_string();
+                async move {
+                    let head_only = method == Method::HEAD;
+                    // metrics read the kernel (drop counters): off the loop
+                    let reply = tokio::task::spawn_blocking(move || {
+                        respond(&method, &path, state.readiness(), state.sources.get())
+                    })
+                    .await
+                    .unwrap_or_else(|e| Reply {
+                        status: StatusCode::INTERNAL_SERVER_ERROR,
+                        content_type: TEXT,
+                        body: format!("internal error: {e}\n"),
+                    });
+                    Ok::<_, Infallible>(to_response(reply, head_only))
+                }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -235,34 +249,41 @@ mod tests {
             Readiness::DatastoreNotSynced,
             Readiness::Ready,
         ] {
-            assert_eq!(respond(&Method::GET, "/healthz", r).status, StatusCode::OK);
+            assert_eq!(
+                respond(&Method::GET, "/healthz", r, None).status,
+                StatusCode::OK
+            );
         }
     }
 
     #[test]
     fn readiness_says_what_is_missing() {
-        let starting = respond(&Method::GET, "/readyz", Readiness::Starting);
+        let starting = respond(&Method::GET, "/readyz", Readiness::Starting, None);
         assert_eq!(starting.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(starting.body.contains("starting"), "{starting:?}");
-        let unsynced = respond(&Method::GET, "/readyz", Readiness::DatastoreNotSynced);
+        let unsynced = respond(&Method::GET, "/readyz", Readiness::DatastoreNotSynced, None);
         assert_eq!(unsynced.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(unsynced.body.contains("datastore"), "{unsynced:?}");
-        let ready = respond(&Method::HEAD, "/readyz", Readiness::Ready);
+        let ready = respond(&Method::HEAD, "/readyz", Readiness::Ready, None);
         assert_eq!(ready.status, StatusCode::OK);
     }
 
     #[test]
     fn metrics_carry_the_readiness_gauge() {
-        let m = respond(&Method::GET, "/metrics", Readiness::Starting);
-        assert_eq!(m.content_type, PROMETHEUS_TEXT);
+        let m = respond(&Method::GET, "/metrics", Readiness::Starting, None);
+        assert_eq!(m.content_type, metrics::CONTENT_TYPE);
         assert!(m.body.contains("\nmeshward_agent_ready 0\n"), "{}", m.body);
-        let m = respond(&Method::GET, "/metrics", Readiness::Ready);
+        let m = respond(&Method::GET, "/metrics", Readiness::Ready, None);
         assert!(m.body.contains("\nmeshward_agent_ready 1\n"), "{}", m.body);
         // every sample line is `name{labels} value`, every name announced
         for line in m.body.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
+            let family = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
             assert!(
-                m.body.contains(&format!("# TYPE {name} gauge")),
+                m.body.contains(&format!("# TYPE {family} ")),
                 "{name} has no TYPE line"
             );
         }
@@ -270,9 +291,9 @@ mod tests {
 
     #[test]
     fn other_paths_and_methods_are_refused() {
-        let r = respond(&Method::GET, "/", Readiness::Ready);
+        let r = respond(&Method::GET, "/", Readiness::Ready, None);
         assert_eq!(r.status, StatusCode::NOT_FOUND);
-        let r = respond(&Method::POST, "/readyz", Readiness::Ready);
+        let r = respond(&Method::POST, "/readyz", Readiness::Ready, None);
         assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
         let response = to_response(r, false);
         assert_eq!(response.headers()[ALLOW], "GET, HEAD");

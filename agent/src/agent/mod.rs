@@ -39,8 +39,12 @@
 
 pub mod cache;
 mod control;
+pub mod events;
 mod health;
+mod metrics;
 mod netlink;
+mod nflog;
+mod observe;
 pub mod plan;
 mod policy;
 pub mod protocol;
@@ -91,6 +95,8 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// When `keyRotationInterval` is due already at start-up, the rotation
 /// waits this long, so peers are up first.
 const ROTATION_START_DELAY: Duration = Duration::from_secs(10);
+/// Flow events kept unless `flowEventBuffer` says otherwise.
+pub const DEFAULT_FLOW_EVENTS: usize = events::DEFAULT_CAPACITY;
 
 /// Runs `meshward agent` until SIGTERM or SIGINT.
 pub fn run(args: AgentArgs) -> Result<ExitCode> {
@@ -110,6 +116,11 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
             .with_context(|| format!("health endpoint (healthAddress {address})"))?;
         let (agent, requests) = Agent::start(config, instance_lock).await?;
         health.started(agent.rx.clone());
+        health.observe(metrics::Sources {
+            mesh: agent.mesh.clone(),
+            policy: agent.policy.as_ref().map(policy::PolicyEngine::handle),
+            events: agent.events.clone(),
+        });
         agent.run(requests).await
     })?;
     Ok(ExitCode::SUCCESS)
@@ -144,6 +155,8 @@ struct Agent {
     own_node_warning: Option<String>,
     control: Option<control::Server>,
     policy: Option<policy::PolicyEngine>,
+    /// Flow events (`meshward observe`).
+    events: Arc<events::EventHub>,
     /// Held for the agent's lifetime (`stateDir/agent.lock`).
     _instance_lock: Flock<std::fs::File>,
 }
@@ -340,6 +353,7 @@ impl Agent {
             own_node_warning: None,
             control: None,
             policy: None,
+            events: events::EventHub::new(&config.node_name, config.flow_event_buffer),
             _instance_lock: instance_lock,
             config,
         };
@@ -368,6 +382,13 @@ impl Agent {
         engine
             .start_dns_proxy(&agent.config.policy)
             .context("starting the DNS proxy")?;
+        observe::start(
+            &agent.events,
+            &engine,
+            agent.config.policy.nflog_group,
+            agent.mesh.clone(),
+            agent.rx.clone(),
+        );
         agent.policy = Some(engine);
 
         // 6. the data plane
@@ -415,7 +436,7 @@ impl Agent {
         // 9. control socket, first reconcile
         let (tx, requests) = mpsc::channel(16);
         agent.control = Some(
-            control::Server::start(&agent.config.socket_path, tx)
+            control::Server::start(&agent.config.socket_path, tx, Some(agent.events.clone()))
                 .await
                 .context("control socket")?,
         );
@@ -734,6 +755,8 @@ impl Agent {
                 Ok(rotation) => Response::rotation(rotation),
                 Err(e) => Response::error(format!("{e:#}")),
             },
+            // answered by the control socket itself
+            Request::Observe(_) => Response::error("observe is served by the control socket"),
         }
     }
 
@@ -846,6 +869,8 @@ impl Agent {
                 .collect(),
             problems: self.problems.iter().map(ToString::to_string).collect(),
             policy: self.policy.as_ref().map(policy::PolicyEngine::status),
+            health_address: Some(self.config.health_address.to_string()),
+            flow_events: Some(self.events.stats()),
         }
     }
 }

@@ -22,8 +22,8 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
@@ -36,7 +36,9 @@ use meshward_policy::{Compiler, Fqdn, NodeRules, PolicyError};
 use parking_lot::Mutex;
 use tracing::{error, info, warn};
 
-use super::protocol::PolicyStatus;
+use super::events::{EventHub, FlowEvent, FlowType, Verdict};
+use super::metrics;
+use super::protocol::{LearnedName, PolicyStatus};
 use crate::config::PolicySettings;
 use crate::datastore::Cluster;
 
@@ -55,6 +57,8 @@ struct Shared {
     dirty: AtomicBool,
     /// Wakes the saver thread.
     save_now: std::sync::mpsc::SyncSender<()>,
+    /// Flow events, once observability is wired (`PolicyEngine::observe`).
+    events: OnceLock<Arc<EventHub>>,
 }
 
 /// Policy enforcement of one node.
@@ -101,6 +105,7 @@ impl PolicyEngine {
             cache: Mutex::new(cache),
             dirty: AtomicBool::new(false),
             save_now,
+            events: OnceLock::new(),
         });
         let saver = shared.clone();
         let dir = state_dir.clone();
@@ -232,6 +237,9 @@ impl PolicyEngine {
     /// For `meshward status`.
     pub fn status(&self) -> PolicyStatus {
         let rules = self.shared.rules.load();
+        // each takes the cache lock: not inside one expression
+        let learned_entries = self.shared.cache.lock().len();
+        let learned = learned_names(&self.shared, LEARNED_SHOWN);
         PolicyStatus {
             endpoints: rules.endpoints.len(),
             isolated_egress: rules
@@ -246,7 +254,8 @@ impl PolicyEngine {
                 .count(),
             dns_redirected: rules.endpoints.values().filter(|e| e.dns.is_some()).count(),
             errors: self.errors.iter().map(|e| e.to_string()).collect(),
-            learned_entries: self.shared.cache.lock().len(),
+            learned_entries,
+            learned,
             dns: self
                 .proxy
                 .as_ref()
@@ -261,7 +270,14 @@ struct RulesPolicy(Arc<Shared>);
 
 impl DnsPolicy for RulesPolicy {
     fn check(&self, query: &QueryInfo<'_>) -> Decision {
-        self.0.rules.load().check(query)
+        let rules = self.0.rules.load();
+        let decision = rules.check(query);
+        if decision == Decision::Deny {
+            if let Some(hub) = self.0.events.get() {
+                hub.publish(dns_denied_event(hub, &rules, query));
+            }
+        }
+        decision
     }
 }
 
@@ -302,11 +318,14 @@ fn learn(shared: &Shared, learned: Learned) -> Result<(), String> {
     if elements.is_empty() {
         return Ok(());
     }
-    shared
+    let start = Instant::now();
+    let result = shared
         .tables
         .lock()
         .add_fqdn(&elements)
-        .map_err(|e| format!("programming {} learned peers: {e}", elements.len()))
+        .map_err(|e| format!("programming {} learned peers: {e}", elements.len()));
+    metrics::observe_programming(start.elapsed());
+    result
 }
 
 /// The kernel elements for learned entries: for every local endpoint whose
@@ -386,4 +405,189 @@ fn dns_counters(stats: &Stats) -> BTreeMap<String, u64> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
+}
+
+// --- observability -----------------------------------------------------------
+
+/// Learned names listed in `meshward status` at most.
+const LEARNED_SHOWN: usize = 200;
+
+impl PolicyEngine {
+    /// Wires flow events: denied queries (from the DNS policy), relayed
+    /// answers (from the proxy). Call after `start_dns_proxy`.
+    pub fn observe(&self, hub: Arc<EventHub>) {
+        let _ = self.shared.events.set(hub.clone());
+        if let Some(proxy) = &self.proxy {
+            proxy.set_observer(Arc::new(DnsEvents {
+                shared: self.shared.clone(),
+                hub,
+            }));
+        }
+    }
+
+    /// What metrics and the nflog listener read.
+    pub fn handle(&self) -> PolicyHandle {
+        PolicyHandle {
+            shared: self.shared.clone(),
+            proxy: self.proxy.clone(),
+        }
+    }
+}
+
+/// A cheap, shareable view of the engine for other threads.
+#[derive(Clone)]
+pub struct PolicyHandle {
+    shared: Arc<Shared>,
+    proxy: Option<DnsProxy<RulesPolicy, Learner>>,
+}
+
+impl PolicyHandle {
+    /// The rules the kernel holds.
+    pub fn rules(&self) -> Arc<NodeRules> {
+        self.shared.rules.load_full()
+    }
+
+    pub fn dns_stats(&self) -> Option<meshward_dns_proxy::StatsSnapshot> {
+        self.proxy.as_ref().map(|p| p.stats().snapshot())
+    }
+
+    /// Per-endpoint drop counters from the kernel.
+    pub fn drop_counters(&self) -> Result<Vec<meshward_egress::DropCount>> {
+        Ok(self.shared.tables.lock().drop_counters()?)
+    }
+
+    /// Elements per policy set.
+    pub fn element_counts(&self) -> BTreeMap<String, usize> {
+        self.shared.tables.lock().element_counts()
+    }
+
+    pub fn learned_entries(&self) -> usize {
+        self.shared.cache.lock().len()
+    }
+}
+
+/// The learned names (soonest expiry last), each with its addresses and
+/// the seconds until the last of them expires.
+fn learned_names(shared: &Shared, limit: usize) -> Vec<LearnedName> {
+    let now = SystemTime::now();
+    let mut by_name: BTreeMap<String, (Vec<String>, u64)> = BTreeMap::new();
+    for entry in shared.cache.lock().entries() {
+        let left = entry
+            .expires
+            .duration_since(now)
+            .unwrap_or_default()
+            .as_secs();
+        let slot = by_name.entry(entry.name.to_string()).or_default();
+        slot.0.push(entry.ip.to_string());
+        slot.1 = slot.1.max(left);
+    }
+    let mut out: Vec<LearnedName> = by_name
+        .into_iter()
+        .map(|(name, (mut ips, ttl))| {
+            ips.sort();
+            LearnedName {
+                name,
+                ips,
+                ttl_secs: ttl,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| b.ttl_secs.cmp(&a.ttl_secs).then(a.name.cmp(&b.name)));
+    out.truncate(limit);
+    out
+}
+
+fn qtype_name(qtype: u16) -> String {
+    match qtype {
+        1 => "A".into(),
+        5 => "CNAME".into(),
+        28 => "AAAA".into(),
+        33 => "SRV".into(),
+        16 => "TXT".into(),
+        12 => "PTR".into(),
+        n => format!("TYPE{n}"),
+    }
+}
+
+fn rcode_name(rcode: u8) -> String {
+    match rcode {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("RCODE{n}"),
+    }
+}
+
+fn dns_denied_event(hub: &EventHub, rules: &NodeRules, q: &QueryInfo<'_>) -> FlowEvent {
+    let mut e = FlowEvent::new(FlowType::Dns, Verdict::Denied);
+    e.direction = Some("egress".into());
+    e.source = Some(hub.endpoint(q.client, None));
+    e.destination = Some(hub.endpoint(q.server.ip(), Some(q.server.port())));
+    e.protocol = Some(super::events::protocol_name(q.transport.protocol()));
+    e.dns = Some(super::events::DnsInfo {
+        query: q.name.to_string(),
+        qtype: qtype_name(q.qtype),
+        rcode: Some("REFUSED".into()),
+        ..Default::default()
+    });
+    match rules.endpoint_by_ip(q.client) {
+        None => e.reason = Some("not a local endpoint".into()),
+        Some(ep) => {
+            e.policies = ep
+                .egress
+                .iter()
+                .flat_map(|d| d.policies.iter().map(ToString::to_string))
+                .collect();
+            e.reason = Some("no DNS rule allows this name".into());
+        }
+    }
+    e
+}
+
+/// Relayed answers as `allowed` DNS events.
+struct DnsEvents {
+    shared: Arc<Shared>,
+    hub: Arc<EventHub>,
+}
+
+impl meshward_dns_proxy::DnsObserver for DnsEvents {
+    fn relayed(&self, a: &meshward_dns_proxy::Relayed<'_>) {
+        let q = a.query;
+        let mut e = FlowEvent::new(FlowType::Dns, Verdict::Allowed);
+        e.direction = Some("egress".into());
+        e.source = Some(self.hub.endpoint(q.client, None));
+        e.destination = Some(self.hub.endpoint(q.server.ip(), Some(q.server.port())));
+        e.protocol = Some(super::events::protocol_name(q.transport.protocol()));
+        let rules = self.shared.rules.load();
+        if let Some(dns) = rules
+            .endpoint_by_ip(q.client)
+            .and_then(|ep| ep.dns.as_ref())
+        {
+            if let meshward_policy::DnsVerdict::Allowed(p) = dns.query_allowed(
+                q.server.ip(),
+                q.transport.protocol(),
+                q.server.port(),
+                a.name,
+            ) {
+                e.policies = vec![p.to_string()];
+            }
+        }
+        e.dns = Some(super::events::DnsInfo {
+            query: a.name.to_string(),
+            qtype: qtype_name(a.qtype),
+            rcode: Some(rcode_name(a.rcode)),
+            answers: a
+                .learned
+                .map(|l| l.ips.iter().map(|(ip, _)| ip.to_string()).collect())
+                .unwrap_or_default(),
+            ttl: a.learned.and_then(|l| l.ips.iter().map(|(_, t)| *t).min()),
+            hold_micros: a
+                .hold
+                .map(|h| u64::try_from(h.as_micros()).unwrap_or(u64::MAX)),
+        });
+        self.hub.publish(e);
+    }
 }

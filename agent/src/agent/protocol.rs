@@ -7,6 +7,9 @@
 //! → {"op":"rotate"}
 //! ← {"ok":true,"rotation":{"publicKey":"…","previousPublicKey":"…"}}
 //! ← {"ok":false,"error":"…"}            (any request that failed)
+//! → {"op":"observe","filter":{…},"follow":false,"limit":1000}
+//! ← {"ok":true,"event":{…}}              (one line per buffered event)
+//! ← {"ok":true,"end":{"published":…}}    (without follow: the last line)
 //! ```
 //!
 //! A connection may carry several requests; each gets one response line, in
@@ -23,6 +26,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::events::{Filter, FlowEvent, HubStats};
+
 /// Longest request or response line accepted.
 pub const MAX_LINE: usize = 1 << 20;
 
@@ -31,9 +36,24 @@ pub const MAX_LINE: usize = 1 << 20;
 pub enum Request {
     Status,
     Rotate,
+    /// Recent flow events; with `follow`, then every new one until the
+    /// client closes the connection.
+    Observe(Observe),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Observe {
+    #[serde(default)]
+    pub filter: Filter,
+    #[serde(default)]
+    pub follow: bool,
+    /// Buffered events sent at most (the most recent); none: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Response {
     pub ok: bool,
@@ -43,6 +63,11 @@ pub struct Response {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<Rotation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<FlowEvent>,
+    /// The end of an `observe` without follow: the hub's counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<HubStats>,
 }
 
 impl Response {
@@ -50,26 +75,39 @@ impl Response {
         Response {
             ok: false,
             error: Some(message.into()),
-            status: None,
-            rotation: None,
+            ..Response::default()
         }
     }
 
     pub fn status(status: Status) -> Response {
         Response {
             ok: true,
-            error: None,
             status: Some(status),
-            rotation: None,
+            ..Response::default()
         }
     }
 
     pub fn rotation(rotation: Rotation) -> Response {
         Response {
             ok: true,
-            error: None,
-            status: None,
             rotation: Some(rotation),
+            ..Response::default()
+        }
+    }
+
+    pub fn event(event: FlowEvent) -> Response {
+        Response {
+            ok: true,
+            event: Some(event),
+            ..Response::default()
+        }
+    }
+
+    pub fn end(stats: HubStats) -> Response {
+        Response {
+            ok: true,
+            end: Some(stats),
+            ..Response::default()
         }
     }
 }
@@ -113,6 +151,12 @@ pub struct Status {
     /// Policy enforcement and the DNS proxy.
     #[serde(default)]
     pub policy: Option<PolicyStatus>,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_address: Option<String>,
+    /// The flow-event buffer's counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_events: Option<HubStats>,
 }
 
 /// What policy enforcement is doing on this node.
@@ -131,6 +175,19 @@ pub struct PolicyStatus {
     pub learned_entries: usize,
     /// DNS proxy counters by name.
     pub dns: BTreeMap<String, u64>,
+    /// Learned names (the longest-lived first, at most a few hundred).
+    #[serde(default)]
+    pub learned: Vec<LearnedName>,
+}
+
+/// A name the DNS proxy learned, with what it resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LearnedName {
+    pub name: String,
+    pub ips: Vec<String>,
+    /// Seconds until the last of its addresses expires.
+    pub ttl_secs: u64,
 }
 
 impl Status {
@@ -260,6 +317,64 @@ pub fn status(socket: &Path, timeout: Duration) -> Result<Status, ClientError> {
         })
 }
 
+/// `observe`: calls `on_event` for each event until the agent ends the
+/// stream (without follow) or `on_event` returns false. Without follow each
+/// read is bounded by `timeout`; with follow reads wait indefinitely.
+pub fn observe(
+    socket: &Path,
+    observe: &Observe,
+    timeout: Duration,
+    mut on_event: impl FnMut(FlowEvent) -> bool,
+) -> Result<Option<HubStats>, ClientError> {
+    let io = |source| ClientError::Io {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let bad = |message: String| ClientError::BadResponse {
+        socket: socket.to_path_buf(),
+        message,
+    };
+    let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        socket: socket.to_path_buf(),
+        source,
+    })?;
+    stream
+        .set_read_timeout((!observe.follow).then_some(timeout))
+        .map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_vec(&Request::Observe(observe.clone()))
+        .map_err(|e| bad(format!("encoding the request: {e}")))?;
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(io)?;
+    let mut reader = BufReader::new(&stream);
+    let mut answer = String::new();
+    loop {
+        answer.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_line(&mut answer)
+            .map_err(io)?;
+        if n == 0 {
+            // the agent went away: a follow ends here
+            return Ok(None);
+        }
+        let response: Response = serde_json::from_str(&answer).map_err(|e| bad(e.to_string()))?;
+        if !response.ok {
+            return Err(ClientError::Refused(
+                response.error.unwrap_or_else(|| "no reason given".into()),
+            ));
+        }
+        if let Some(end) = response.end {
+            return Ok(Some(end));
+        }
+        if let Some(event) = response.event {
+            if !on_event(event) {
+                return Ok(None);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +392,18 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
         let r = serde_json::to_string(&Response::error("nope")).unwrap();
         assert_eq!(r, r#"{"ok":false,"error":"nope"}"#);
+        let o: Request = serde_json::from_str(
+            r#"{"op":"observe","filter":{"verdict":"dropped","type":"l4","fromPod":"default/a"},"follow":true}"#,
+        )
+        .unwrap();
+        let Request::Observe(o) = o else {
+            panic!("not observe")
+        };
+        assert!(o.follow);
+        assert_eq!(o.filter.from_pod.as_deref(), Some("default/a"));
+        assert_eq!(
+            o.filter.verdict,
+            Some(super::super::events::Verdict::Dropped)
+        );
     }
 }

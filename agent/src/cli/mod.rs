@@ -1,10 +1,11 @@
-//! The small commands around the agent: `meshward keys`, `status`, `crd`,
+//! The small commands around the agent: `meshward keys`, `status`, `observe`, `crd`,
 //! `install-cni` and `agent --check`.
 
 pub mod check;
 pub mod crd;
 pub mod install_cni;
 pub mod keys;
+pub mod observe;
 pub mod status;
 
 use std::path::{Path, PathBuf};

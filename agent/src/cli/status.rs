@@ -163,6 +163,20 @@ pub fn render(s: &Status) -> String {
             out.push('\n');
         }
     }
+    if let Some(h) = &s.health_address {
+        let _ = writeln!(out, "  health        http://{h}/healthz, /readyz, /metrics");
+    }
+    if let Some(e) = &s.flow_events {
+        let _ = writeln!(
+            out,
+            "  flow events   {} buffered of {}, {} published, {} evicted, {} lost (`meshward observe`)",
+            e.buffered, e.capacity, e.published, e.evicted, e.lost
+        );
+    }
+    if let Some(p) = &s.policy {
+        out.push('\n');
+        render_policy(&mut out, p);
+    }
     out.push('\n');
     if s.drops.is_empty() {
         out += "drops: none\n";
@@ -173,26 +187,70 @@ pub fn render(s: &Status) -> String {
     for problem in &s.problems {
         let _ = writeln!(out, "problem: {problem}");
     }
-    if let Some(p) = &s.policy {
-        let _ = writeln!(
-            out,
-            "policy: {} local pods, {} egress-isolated, {} ingress-isolated, {} via the DNS proxy; {} learned name/address entries",
-            p.endpoints, p.isolated_egress, p.isolated_ingress, p.dns_redirected, p.learned_entries
-        );
-        let count = |k: &str| p.dns.get(k).copied().unwrap_or(0);
-        let _ = writeln!(
-            out,
-            "dns: {} allowed, {} denied, {} upstream timeouts, {} answers held past the bound",
-            count("queriesAllowed"),
-            count("queriesDenied"),
-            count("upstreamTimeouts"),
-            count("holdTimeouts")
-        );
+    out
+}
+
+/// Learned names listed in the readable status at most.
+const LEARNED_LINES: usize = 20;
+
+fn render_policy(out: &mut String, p: &crate::agent::protocol::PolicyStatus) {
+    let _ = writeln!(
+        out,
+        "policy: {} local pods, {} isolated for egress, {} for ingress, {} with DNS through the proxy",
+        p.endpoints, p.isolated_egress, p.isolated_ingress, p.dns_redirected
+    );
+    if p.errors.is_empty() {
+        out.push_str("  policies skipped: none\n");
+    } else {
+        let _ = writeln!(out, "  policies skipped ({}):", p.errors.len());
         for e in &p.errors {
-            let _ = writeln!(out, "policy skipped: {e}");
+            let _ = writeln!(out, "    {e}");
         }
     }
-    out
+    let dns = |k: &str| p.dns.get(k).copied().unwrap_or(0);
+    if !p.dns.is_empty() {
+        let _ = writeln!(
+            out,
+            "  DNS proxy     {} allowed, {} denied, {} upstream failures, {} holds (longest {} µs)",
+            dns("queriesAllowed"),
+            dns("queriesDenied"),
+            dns("upstreamTimeouts") + dns("upstreamErrors"),
+            dns("holds"),
+            dns("holdMaxMicros")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  learned       {} (name, address) entries",
+        p.learned_entries
+    );
+    if !p.learned.is_empty() {
+        let width = p
+            .learned
+            .iter()
+            .take(LEARNED_LINES)
+            .map(|l| l.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(4);
+        let _ = writeln!(out, "    {:<width$}  {:>7}  ADDRESSES", "NAME", "TTL");
+        for l in p.learned.iter().take(LEARNED_LINES) {
+            let _ = writeln!(
+                out,
+                "    {:<width$}  {:>6}s  {}",
+                l.name,
+                l.ttl_secs,
+                l.ips.join(", ")
+            );
+        }
+        if p.learned.len() > LEARNED_LINES {
+            let _ = writeln!(
+                out,
+                "    ... {} more names (`-o json` lists them)",
+                p.learned.len() - LEARNED_LINES
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -245,12 +303,17 @@ mod tests {
             policy: Some(crate::agent::protocol::PolicyStatus {
                 endpoints: 2,
                 isolated_egress: 1,
-                dns_redirected: 1,
-                learned_entries: 3,
-                dns: [("queriesDenied".to_string(), 4)].into(),
-                errors: vec!["NetworkPolicy a/b: spec.podSelector: bad".into()],
+                errors: vec!["MeshNetworkPolicy default/x: spec.egress: bad".into()],
+                learned_entries: 1,
+                learned: vec![crate::agent::protocol::LearnedName {
+                    name: "api.example.test.".into(),
+                    ips: vec!["198.18.100.10".into()],
+                    ttl_secs: 42,
+                }],
                 ..Default::default()
             }),
+            health_address: Some("198.18.0.1:9879".into()),
+            flow_events: None,
         };
         let text = render(&status);
         assert!(
@@ -281,10 +344,20 @@ mod tests {
         assert!(text.contains("drops: cryptokey_routing 2"));
         assert!(text.contains("problem: node node9: bad"));
         assert!(
-            text.contains("policy: 2 local pods, 1 egress-isolated, 0 ingress-isolated, 1 via the DNS proxy; 3 learned"),
+            text.contains("health        http://198.18.0.1:9879/healthz"),
             "{text}"
         );
-        assert!(text.contains("dns: 0 allowed, 4 denied"), "{text}");
-        assert!(text.contains("policy skipped: NetworkPolicy a/b: spec.podSelector: bad"));
+        assert!(
+            text.contains("policies skipped (1):\n    MeshNetworkPolicy default/x"),
+            "{text}"
+        );
+        let learned = text
+            .lines()
+            .find(|l| l.contains("api.example.test."))
+            .unwrap();
+        assert_eq!(
+            learned.split_whitespace().collect::<Vec<_>>(),
+            ["api.example.test.", "42s", "198.18.100.10"]
+        );
     }
 }

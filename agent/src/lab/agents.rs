@@ -39,6 +39,9 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const LOG_TAIL_LINES: usize = 20;
 /// One status request to an agent.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The TCP port of every lab agent's health and metrics endpoint (on the
+/// node's underlay address).
+pub const HEALTH_PORT: u16 = 9879;
 
 /// /run/meshward-lab/NAME/datastore
 pub fn datastore_dir(lab: &LabName) -> PathBuf {
@@ -76,7 +79,8 @@ pub fn agent_config(lab: &LabName, node: &Node) -> String {
          endpoint: {address}:{MESH_PORT}\n\
          listenPort: {MESH_PORT}\n\
          clusterCIDR: {cluster}\n\
-         socketPath: {socket}\n",
+         socketPath: {socket}\n\
+         healthAddress: {address}:{HEALTH_PORT}\n",
         name = node.name,
         state = state::node_dir(lab, node.index).display(),
         datastore = datastore_dir(lab).display(),

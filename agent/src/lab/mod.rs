@@ -86,6 +86,16 @@ enum LabCommand {
         #[command(subcommand)]
         action: AgentAction,
     },
+    /// Flow events of every node's agent, merged (same filters as `meshward observe`)
+    Observe {
+        #[command(flatten)]
+        filter: crate::cli::observe::FilterArgs,
+    },
+    /// Fetch and print a node agent's Prometheus metrics
+    Metrics {
+        /// A node (node1)
+        node: Target,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +186,8 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         LabCommand::Agent { action } => agent(lab, action)?,
         LabCommand::Apply { files } => apply(lab, &files)?,
         LabCommand::Delete { files } => delete(lab, &files)?,
+        LabCommand::Observe { filter } => observe(lab, &filter)?,
+        LabCommand::Metrics { node } => metrics(lab, node)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -399,6 +411,55 @@ fn agent(lab: &LabName, action: AgentAction) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn observe(lab: &LabName, filter: &crate::cli::observe::FilterArgs) -> Result<()> {
+    let state = load_up(lab)?;
+    let sockets: Vec<(String, PathBuf)> = state
+        .nodes
+        .iter()
+        .filter(|n| agents::running_pid(lab, n).is_some())
+        .map(|n| (n.name.clone(), n.agent_socket.clone()))
+        .collect();
+    if sockets.is_empty() {
+        bail!("no agent of lab {lab} is running");
+    }
+    crate::cli::observe::observe_many(sockets, filter)
+}
+
+fn metrics(lab: &LabName, target: Target) -> Result<()> {
+    let state = load_up(lab)?;
+    let node = agents::select(&state, lab, std::slice::from_ref(&target))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("no such node"))?;
+    let addr = std::net::SocketAddr::from((node.address.addr(), agents::HEALTH_PORT));
+    let ns = netns::open(&node.namespace)?;
+    let body = meshward_cni::netns::run_in(&ns, move || http_get(addr, "/metrics"))
+        .context("entering the node's namespace")?
+        .with_context(|| format!("fetching http://{addr}/metrics in {}", node.name))?;
+    print!("{body}");
+    Ok(())
+}
+
+/// A bounded HTTP/1.0 GET; the body of a 200 answer.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(5);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.take(16 << 20).read_to_string(&mut text)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no complete HTTP answer"))?;
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        bail!("the agent answered {status:?}");
+    }
+    Ok(body.to_string())
 }
 
 fn status(lab: &LabName, format: Format) -> Result<()> {

@@ -1,0 +1,380 @@
+//! Policy drops as flow events: the nftables policy chains log every
+//! packet they drop to an nflog group (`log prefix "meshward-drop egress"
+//! group N`); this listener binds that group (NETLINK_NETFILTER,
+//! nfnetlink_log) on a thread of its own and turns each packet into a
+//! `dropped` event naming the pod, the peer, port and protocol, and the
+//! policies that isolate the pod in that direction.
+//!
+//! The kernel copies only the first [`COPY_RANGE`] bytes of each packet
+//! (enough for the IP and transport headers) and batches them
+//! ([`FLUSH_TIMEOUT_CS`], [`QUEUE_THRESHOLD`]). When the socket's buffer
+//! overflows under a flood the kernel drops log messages (ENOBUFS): they
+//! are counted as lost, the listener goes on. Parsing ([`parse_packet`],
+//! [`direction_of`]) is pure.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use meshward_policy::NodeRules;
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_netfilter::nflog::{
+    config_request, ConfigCmd, ConfigMode, ConfigNla, PacketNla, Timeout, ULogMessage,
+};
+use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
+use netlink_sys::{constants::NETLINK_NETFILTER, Socket};
+use tracing::{debug, info, warn};
+
+use super::events::{protocol_name, EventHub, FlowEvent, FlowType, Verdict};
+
+/// Bytes of each dropped packet copied to us: IPv6 header + ports.
+const COPY_RANGE: u32 = 128;
+/// The kernel sends a batch at least this often (hundredths of a second).
+const FLUSH_TIMEOUT_CS: u32 = 5;
+/// ... or when this many packets are queued.
+const QUEUE_THRESHOLD: u32 = 32;
+/// Socket receive buffer asked for.
+const RECV_BUFFER: usize = 4 << 20;
+
+/// What the drop rule's log prefix says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        }
+    }
+}
+
+/// `meshward-drop egress` / `meshward-drop ingress` (the kernel may add
+/// a trailing space or NUL).
+pub fn direction_of(prefix: &[u8]) -> Option<Direction> {
+    let text = std::str::from_utf8(prefix).ok()?;
+    match text.trim_end_matches(['\0', ' ']) {
+        "meshward-drop egress" => Some(Direction::Egress),
+        "meshward-drop ingress" => Some(Direction::Ingress),
+        _ => None,
+    }
+}
+
+/// The addresses, protocol and ports of a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketHeader {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: u8,
+    /// TCP, UDP and SCTP only, and only in a first fragment.
+    pub ports: Option<(u16, u16)>,
+}
+
+fn ports(protocol: u8, l4: &[u8]) -> Option<(u16, u16)> {
+    if !matches!(protocol, 6 | 17 | 132) || l4.len() < 4 {
+        return None;
+    }
+    Some((
+        u16::from_be_bytes([l4[0], l4[1]]),
+        u16::from_be_bytes([l4[2], l4[3]]),
+    ))
+}
+
+/// The header of an IPv4 or IPv6 packet (by its version nibble); `None`
+/// for anything shorter or malformed.
+pub fn parse_packet(packet: &[u8]) -> Option<PacketHeader> {
+    match packet.first()? >> 4 {
+        4 => {
+            if packet.len() < 20 {
+                return None;
+            }
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            let protocol = packet[9];
+            let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+            let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+            let fragment_offset = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
+            let l4 = packet.get(ihl..).unwrap_or_default();
+            Some(PacketHeader {
+                src: src.into(),
+                dst: dst.into(),
+                protocol,
+                ports: (fragment_offset == 0)
+                    .then(|| ports(protocol, l4))
+                    .flatten(),
+            })
+        }
+        6 => {
+            if packet.len() < 40 {
+                return None;
+            }
+            let addr = |at: usize| {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&packet[at..at + 16]);
+                Ipv6Addr::from(b)
+            };
+            // Extension headers are not followed: their protocol is shown.
+            let protocol = packet[6];
+            Some(PacketHeader {
+                src: addr(8).into(),
+                dst: addr(24).into(),
+                protocol,
+                ports: ports(protocol, &packet[40..]),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The event for a packet the policy dropped.
+pub fn drop_event(
+    hub: &EventHub,
+    rules: &NodeRules,
+    direction: Direction,
+    h: &PacketHeader,
+) -> FlowEvent {
+    let mut e = FlowEvent::new(FlowType::L4, Verdict::Dropped);
+    e.direction = Some(direction.as_str().into());
+    e.source = Some(hub.endpoint(h.src, None));
+    e.destination = Some(hub.endpoint(h.dst, h.ports.map(|(_, d)| d)));
+    e.protocol = Some(protocol_name(h.protocol));
+    let local = match direction {
+        Direction::Egress => h.src,
+        Direction::Ingress => h.dst,
+    };
+    let isolating = rules.endpoint_by_ip(local).and_then(|ep| match direction {
+        Direction::Egress => ep.egress.as_ref(),
+        Direction::Ingress => ep.ingress.as_ref(),
+    });
+    match isolating {
+        Some(d) => {
+            e.policies = d.policies.iter().map(ToString::to_string).collect();
+            e.reason = Some(format!("no {} rule allows it", direction.as_str()));
+        }
+        None => e.reason = Some("policy changed since the drop".into()),
+    }
+    e
+}
+
+/// Binds nflog `group` in the current network namespace and hands drops
+/// to `hub` on a thread of its own. `rules` returns the rules in force.
+pub fn start(
+    group: u16,
+    hub: Arc<EventHub>,
+    rules: impl Fn() -> Arc<NodeRules> + Send + 'static,
+) -> Result<()> {
+    let socket = bind(group).with_context(|| format!("binding nflog group {group}"))?;
+    std::thread::Builder::new()
+        .name("mw-nflog".into())
+        .spawn(move || listen(socket, &hub, rules))
+        .context("starting the nflog thread")?;
+    info!(group, "listening for policy drops (nflog)");
+    Ok(())
+}
+
+fn send_config(socket: &Socket, group: u16, nlas: Vec<ConfigNla>) -> Result<()> {
+    let msg = config_request(NetfilterProtoFamily::Unspec, group, nlas);
+    let mut buf = vec![0; msg.header.length as usize];
+    msg.serialize(&mut buf[..]);
+    socket
+        .send(&buf, 0)
+        .context("sending an nflog config request")?;
+    let mut answer = vec![0u8; 4096];
+    let n = socket
+        .recv(&mut &mut answer[..], 0)
+        .context("reading the nflog config answer")?;
+    let reply = <NetlinkMessage<NetfilterMessage>>::deserialize(&answer[..n])
+        .map_err(|e| anyhow!("decoding the nflog config answer: {e}"))?;
+    if let NetlinkPayload::Error(e) = reply.payload {
+        if let Some(code) = e.code {
+            bail!(
+                "the kernel refused the nflog config: {}",
+                std::io::Error::from_raw_os_error(-code.get())
+            );
+        }
+    }
+    Ok(())
+}
+
+fn bind(group: u16) -> Result<Socket> {
+    let mut socket = Socket::new(NETLINK_NETFILTER).context("opening a netfilter socket")?;
+    socket.bind_auto().context("binding the netfilter socket")?;
+    if let Err(e) = socket.set_rx_buf_sz(RECV_BUFFER) {
+        debug!("nflog receive buffer: {e}");
+    }
+    send_config(&socket, group, vec![ConfigCmd::Bind.into()])?;
+    send_config(
+        &socket,
+        group,
+        vec![
+            ConfigMode::new_packet(COPY_RANGE).into(),
+            Timeout::new(FLUSH_TIMEOUT_CS).into(),
+            ConfigNla::QThresh(QUEUE_THRESHOLD),
+        ],
+    )?;
+    Ok(socket)
+}
+
+fn listen(socket: Socket, hub: &EventHub, rules: impl Fn() -> Arc<NodeRules>) {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut errors = 0u32;
+    loop {
+        let n = match socket.recv(&mut &mut buf[..], 0) {
+            Ok(n) => {
+                errors = 0;
+                n
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                // the kernel dropped log messages: we cannot tell how many
+                hub.count_lost(1);
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                errors += 1;
+                if errors > 100 {
+                    warn!("nflog: giving up after repeated errors: {e}");
+                    return;
+                }
+                warn!("nflog: receiving: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        let current = rules();
+        let mut at = 0;
+        while at < n {
+            let bytes = &buf[at..n];
+            let msg = match <NetlinkMessage<NetfilterMessage>>::deserialize(bytes) {
+                Ok(m) => m,
+                Err(e) => {
+                    debug!("nflog: undecodable message: {e}");
+                    break;
+                }
+            };
+            let len = msg.header.length as usize;
+            if let NetlinkPayload::InnerMessage(NetfilterMessage {
+                inner: NetfilterMessageInner::ULog(ULogMessage::Packet(nlas)),
+                ..
+            }) = &msg.payload
+            {
+                handle_packet(hub, &current, nlas);
+            }
+            if len == 0 {
+                break;
+            }
+            at += (len + 3) & !3;
+        }
+    }
+}
+
+fn handle_packet(hub: &EventHub, rules: &NodeRules, nlas: &[PacketNla]) {
+    let mut direction = None;
+    let mut header = None;
+    for nla in nlas {
+        match nla {
+            PacketNla::Prefix(p) => direction = direction_of(p.as_bytes()),
+            PacketNla::Payload(p) => header = parse_packet(p),
+            _ => {}
+        }
+    }
+    if let (Some(direction), Some(header)) = (direction, header) {
+        hub.publish(drop_event(hub, rules, direction, &header));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ipv4_tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x45;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn parses_ipv4_and_ipv6_headers() {
+        let p = ipv4_tcp([198, 19, 1, 2], [198, 18, 100, 11], 40000, 80);
+        assert_eq!(
+            parse_packet(&p),
+            Some(PacketHeader {
+                src: "198.19.1.2".parse().unwrap(),
+                dst: "198.18.100.11".parse().unwrap(),
+                protocol: 6,
+                ports: Some((40000, 80)),
+            })
+        );
+        // a later fragment carries no ports
+        let mut frag = p.clone();
+        frag[7] = 10;
+        assert_eq!(parse_packet(&frag).unwrap().ports, None);
+        // ICMP: no ports
+        let mut icmp = p.clone();
+        icmp[9] = 1;
+        assert_eq!(parse_packet(&icmp).unwrap().ports, None);
+        let mut v6 = vec![0u8; 48];
+        v6[0] = 0x60;
+        v6[6] = 17;
+        v6[23] = 1;
+        v6[39] = 2;
+        v6[40..42].copy_from_slice(&53u16.to_be_bytes());
+        v6[42..44].copy_from_slice(&5353u16.to_be_bytes());
+        let h = parse_packet(&v6).unwrap();
+        assert_eq!(
+            (h.src, h.dst, h.protocol, h.ports),
+            (
+                "::1".parse().unwrap(),
+                "::2".parse().unwrap(),
+                17,
+                Some((53, 5353))
+            )
+        );
+    }
+
+    #[test]
+    fn bad_packets_are_refused_without_a_panic() {
+        assert_eq!(parse_packet(&[]), None);
+        assert_eq!(parse_packet(&[0x45; 19]), None);
+        assert_eq!(parse_packet(&[0x41; 40]), None, "IHL below 5");
+        assert_eq!(parse_packet(&[0x60; 39]), None);
+        assert_eq!(parse_packet(&[0x20; 60]), None);
+        // a header length past the copy: no ports, no panic
+        let mut p = ipv4_tcp([1, 2, 3, 4], [5, 6, 7, 8], 1, 2);
+        p[0] = 0x4f;
+        assert_eq!(parse_packet(&p).unwrap().ports, None);
+        for len in 0..60 {
+            for first in [0x45u8, 0x4f, 0x60] {
+                let mut p = vec![0xffu8; len];
+                if let Some(b) = p.first_mut() {
+                    *b = first;
+                }
+                let _ = parse_packet(&p);
+            }
+        }
+    }
+
+    #[test]
+    fn the_prefix_names_the_direction() {
+        assert_eq!(
+            direction_of(b"meshward-drop egress"),
+            Some(Direction::Egress)
+        );
+        assert_eq!(
+            direction_of(b"meshward-drop ingress\0"),
+            Some(Direction::Ingress)
+        );
+        assert_eq!(direction_of(b"something else"), None);
+        assert_eq!(direction_of(&[0xff, 0xfe]), None);
+    }
+}
