@@ -3,7 +3,10 @@
 //! - by one learned peer, with 0 or 100,000 other learned peers;
 //! - by one CIDR/port-range policy, with 0 or 999 other policies' elements
 //!   (host and /28 peers, single ports and a UDP range: about 3,000
-//!   interval elements and 1,000 hash elements).
+//!   interval elements and 1,000 hash elements);
+//! - by one CIDR policy with a single port, with 0 or 999 other policies'
+//!   CIDR peers of 15 other prefix lengths (/17../31), single ports or
+//!   every port.
 //!
 //! Each case runs in two modes: `ct` as deployed (established flows are
 //! accepted before any set lookup, so one long flow never touches the
@@ -134,6 +137,39 @@ fn other_policies(n: usize) -> Vec<Allow> {
         .collect()
 }
 
+fn bench_flow_cidr_port() -> Allow {
+    Allow {
+        nets: vec!["198.18.100.0/24".parse().unwrap()],
+        ports: vec![
+            PortMatch::single(L4Protocol::Tcp, 5201),
+            PortMatch::single(L4Protocol::Udp, 5201),
+        ],
+        policy: policy(0),
+    }
+}
+
+fn other_cidr_policies(n: usize) -> Vec<Allow> {
+    (1..=n)
+        .map(|i| {
+            // Prefix lengths 17..=31 within 198.19.128.0/17; every other
+            // policy allows every port.
+            let len = 17 + (i % 15) as u8;
+            let addr = Ipv4Addr::from(0xc613_8000u32 + (i as u32) * 32);
+            let net: ipnet::IpNet = format!("{addr}/{len}").parse().unwrap();
+            let port = if i % 2 == 0 {
+                PortMatch::Any
+            } else {
+                PortMatch::single(L4Protocol::Tcp, 8000 + i as u16)
+            };
+            Allow {
+                nets: vec![net.trunc()],
+                ports: vec![port],
+                policy: policy(i),
+            }
+        })
+        .collect()
+}
+
 fn iperf(bed: &Bed, secs: u64, udp: bool) -> f64 {
     let mut server: Child = bed
         .ext
@@ -249,6 +285,10 @@ fn main() {
     let mut allows = vec![bench_flow_policy()];
     allows.extend(other_policies(999));
     let pol_many = state(allows, vec![]);
+    let cidr_one = state(vec![bench_flow_cidr_port()], vec![]);
+    let mut allows = vec![bench_flow_cidr_port()];
+    allows.extend(other_cidr_policies(999));
+    let cidr_many = state(allows, vec![]);
 
     let cases = [
         (
@@ -262,6 +302,12 @@ fn main() {
             &pol_one,
             "1,000 policies",
             &pol_many,
+        ),
+        (
+            "1 policy (CIDR, single port)",
+            &cidr_one,
+            "1,000 CIDR policies",
+            &cidr_many,
         ),
     ];
     println!(
