@@ -13,9 +13,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
+use std::fs::File;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Bound;
+use std::os::fd::AsRawFd as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -88,6 +90,8 @@ pub struct PolicyTables {
     since_prune: u32,
     /// Per-prefix sets (with their lookups) in the kernel.
     prefix_sets: BTreeSet<SetId>,
+    /// The network namespace the handle was made in (`nft` runs there).
+    netns: File,
 }
 
 fn structure_of(cfg: &PolicyConfig) -> Structure {
@@ -121,13 +125,36 @@ fn nft(script: &str, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Runs `nft` in the network namespace `netns`, from a thread of its own
+/// (entering a namespace changes only the calling thread's).
+fn nft_in(netns: &File, script: &str, args: &[&str]) -> Result<String, String> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: a plain syscall on a live descriptor; it changes
+                // only this short-lived thread's namespace.
+                let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    return Err(format!(
+                        "enter the policy's network namespace: {}",
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                nft(script, args)
+            })
+            .join()
+            .unwrap_or_else(|_| Err("the nft thread panicked".to_string()))
+    })
+}
+
 /// Creates what is missing and replaces our chains' rules, in one
 /// transaction, keeping the lookups of the per-prefix sets that exist (a
 /// predecessor's policy stays enforced until the first apply); if our sets
 /// exist with other definitions (an upgrade), removes our chains and sets
 /// and creates them anew in one transaction. Returns the per-prefix sets
 /// now in the kernel.
-fn install_structure(s: &Structure) -> Result<BTreeSet<SetId>, EgressError> {
+fn install_structure(netns: &File, s: &Structure) -> Result<BTreeSet<SetId>, EgressError> {
+    let nft = |script: &str, args: &[&str]| nft_in(netns, script, args);
     let listing = nft("", &["-j", "-t", "list", "table", "inet", TABLE]).unwrap_or_default();
     let (chains, sets) = existing_objects(&listing);
     let prefix_sets: BTreeSet<SetId> = sets
@@ -293,7 +320,9 @@ impl PolicyTables {
     /// whatever thread makes them. Existing set contents are kept until the
     /// first [`PolicyTables::apply_policy`].
     pub fn new(cfg: PolicyConfig) -> Result<PolicyTables, EgressError> {
-        let prefix_sets = install_structure(&structure_of(&cfg))?;
+        let netns = File::open("/proc/thread-self/ns/net")
+            .map_err(|e| EgressError::Nft(format!("open /proc/thread-self/ns/net: {e}")))?;
+        let prefix_sets = install_structure(&netns, &structure_of(&cfg))?;
         if cfg.dns_proxy_port.is_some() {
             ensure_tproxy_routing(&TproxyRouting {
                 mark: cfg.tproxy_mark,
@@ -309,6 +338,7 @@ impl PolicyTables {
             synced: false,
             since_prune: 0,
             prefix_sets,
+            netns,
         })
     }
 
@@ -327,7 +357,7 @@ impl PolicyTables {
         match self.commit_with_prefix_sets(desired.clone(), now) {
             Err(EgressError::Netlink(e)) if e.errno() == Some(libc::ENOENT) => {
                 // Someone removed our table or sets: put them back and refill.
-                self.prefix_sets = install_structure(&structure_of(&self.cfg))?;
+                self.prefix_sets = install_structure(&self.netns, &structure_of(&self.cfg))?;
                 self.synced = false;
                 self.commit_with_prefix_sets(desired, Instant::now())
             }
@@ -376,7 +406,7 @@ impl PolicyTables {
         for set in delete {
             let _ = writeln!(script, "delete set inet {TABLE} {}", set.name());
         }
-        nft(&script, &["-f", "-"])
+        nft_in(&self.netns, &script, &["-f", "-"])
             .map_err(|e| EgressError::Nft(format!("changing the per-prefix sets: {e}")))?;
         self.prefix_sets = prefix_sets;
         Ok(())
