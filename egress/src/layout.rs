@@ -584,7 +584,7 @@ mod tests {
                 "{body}"
             );
         }
-        // 7 lookups per egress chain, 4 per ingress chain, whatever the policy.
+        // 7 lookups per egress chain, 4 per ingress chain, with no per-prefix set.
         let egress = text.split("chain egress4 {\n").nth(1).unwrap();
         let egress = egress.split("  }").next().unwrap();
         assert_eq!(egress.matches(" return").count(), 7, "{egress}");
