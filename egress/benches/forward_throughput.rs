@@ -3,7 +3,11 @@
 //! - by one learned peer, with 0 or 100,000 other learned peers;
 //! - by one CIDR/port-range policy, with 0 or 999 other policies' elements
 //!   (host and /28 peers, single ports and a UDP range: about 3,000
-//!   interval elements and 1,000 hash elements).
+//!   interval elements and 1,000 hash elements);
+//! - by one CIDR policy (/24) with a single port, with 0 or 999 other
+//!   policies' CIDR peers of 7 other prefix lengths (/25../31), distinct
+//!   and never adjacent to one of the same shape (nothing merges), half
+//!   with a single port, half with every port.
 //!
 //! Each case runs in two modes: `ct` as deployed (established flows are
 //! accepted before any set lookup, so one long flow never touches the
@@ -15,7 +19,8 @@
 //! 3), and the medians are printed (a shared 2-core machine is noisy).
 //!
 //! Needs root and iperf3. `cargo bench -p meshward-egress --bench
-//! forward_throughput`; MW_BENCH_SECS (default 3) per measurement.
+//! forward_throughput`; MW_BENCH_SECS (default 3) per measurement;
+//! MW_BENCH_ONLY=text runs only the cases whose name contains it.
 
 mod common;
 
@@ -128,6 +133,44 @@ fn other_policies(n: usize) -> Vec<Allow> {
                         last: 10_100,
                     },
                 ],
+                policy: policy(i),
+            }
+        })
+        .collect()
+}
+
+fn bench_flow_cidr_port() -> Allow {
+    Allow {
+        nets: vec!["198.18.100.0/24".parse().unwrap()],
+        ports: vec![
+            PortMatch::single(L4Protocol::Tcp, 5201),
+            PortMatch::single(L4Protocol::Udp, 5201),
+        ],
+        policy: policy(0),
+    }
+}
+
+fn other_cidr_policies(n: usize) -> Vec<Allow> {
+    // Consecutive networks from 198.19.64.0 (each aligned to its size);
+    // every other policy allows every port, so two every-port networks are
+    // never adjacent and nothing merges.
+    let mut cursor = 0xc613_4000u32;
+    (1..=n)
+        .map(|i| {
+            let len = 25 + (i % 7) as u32;
+            let size = 1u32 << (32 - len);
+            cursor = cursor.div_ceil(size) * size;
+            let net: ipnet::IpNet = format!("{}/{len}", Ipv4Addr::from(cursor)).parse().unwrap();
+            cursor += size;
+            assert!(cursor <= 0xc614_0000, "bench networks left 198.19.0.0/16");
+            let port = if i % 2 == 0 {
+                PortMatch::Any
+            } else {
+                PortMatch::single(L4Protocol::Tcp, 8000 + i as u16)
+            };
+            Allow {
+                nets: vec![net],
+                ports: vec![port],
                 policy: policy(i),
             }
         })
@@ -249,6 +292,10 @@ fn main() {
     let mut allows = vec![bench_flow_policy()];
     allows.extend(other_policies(999));
     let pol_many = state(allows, vec![]);
+    let cidr_one = state(vec![bench_flow_cidr_port()], vec![]);
+    let mut allows = vec![bench_flow_cidr_port()];
+    allows.extend(other_cidr_policies(999));
+    let cidr_many = state(allows, vec![]);
 
     let cases = [
         (
@@ -263,12 +310,22 @@ fn main() {
             "1,000 policies",
             &pol_many,
         ),
+        (
+            "1 policy (CIDR, single port)",
+            &cidr_one,
+            "1,000 CIDR policies",
+            &cidr_many,
+        ),
     ];
     println!(
         "{:<30} {:>12} {:>16} {:>16}   (medians of {reps} x {secs} s)",
         "allowed by", "ct TCP Gb/s", "per-pkt TCP Gb/s", "per-pkt UDP kpps"
     );
+    let only = std::env::var("MW_BENCH_ONLY").unwrap_or_default();
     for (few_name, few, many_name, many) in cases {
+        if !few_name.contains(&only) && !many_name.contains(&only) {
+            continue;
+        }
         let (mut a, mut b) = (Row::default(), Row::default());
         for _ in 0..reps {
             measure(&bed, &mut t, few_name, few, secs, &mut a);

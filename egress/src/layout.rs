@@ -5,16 +5,24 @@
 //! configuration alone, so it is installed once per agent start and every
 //! later change is a netlink batch of set elements (see `nfnl`).
 //!
-//! Per-packet cost: a new flow does at most a fixed number of lookups per
+//! Per-packet cost: a new flow does a bounded number of lookups per
 //! direction, whatever the number of policies or allowed addresses. Exact
-//! keys (pod or learned IP, single port) live in hash sets (O(1)); only CIDR
-//! peers and port ranges need concatenated interval sets (pipapo), whose
-//! lookup cost grows with their element count (measured here: about 30 µs
-//! per packet at 100,000 elements, against no measurable cost for a hash
-//! set of the same size), so nothing that scales with learned names goes
-//! there unless it carries a port range.
+//! keys (pod or learned IP, single port) live in hash sets (O(1)). IPv4 CIDR
+//! peers live in one pair of hash sets per prefix length in use, looked up
+//! with the peer address masked to that length (so the cost grows with the
+//! number of distinct prefix lengths, at most 32, not with the policies);
+//! the sets and their rules exist only while a length is in use, so this
+//! part of the structure follows the policy (see [`structure_ruleset`]).
+//! Only port ranges wider than [`crate::translate::EXPAND_PORTS_MAX`] and
+//! IPv6 CIDR peers need concatenated interval sets (pipapo), whose lookup
+//! cost grows with their element count (measured here: about 30 µs per
+//! packet at 100,000 elements, against no measurable cost for a hash set of
+//! the same size), so nothing that scales with learned names goes there
+//! unless it carries a port range.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 
 use crate::TABLE;
 
@@ -93,6 +101,11 @@ pub enum SetId {
     FqdnRange(Family),
     /// Endpoints whose DNS goes to the node's proxy.
     DnsRedirect(Family),
+    /// `local . peer-network`, every protocol, for CIDR peers of one prefix
+    /// length, looked up with the peer masked to it (hash). IPv4 only.
+    PrefixAny(Direction, Family, u8),
+    /// `local . peer-network . l4proto . port` likewise (hash).
+    PrefixPort(Direction, Family, u8),
 }
 
 /// The key shape of a set, which fixes its element encoding.
@@ -104,7 +117,8 @@ pub(crate) enum Shape {
 }
 
 impl SetId {
-    /// Every set, in a fixed order.
+    /// Every set that always exists, in a fixed order (the per-prefix sets
+    /// come and go with the policy: [`SetId::prefix_sets`]).
     pub fn all() -> Vec<SetId> {
         let mut out = Vec::new();
         for fam in [Family::V4, Family::V6] {
@@ -127,6 +141,32 @@ impl SetId {
         out
     }
 
+    /// Every per-prefix set there can be (IPv4, lengths 0..=31; /32 peers
+    /// are exact keys).
+    pub fn prefix_sets() -> Vec<SetId> {
+        let mut out = Vec::new();
+        for dir in [Direction::Egress, Direction::Ingress] {
+            for len in 0..32 {
+                out.push(SetId::PrefixAny(dir, Family::V4, len));
+                out.push(SetId::PrefixPort(dir, Family::V4, len));
+            }
+        }
+        out
+    }
+
+    /// The per-prefix set of this kernel name, if it is one.
+    pub fn prefix_set_named(name: &str) -> Option<SetId> {
+        SetId::prefix_sets().into_iter().find(|s| s.name() == name)
+    }
+
+    /// A per-prefix set: its direction and prefix length.
+    pub fn prefix(self) -> Option<(Direction, u8)> {
+        match self {
+            SetId::PrefixAny(d, _, len) | SetId::PrefixPort(d, _, len) => Some((d, len)),
+            _ => None,
+        }
+    }
+
     pub fn family(self) -> Family {
         match self {
             SetId::Isolated(_, f)
@@ -137,7 +177,9 @@ impl SetId {
             | SetId::FqdnAny(f)
             | SetId::FqdnPort(f)
             | SetId::FqdnRange(f)
-            | SetId::DnsRedirect(f) => f,
+            | SetId::DnsRedirect(f)
+            | SetId::PrefixAny(_, f, _)
+            | SetId::PrefixPort(_, f, _) => f,
         }
     }
 
@@ -155,6 +197,8 @@ impl SetId {
             SetId::FqdnPort(_) => ("egress", "fqdn_port"),
             SetId::FqdnRange(_) => ("egress", "fqdn_range"),
             SetId::DnsRedirect(_) => return format!("dns_redirect{f}"),
+            SetId::PrefixAny(d, _, len) => return format!("{}{f}_p{len}_any", d.as_str()),
+            SetId::PrefixPort(d, _, len) => return format!("{}{f}_p{len}_port", d.as_str()),
         };
         format!("{prefix}{f}_{suffix}")
     }
@@ -162,10 +206,14 @@ impl SetId {
     pub(crate) fn shape(self) -> Shape {
         match self {
             SetId::Isolated(..) | SetId::DnsRedirect(_) => Shape::Addr,
-            SetId::Any(..) | SetId::NetAny(..) | SetId::FqdnAny(_) => Shape::Pair,
-            SetId::Port(..) | SetId::Range(..) | SetId::FqdnPort(_) | SetId::FqdnRange(_) => {
-                Shape::Quad
+            SetId::Any(..) | SetId::NetAny(..) | SetId::FqdnAny(_) | SetId::PrefixAny(..) => {
+                Shape::Pair
             }
+            SetId::Port(..)
+            | SetId::Range(..)
+            | SetId::FqdnPort(_)
+            | SetId::FqdnRange(_)
+            | SetId::PrefixPort(..) => Shape::Quad,
         }
     }
 
@@ -255,9 +303,18 @@ pub fn chains(s: &Structure) -> Vec<String> {
     out
 }
 
-/// Our sets (element sets and drop counters).
+/// The mask a per-prefix set's rule applies to the peer address.
+fn prefix_mask(len: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0))
+}
+
+/// Our sets (element sets, every possible per-prefix set, drop counters).
 pub fn set_names() -> Vec<String> {
-    let mut out: Vec<String> = SetId::all().into_iter().map(SetId::name).collect();
+    let mut out: Vec<String> = SetId::all()
+        .into_iter()
+        .chain(SetId::prefix_sets())
+        .map(SetId::name)
+        .collect();
     for fam in [Family::V4, Family::V6] {
         for dir in [Direction::Egress, Direction::Ingress] {
             out.push(drops_set(dir, fam));
@@ -266,7 +323,13 @@ pub fn set_names() -> Vec<String> {
     out
 }
 
-fn check_rules(out: &mut String, dir: Direction, fam: Family, group: u16) {
+fn check_rules(
+    out: &mut String,
+    dir: Direction,
+    fam: Family,
+    group: u16,
+    prefix_sets: &BTreeSet<SetId>,
+) {
     let p = fam.nft_payload();
     let (local, peer) = match dir {
         Direction::Egress => ("saddr", "daddr"),
@@ -274,20 +337,40 @@ fn check_rules(out: &mut String, dir: Direction, fam: Family, group: u16) {
     };
     let pair = format!("{p} {local} . {p} {peer}");
     let quad = format!("{pair} . meta l4proto . th dport");
-    let mut sets: Vec<(SetId, &str)> = vec![
-        (SetId::Any(dir, fam), &pair),
-        (SetId::Port(dir, fam), &quad),
+    let mut sets: Vec<(SetId, String)> = vec![
+        (SetId::Any(dir, fam), pair.clone()),
+        (SetId::Port(dir, fam), quad.clone()),
     ];
     if dir == Direction::Egress {
-        sets.push((SetId::FqdnAny(fam), &pair));
-        sets.push((SetId::FqdnPort(fam), &quad));
+        sets.push((SetId::FqdnAny(fam), pair.clone()));
+        sets.push((SetId::FqdnPort(fam), quad.clone()));
+    }
+    // Per-prefix hash sets in use, longest prefix first (any order would
+    // do: every lookup only ever returns).
+    let mut prefixed: Vec<SetId> = prefix_sets
+        .iter()
+        .copied()
+        .filter(|s| s.family() == fam && s.prefix().is_some_and(|(d, _)| d == dir))
+        .collect();
+    prefixed.sort_by_key(|s| {
+        let len = s.prefix().map_or(0, |(_, len)| len);
+        (std::cmp::Reverse(len), s.shape() == Shape::Quad)
+    });
+    for set in prefixed {
+        let len = set.prefix().map_or(0, |(_, len)| len);
+        let masked = format!("{p} {local} . {p} {peer} & {}", prefix_mask(len));
+        let key = match set.shape() {
+            Shape::Quad => format!("{masked} . meta l4proto . th dport"),
+            _ => masked,
+        };
+        sets.push((set, key));
     }
     // Interval (pipapo) lookups last: they are the only ones whose cost
     // grows with their contents.
-    sets.push((SetId::NetAny(dir, fam), &pair));
-    sets.push((SetId::Range(dir, fam), &quad));
+    sets.push((SetId::NetAny(dir, fam), pair.clone()));
+    sets.push((SetId::Range(dir, fam), quad.clone()));
     if dir == Direction::Egress {
-        sets.push((SetId::FqdnRange(fam), &quad));
+        sets.push((SetId::FqdnRange(fam), quad));
     }
     let _ = writeln!(out, "  chain {} {{", check_chain(dir, fam));
     for (set, key) in sets {
@@ -311,11 +394,17 @@ fn check_rules(out: &mut String, dir: Direction, fam: Family, group: u16) {
 
 /// The whole policy structure as one `nft -f` transaction: create what is
 /// missing (sets keep their elements), then replace the rules of our
-/// chains. Strict mode's chain and sets are not mentioned.
-pub fn structure_ruleset(s: &Structure) -> String {
+/// chains, with one lookup per set of `prefix_sets` (the per-prefix sets
+/// in use; [`SetId::prefix_sets`]). Strict mode's chain and sets are not
+/// mentioned. The transaction is atomic: packets see the old rules or the
+/// new ones, so rewriting it to add or drop a prefix length opens no gap.
+pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "table inet {TABLE} {{");
-    for set in SetId::all() {
+    for set in SetId::all()
+        .into_iter()
+        .chain(prefix_sets.iter().copied().filter(|s| s.prefix().is_some()))
+    {
         let _ = writeln!(out, "  {}", set.declaration());
     }
     for fam in [Family::V4, Family::V6] {
@@ -399,7 +488,7 @@ pub fn structure_ruleset(s: &Structure) -> String {
     let _ = writeln!(out, "  }}");
     for fam in [Family::V4, Family::V6] {
         for dir in [Direction::Egress, Direction::Ingress] {
-            check_rules(&mut out, dir, fam, s.nflog_group);
+            check_rules(&mut out, dir, fam, s.nflog_group, prefix_sets);
         }
     }
     if let Some(port) = s.dns_proxy_port {
@@ -483,7 +572,7 @@ mod tests {
 
     #[test]
     fn structure_has_fixed_lookups_per_direction() {
-        let text = structure_ruleset(&structure());
+        let text = structure_ruleset(&structure(), &BTreeSet::new());
         // Established first in both hooks.
         for chain in [FORWARD_CHAIN, INPUT_CHAIN] {
             let body = text
@@ -495,7 +584,7 @@ mod tests {
                 "{body}"
             );
         }
-        // 7 lookups per egress chain, 4 per ingress chain, whatever the policy.
+        // 7 lookups per egress chain, 4 per ingress chain, with no per-prefix set.
         let egress = text.split("chain egress4 {\n").nth(1).unwrap();
         let egress = egress.split("  }").next().unwrap();
         assert_eq!(egress.matches(" return").count(), 7, "{egress}");
@@ -510,10 +599,48 @@ mod tests {
     }
 
     #[test]
+    fn prefix_sets_get_one_masked_lookup_each() {
+        let prefix: BTreeSet<SetId> = [
+            SetId::PrefixAny(Direction::Egress, Family::V4, 24),
+            SetId::PrefixPort(Direction::Egress, Family::V4, 24),
+            SetId::PrefixPort(Direction::Egress, Family::V4, 0),
+            SetId::PrefixAny(Direction::Ingress, Family::V4, 16),
+        ]
+        .into();
+        let text = structure_ruleset(&structure(), &prefix);
+        assert!(text.contains("set egress4_p24_any { type ipv4_addr . ipv4_addr; }"));
+        assert!(text.contains(
+            "set egress4_p0_port { type ipv4_addr . ipv4_addr . inet_proto . inet_service; }"
+        ));
+        let egress = text.split("chain egress4 {\n").nth(1).unwrap();
+        let egress = egress.split("  }").next().unwrap();
+        assert_eq!(egress.matches(" return").count(), 7 + 3, "{egress}");
+        assert!(egress.contains("ip saddr . ip daddr & 255.255.255.0 @egress4_p24_any return"));
+        assert!(egress.contains(
+            "ip saddr . ip daddr & 0.0.0.0 . meta l4proto . th dport @egress4_p0_port return"
+        ));
+        // Hash lookups before the interval ones, drop last.
+        let at = |s: &str| egress.find(s).unwrap();
+        assert!(at("@egress4_p0_port") < at("@egress4_net_any"));
+        assert!(at("@egress4_fqdn_range") < at("counter drop"));
+        let ingress = text.split("chain ingress4 {\n").nth(1).unwrap();
+        let ingress = ingress.split("  }").next().unwrap();
+        assert!(ingress.contains("ip daddr . ip saddr & 255.255.0.0 @ingress4_p16_any return"));
+        assert_eq!(ingress.matches(" return").count(), 5, "{ingress}");
+        assert!(!text.contains("6_p24") && !text.contains("6_p0"));
+        assert_eq!(prefix_mask(31), Ipv4Addr::new(255, 255, 255, 254));
+        assert_eq!(prefix_mask(1), Ipv4Addr::new(128, 0, 0, 0));
+        for set in SetId::prefix_sets() {
+            assert_eq!(SetId::prefix_set_named(&set.name()), Some(set));
+        }
+        assert_eq!(SetId::prefix_set_named("egress4_any"), None);
+    }
+
+    #[test]
     fn dns_chain_only_with_a_port() {
         let mut s = structure();
         s.dns_proxy_port = None;
-        let text = structure_ruleset(&s);
+        let text = structure_ruleset(&s, &BTreeSet::new());
         assert!(!text.contains(DNS_CHAIN));
         assert!(!chains(&s).contains(&DNS_CHAIN.to_string()));
     }

@@ -4,12 +4,20 @@
 //! handle is made; from then on only set elements change, each change one
 //! netlink batch (one transaction) computed from an in-memory model of what
 //! the kernel holds: a full flush and refill the first time, a difference
-//! afterwards.
+//! afterwards. The exception are the per-prefix sets (IPv4 CIDR peers,
+//! one pair of hash sets per prefix length in use): a length coming into
+//! use gets its sets and lookups in one `nft` transaction before the
+//! element batch fills them; a length going out of use is emptied by the
+//! batch and then loses its lookups and sets, again in one transaction. At
+//! no point is a packet the old or the new policy allows dropped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::fs::File;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Bound;
+use std::os::fd::AsRawFd as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -80,6 +88,10 @@ pub struct PolicyTables {
     /// predecessor's elements we know nothing of).
     synced: bool,
     since_prune: u32,
+    /// Per-prefix sets (with their lookups) in the kernel.
+    prefix_sets: BTreeSet<SetId>,
+    /// The network namespace the handle was made in (`nft` runs there).
+    netns: File,
 }
 
 fn structure_of(cfg: &PolicyConfig) -> Structure {
@@ -113,25 +125,54 @@ fn nft(script: &str, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Runs `nft` in the network namespace `netns`, from a thread of its own
+/// (entering a namespace changes only the calling thread's).
+fn nft_in(netns: &File, script: &str, args: &[&str]) -> Result<String, String> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: a plain syscall on a live descriptor; it changes
+                // only this short-lived thread's namespace.
+                let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    return Err(format!(
+                        "enter the policy's network namespace: {}",
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                nft(script, args)
+            })
+            .join()
+            .unwrap_or_else(|_| Err("the nft thread panicked".to_string()))
+    })
+}
+
 /// Creates what is missing and replaces our chains' rules, in one
-/// transaction; if our sets exist with other definitions (an upgrade),
-/// removes our chains and sets and creates them anew in one transaction.
-/// Returns whether the sets were recreated (empty).
-fn install_structure(s: &Structure) -> Result<bool, EgressError> {
-    let script = layout::structure_ruleset(s);
-    let first = match nft(&script, &["-f", "-"]) {
-        Ok(_) => return Ok(false),
-        Err(e) => e,
-    };
+/// transaction, keeping the lookups of the per-prefix sets that exist (a
+/// predecessor's policy stays enforced until the first apply); if our sets
+/// exist with other definitions (an upgrade), removes our chains and sets
+/// and creates them anew in one transaction. Returns the per-prefix sets
+/// now in the kernel.
+fn install_structure(netns: &File, s: &Structure) -> Result<BTreeSet<SetId>, EgressError> {
+    let nft = |script: &str, args: &[&str]| nft_in(netns, script, args);
     let listing = nft("", &["-j", "-t", "list", "table", "inet", TABLE]).unwrap_or_default();
     let (chains, sets) = existing_objects(&listing);
+    let prefix_sets: BTreeSet<SetId> = sets
+        .iter()
+        .filter_map(|name| SetId::prefix_set_named(name))
+        .collect();
+    let script = layout::structure_ruleset(s, &prefix_sets);
+    let first = match nft(&script, &["-f", "-"]) {
+        Ok(_) => return Ok(prefix_sets),
+        Err(e) => e,
+    };
     let rebuild = format!("{}{script}", layout::teardown(&chains, &sets));
     nft(&rebuild, &["-f", "-"]).map_err(|second| {
         EgressError::Nft(format!(
             "installing the policy structure failed ({first}); rebuilding it failed too: {second}"
         ))
     })?;
-    Ok(true)
+    Ok(prefix_sets)
 }
 
 /// Chain and set names in an `nft -j list table` output.
@@ -279,7 +320,9 @@ impl PolicyTables {
     /// whatever thread makes them. Existing set contents are kept until the
     /// first [`PolicyTables::apply_policy`].
     pub fn new(cfg: PolicyConfig) -> Result<PolicyTables, EgressError> {
-        install_structure(&structure_of(&cfg))?;
+        let netns = File::open("/proc/thread-self/ns/net")
+            .map_err(|e| EgressError::Nft(format!("open /proc/thread-self/ns/net: {e}")))?;
+        let prefix_sets = install_structure(&netns, &structure_of(&cfg))?;
         if cfg.dns_proxy_port.is_some() {
             ensure_tproxy_routing(&TproxyRouting {
                 mark: cfg.tproxy_mark,
@@ -294,6 +337,8 @@ impl PolicyTables {
             model: empty_model(),
             synced: false,
             since_prune: 0,
+            prefix_sets,
+            netns,
         })
     }
 
@@ -309,15 +354,62 @@ impl PolicyTables {
     pub fn apply_policy(&mut self, state: &PolicyState) -> Result<(), EgressError> {
         let now = Instant::now();
         let desired = desired_state(state, now)?;
-        match self.commit_state(&desired, now) {
+        match self.commit_with_prefix_sets(desired.clone(), now) {
             Err(EgressError::Netlink(e)) if e.errno() == Some(libc::ENOENT) => {
                 // Someone removed our table or sets: put them back and refill.
-                install_structure(&structure_of(&self.cfg))?;
+                self.prefix_sets = install_structure(&self.netns, &structure_of(&self.cfg))?;
                 self.synced = false;
-                self.commit_state(&desired, Instant::now())
+                self.commit_with_prefix_sets(desired, Instant::now())
             }
             other => other,
         }
+    }
+
+    /// Commits `desired`, first adding the per-prefix sets it needs and
+    /// afterwards removing those it no longer needs (emptied by the batch).
+    fn commit_with_prefix_sets(
+        &mut self,
+        mut desired: Desired,
+        now: Instant,
+    ) -> Result<(), EgressError> {
+        let needed: BTreeSet<SetId> = desired
+            .keys()
+            .copied()
+            .filter(|s| s.prefix().is_some())
+            .collect();
+        let wanted: BTreeSet<SetId> = self.prefix_sets.union(&needed).copied().collect();
+        if wanted != self.prefix_sets {
+            self.rewrite_structure(wanted, &[])?;
+        }
+        for set in &self.prefix_sets {
+            desired.entry(*set).or_default();
+        }
+        self.commit_state(&desired, now)?;
+        let stale: Vec<SetId> = self.prefix_sets.difference(&needed).copied().collect();
+        if !stale.is_empty() {
+            self.rewrite_structure(needed, &stale)?;
+            for set in &stale {
+                self.model.remove(set);
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction: the structure with lookups of `prefix_sets` (created
+    /// if missing), and `delete` (no longer looked up) removed.
+    fn rewrite_structure(
+        &mut self,
+        prefix_sets: BTreeSet<SetId>,
+        delete: &[SetId],
+    ) -> Result<(), EgressError> {
+        let mut script = layout::structure_ruleset(&structure_of(&self.cfg), &prefix_sets);
+        for set in delete {
+            let _ = writeln!(script, "delete set inet {TABLE} {}", set.name());
+        }
+        nft_in(&self.netns, &script, &["-f", "-"])
+            .map_err(|e| EgressError::Nft(format!("changing the per-prefix sets: {e}")))?;
+        self.prefix_sets = prefix_sets;
+        Ok(())
     }
 
     fn commit_state(&mut self, desired: &Desired, now: Instant) -> Result<(), EgressError> {

@@ -1,6 +1,12 @@
 //! Desired state: compiled policy ([`NodeRules`]) and learned FQDN peers
 //! turned into the set elements the kernel should hold. Pure.
 //!
+//! IPv4 CIDR peers go to per-prefix-length hash sets (the network address
+//! as key; the rule masks the packet's address), with port ranges of up to
+//! [`EXPAND_PORTS_MAX`] ports expanded into single ports; exact peers with
+//! such ranges likewise go to the exact hash set. What is left for the
+//! interval sets: wider port ranges and IPv6 CIDR peers.
+//!
 //! Interval (pipapo) sets refuse partially overlapping elements, so every
 //! interval set gets disjoint elements: CIDR peers with every protocol are
 //! merged into disjoint address ranges; CIDR peers or port ranges per
@@ -15,7 +21,6 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use meshward_policy::{DirectionRules, NodeRules, PortMatch};
 
-#[cfg(test)]
 use crate::layout::Shape;
 use crate::layout::{Direction, Family, SetId};
 use crate::EgressError;
@@ -72,6 +77,12 @@ pub struct PolicyState {
 pub type Contents = BTreeMap<Elem, Option<Instant>>;
 /// Contents of every set.
 pub type Desired = BTreeMap<SetId, Contents>;
+
+/// Port ranges of at most this many ports become single-port hash elements
+/// (per-packet cost independent of the number of policies, at the price of
+/// one element per port); wider ones stay port-range elements of the
+/// interval set.
+pub const EXPAND_PORTS_MAX: u32 = 64;
 
 /// The kernel's `timeout 0` means "never expires": the shortest real
 /// timeout is one millisecond.
@@ -199,6 +210,23 @@ fn insert_max(contents: &mut Contents, elem: Elem, expiry: Option<Instant>) {
     }
 }
 
+/// Where a peer network's hash elements go: the exact sets for hosts, the
+/// per-prefix sets for IPv4 networks; `None`: interval sets.
+fn hash_sets(dir: Direction, net: &IpNet) -> Option<(SetId, SetId)> {
+    let fam = Family::of(&net.addr());
+    if is_host(net) {
+        Some((SetId::Any(dir, fam), SetId::Port(dir, fam)))
+    } else if fam == Family::V4 {
+        let len = net.prefix_len();
+        Some((
+            SetId::PrefixAny(dir, fam, len),
+            SetId::PrefixPort(dir, fam, len),
+        ))
+    } else {
+        None
+    }
+}
+
 fn add_direction(desired: &mut Desired, dir: Direction, local: IpAddr, rules: &DirectionRules) {
     let fam = Family::of(&local);
     desired
@@ -209,44 +237,48 @@ fn add_direction(desired: &mut Desired, dir: Direction, local: IpAddr, rules: &D
     let mut rects: BTreeMap<u8, Vec<Rect>> = BTreeMap::new();
     for allow in &rules.allow {
         for net in allow.nets.iter().filter(|n| Family::of(&n.addr()) == fam) {
+            let net = net.trunc();
+            let peer = net.addr();
+            let hashed = hash_sets(dir, &net);
             for port in &allow.ports {
-                match (*port, is_host(net)) {
-                    (PortMatch::Any, true) => {
-                        desired.entry(SetId::Any(dir, fam)).or_default().insert(
-                            Elem::Pair {
-                                local,
-                                peer: net.addr(),
-                            },
-                            None,
-                        );
+                match (*port, hashed) {
+                    (PortMatch::Any, Some((any, _))) => {
+                        desired
+                            .entry(any)
+                            .or_default()
+                            .insert(Elem::Pair { local, peer }, None);
                     }
-                    (PortMatch::Any, false) => any_ranges.push(net_range(net)),
+                    (PortMatch::Any, None) => any_ranges.push(net_range(&net)),
                     (
                         PortMatch::Ports {
                             protocol,
                             first,
                             last,
                         },
-                        host,
+                        hashed,
                     ) => {
                         if first > last {
                             continue; // admits nothing
                         }
-                        if host && first == last {
-                            desired.entry(SetId::Port(dir, fam)).or_default().insert(
-                                Elem::Port {
-                                    local,
-                                    peer: net.addr(),
-                                    proto: protocol.number(),
-                                    port: first,
-                                },
-                                None,
-                            );
+                        let count = u32::from(last) - u32::from(first) + 1;
+                        if let (Some((_, port_set)), true) = (hashed, count <= EXPAND_PORTS_MAX) {
+                            let set = desired.entry(port_set).or_default();
+                            for port in first..=last {
+                                set.insert(
+                                    Elem::Port {
+                                        local,
+                                        peer,
+                                        proto: protocol.number(),
+                                        port,
+                                    },
+                                    None,
+                                );
+                            }
                         } else {
                             rects
                                 .entry(protocol.number())
                                 .or_default()
-                                .push((net_range(net), (first, last)));
+                                .push((net_range(&net), (first, last)));
                         }
                     }
                 }
@@ -475,6 +507,30 @@ pub fn admits(
             && to_u128(r.0) <= to_u128(x)
             && to_u128(x) <= to_u128(r.1)
     };
+    // The per-prefix sets: an exact lookup of the peer masked to the set's
+    // prefix length.
+    let prefixed = desired.iter().any(|(set, contents)| {
+        let Some((d, len)) = set.prefix() else {
+            return false;
+        };
+        if d != dir || set.family() != fam {
+            return false;
+        }
+        let Ok(net) = IpNet::new(peer, len) else {
+            return false;
+        };
+        let peer = net.trunc().addr();
+        let key = match set.shape() {
+            Shape::Quad => Elem::Port {
+                local,
+                peer,
+                proto,
+                port,
+            },
+            _ => Elem::Pair { local, peer },
+        };
+        contents.get(&key).is_some_and(live)
+    });
     let matches = |set: SetId| {
         desired.get(&set).is_some_and(|contents| {
             contents.iter().any(|(e, exp)| {
@@ -518,7 +574,7 @@ pub fn admits(
             SetId::FqdnRange(fam),
         ]);
     }
-    sets.into_iter().any(matches)
+    prefixed || sets.into_iter().any(matches)
 }
 
 /// Pairs of elements of an interval set that overlap (must be none).
@@ -612,10 +668,11 @@ mod tests {
         let protocol = PROTOS[rng.below(3) as usize];
         // Ports from a small range so rules overlap often.
         let first = 75 + rng.below(20) as u16;
-        let last = if rng.below(2) == 0 {
-            first
-        } else {
-            first + rng.below(10) as u16
+        let last = match rng.below(6) {
+            0..=2 => first,
+            // Wider than EXPAND_PORTS_MAX: an interval element.
+            3 => first + 60 + rng.below(20) as u16,
+            _ => first + rng.below(10) as u16,
         };
         PortMatch::Ports {
             protocol,
@@ -724,6 +781,143 @@ mod tests {
     }
 
     #[test]
+    fn random_cidr_lists_of_many_prefix_lengths_translate_exactly() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let now = Instant::now();
+        let base = u32::from(Ipv4Addr::new(198, 18, 0, 0));
+        let local: IpAddr = "198.19.1.2".parse().unwrap();
+        // Peers differ from `base` in a few random bits, so nets of every
+        // length (0..=32) and samples meet often.
+        let near = |rng: &mut Rng| {
+            let mut a = base;
+            for _ in 0..rng.below(4) {
+                a ^= 1 << rng.below(32);
+            }
+            Ipv4Addr::from(a)
+        };
+        for round in 0..200 {
+            let allow: Vec<Allow> = (0..1 + rng.below(8))
+                .map(|i| Allow {
+                    nets: (0..1 + rng.below(4))
+                        .map(|_| {
+                            let len = rng.below(33) as u8;
+                            IpNet::new(IpAddr::V4(near(&mut rng)), len).unwrap()
+                        })
+                        .collect(),
+                    ports: (0..1 + rng.below(3))
+                        .map(|_| random_port(&mut rng))
+                        .collect(),
+                    policy: policy(&format!("p{i}")),
+                })
+                .collect();
+            let rules = DirectionRules {
+                policies: vec![policy("p0")],
+                allow,
+                fqdn: Vec::new(),
+            };
+            let state = state_of(vec![endpoint(
+                "a",
+                &["198.19.1.2"],
+                Some(rules.clone()),
+                Some(rules.clone()),
+            )]);
+            let desired = desired_state(&state, now).unwrap();
+            let mut lengths = std::collections::BTreeSet::new();
+            for (set, contents) in &desired {
+                if let Some((_, len)) = set.prefix() {
+                    assert!(len < 32, "{set:?}");
+                    assert!(!contents.is_empty(), "{set:?} present but empty");
+                    lengths.insert(len);
+                    // Keys are network addresses of the set's length.
+                    for e in contents.keys() {
+                        let (Elem::Pair { peer, .. } | Elem::Port { peer, .. }) = e else {
+                            panic!("{set:?} holds {e:?}");
+                        };
+                        assert_eq!(IpNet::new(*peer, len).unwrap().trunc().addr(), *peer);
+                    }
+                }
+                if set.interval() {
+                    assert!(overlaps(contents).is_empty(), "round {round}: {set:?}");
+                }
+            }
+            // Prefix sets never exceed two per length and direction.
+            let per_dir = desired.keys().filter(|s| s.prefix().is_some()).count();
+            assert!(per_dir <= 4 * lengths.len(), "{per_dir} {lengths:?}");
+            for _ in 0..300 {
+                let peer = IpAddr::V4(near(&mut rng));
+                let proto = [1u8, 6, 17, 132][rng.below(4) as usize];
+                let port = 70 + rng.below(100) as u16;
+                let want = rules.allows(peer, proto, port).is_some();
+                for dir in [Direction::Egress, Direction::Ingress] {
+                    let got = admits(&desired, dir, local, peer, proto, port, now);
+                    assert_eq!(
+                        got, want,
+                        "round {round} {dir:?} {peer} proto {proto} port {port}\nrules {rules:#?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cidr_peers_go_to_prefix_sets_and_wide_ranges_to_interval_sets() {
+        let p = |first, last| PortMatch::Ports {
+            protocol: L4Protocol::Udp,
+            first,
+            last,
+        };
+        let rules = DirectionRules {
+            policies: vec![policy("p")],
+            allow: vec![
+                Allow {
+                    // Host bits set: the key is the network address.
+                    nets: vec!["198.18.100.7/24".parse().unwrap()],
+                    ports: vec![PortMatch::single(L4Protocol::Tcp, 80), p(1000, 1063)],
+                    policy: policy("p"),
+                },
+                Allow {
+                    nets: vec!["198.18.0.0/16".parse().unwrap()],
+                    ports: vec![PortMatch::Any, p(2000, 2064)],
+                    policy: policy("p"),
+                },
+                Allow {
+                    nets: vec!["2001:db8::/64".parse().unwrap()],
+                    ports: vec![PortMatch::Any],
+                    policy: policy("p"),
+                },
+            ],
+            fqdn: Vec::new(),
+        };
+        let d = desired_state(
+            &state_of(vec![endpoint(
+                "a",
+                &["198.19.1.2", "fd00::2"],
+                Some(rules),
+                None,
+            )]),
+            Instant::now(),
+        )
+        .unwrap();
+        let e = Direction::Egress;
+        let v4 = Family::V4;
+        let net24: IpAddr = "198.18.100.0".parse().unwrap();
+        let p24 = &d[&SetId::PrefixPort(e, v4, 24)];
+        // TCP 80 plus 64 expanded UDP ports.
+        assert_eq!(p24.len(), 65);
+        assert!(p24
+            .keys()
+            .all(|k| matches!(k, Elem::Port { peer, .. } if *peer == net24)));
+        assert_eq!(d[&SetId::PrefixAny(e, v4, 16)].len(), 1);
+        assert!(!d.contains_key(&SetId::PrefixAny(e, v4, 24)));
+        // 65 ports are too many: one interval element.
+        assert_eq!(d[&SetId::Range(e, v4)].len(), 1);
+        assert!(d[&SetId::NetAny(e, v4)].is_empty());
+        // IPv6 CIDR peers stay interval elements.
+        assert_eq!(d[&SetId::NetAny(e, Family::V6)].len(), 1);
+        assert!(d.keys().all(|s| s.prefix().is_none() || s.family() == v4));
+    }
+
+    #[test]
     fn exact_peers_go_to_hash_sets_and_ranges_to_interval_sets() {
         let tcp80 = PortMatch::single(L4Protocol::Tcp, 80);
         let rules = DirectionRules {
@@ -761,18 +955,24 @@ mod tests {
             port: 80
         }));
         assert!(e4(SetId::Any).contains_key(&Elem::Pair { local, peer }));
-        // Two adjacent /24s become one range.
-        let ranges: Vec<_> = e4(SetId::NetAny).keys().collect();
+        // IPv4 /24s: keyed by their network in the /24 set.
+        let nets: Vec<_> = d[&SetId::PrefixAny(Direction::Egress, Family::V4, 24)]
+            .keys()
+            .collect();
         assert_eq!(
-            ranges,
-            [&Elem::PairRange {
-                local,
-                peer: (
-                    "198.19.2.0".parse().unwrap(),
-                    "198.19.3.255".parse().unwrap()
-                )
-            }]
+            nets,
+            [
+                &Elem::Pair {
+                    local,
+                    peer: "198.19.2.0".parse().unwrap()
+                },
+                &Elem::Pair {
+                    local,
+                    peer: "198.19.3.0".parse().unwrap()
+                }
+            ]
         );
+        assert!(e4(SetId::NetAny).is_empty());
         assert!(d[&SetId::Isolated(Direction::Ingress, Family::V4)].is_empty());
     }
 

@@ -397,3 +397,101 @@ fn ipv6_elements_are_accepted_by_the_kernel() {
     );
     assert!(listing("dns_redirect6").contains("fd00::2"));
 }
+
+#[test]
+fn cidr_peers_of_several_prefix_lengths_allow_exactly_their_networks() {
+    let lab = Lab::new(&["198.19.1.2", "198.19.1.3"]);
+    // A second external network, outside the /24 but inside the /16.
+    const FAR: &str = "198.18.101.1";
+    lab.ext
+        .ip(&["addr", "add", &format!("{FAR}/32"), "dev", "eth0"]);
+    lab.node
+        .ip(&["route", "add", &format!("{FAR}/32"), "via", EXT]);
+    for port in [80, 81, 82] {
+        tcp_echo(&lab.ext, &format!("{EXT}:{port}"), LIFE);
+        tcp_echo(&lab.ext, &format!("{FAR}:{port}"), LIFE);
+    }
+    tcp_echo(lab.pod(1), "198.19.1.3:8080", LIFE);
+    tcp_echo(lab.pod(1), "198.19.1.3:8081", LIFE);
+    let sink = udp_sink(&lab.ext, &format!("{EXT}:1505"));
+    let (a, b) = (lab.ip(0), lab.ip(1));
+    let with_16 = |with: bool| {
+        let mut egress = vec![
+            allow(&["198.18.100.0/24"], &[tcp(80)]),
+            // Egress lets a reach b on both ports; b's ingress decides.
+            allow(&["198.19.1.0/28"], &[tcp(8080), tcp(8081)]),
+            allow(
+                &["198.18.100.0/25"],
+                &[PortMatch::Ports {
+                    protocol: L4Protocol::Udp,
+                    first: 1500,
+                    last: 1510,
+                }],
+            ),
+        ];
+        if with {
+            egress.push(allow(&["198.18.0.0/16"], &[tcp(81)]));
+        }
+        state(vec![
+            Ep {
+                ip: a,
+                egress: Some(rules(egress)),
+                ingress: None,
+                dns: false,
+            },
+            Ep {
+                ip: b,
+                egress: None,
+                ingress: Some(rules(vec![allow(&["198.19.1.0/24"], &[tcp(8080)])])),
+                dns: false,
+            },
+        ])
+    };
+    let mut t = tables(&lab);
+    t.apply_policy(&with_16(true)).expect("apply policy");
+    let chain = lab.nft(&["list", "chain", "inet", TABLE, "egress4"]);
+    assert!(chain.contains("& 255.255.0.0"), "{chain}");
+    assert!(chain.contains("& 255.255.255.0"), "{chain}");
+
+    let works = |dst: &str| tcp_works(lab.pod(0), dst);
+    assert!(works(&format!("{EXT}:80")), "/24, TCP 80");
+    assert!(works(&format!("{EXT}:81")), "/16, TCP 81");
+    assert!(works(&format!("{FAR}:81")), "/16 outside the /24, TCP 81");
+    assert!(!works(&format!("{FAR}:80")), "TCP 80 only in the /24");
+    assert!(!works(&format!("{EXT}:82")), "TCP 82 not allowed");
+    assert!(
+        udp_passes(lab.pod(0), &sink, &format!("{EXT}:1505")),
+        "/25 UDP range"
+    );
+    assert!(!lab.pod(0).ping(EXT), "ICMP not allowed");
+    assert!(
+        tcp_works(lab.pod(0), "198.19.1.3:8080"),
+        "ingress /24, 8080"
+    );
+    assert!(
+        !tcp_works(lab.pod(0), "198.19.1.3:8081"),
+        "ingress refuses 8081"
+    );
+
+    // A restarted agent keeps the prefix lookups until its first apply.
+    drop(t);
+    let mut t = tables(&lab);
+    assert!(works(&format!("{FAR}:81")), "/16 lost across a restart");
+
+    // The /16 goes: its sets and lookups go with it, the rest stays.
+    t.apply_policy(&with_16(false)).expect("apply policy");
+    assert!(!works(&format!("{FAR}:81")), "/16 removed");
+    assert!(!works(&format!("{EXT}:81")), "/16 removed");
+    assert!(works(&format!("{EXT}:80")), "/24 kept");
+    let table = lab.nft(&["-t", "list", "table", "inet", TABLE]);
+    assert!(!table.contains("egress4_p16"), "{table}");
+    assert!(!table.contains("255.255.0.0"), "{table}");
+    assert!(table.contains("egress4_p24_port"), "{table}");
+    assert!(table.contains("ingress4_p24_port"), "{table}");
+
+    // No policy: no prefix sets at all.
+    t.apply_policy(&state(vec![])).unwrap();
+    let table = lab.nft(&["-t", "list", "table", "inet", TABLE]);
+    assert!(!table.contains("_p24_"), "{table}");
+    assert!(works(&format!("{FAR}:82")));
+}
