@@ -10,6 +10,7 @@
 //! mtu: 1420                        # of the mesh interface; default: underlayMTU - 80
 //! keyRotationInterval: 24h         # optional; humantime ("90m", "7d", "1h 30m")
 //! strictMode: true                 # default
+//! mesh: true                       # default; false: policy only (another CNI routes pods, no WireGuard)
 //! socketPath: /run/meshward/agent.sock   # default
 //! clusterCIDR: 10.244.0.0/16       # default; the whole pod range (strict mode guards it)
 //! healthAddress: 127.0.0.1:9879    # default; HTTP /healthz, /readyz, /metrics
@@ -82,6 +83,10 @@ pub struct Config {
     pub underlay_mtu: u32,
     pub key_rotation_interval: Option<Duration>,
     pub strict_mode: bool,
+    /// The encrypted mesh (keys, `mw0`, routes, strict mode, the Node
+    /// annotations). Off: policy only, beside a CNI that addresses and
+    /// routes pods itself (a cloud's VPC CNI, as Calico's policy-only mode).
+    pub mesh: bool,
     pub socket_path: PathBuf,
     /// The cluster's whole pod range: strict mode treats all of it as
     /// remote (except this node's own pod CIDRs) from the first moment, before
@@ -168,6 +173,7 @@ struct RawConfig {
     underlay_mtu: Option<u32>,
     key_rotation_interval: Option<String>,
     strict_mode: Option<bool>,
+    mesh: Option<bool>,
     socket_path: Option<PathBuf>,
     #[serde(rename = "clusterCIDR")]
     cluster_cidr: Option<String>,
@@ -463,6 +469,7 @@ impl Config {
             underlay_mtu,
             key_rotation_interval,
             strict_mode: raw.strict_mode.unwrap_or(true),
+            mesh: raw.mesh.unwrap_or(true),
             socket_path,
             cluster_cidr,
             health_address,
@@ -538,6 +545,7 @@ mod tests {
                 underlay_mtu: 1500,
                 key_rotation_interval: None,
                 strict_mode: true,
+                mesh: true,
                 socket_path: DEFAULT_SOCKET.into(),
                 cluster_cidr: "10.244.0.0/16".parse().unwrap(),
                 health_address: "127.0.0.1:9879".parse().unwrap(),
@@ -593,7 +601,7 @@ mod tests {
         let c = parse(
             "nodeName: node1\nstateDir: state\ndatastore: kubernetes\n\
              endpoint: '[fd00::1]:4000'\nlistenPort: 5000\nunderlayMTU: 9001\nmtu: 8921\n\
-             keyRotationInterval: 24h\nstrictMode: false\nsocketPath: /tmp/a.sock\n\
+             keyRotationInterval: 24h\nstrictMode: false\nmesh: false\nsocketPath: /tmp/a.sock\n\
              clusterCIDR: 198.19.0.0/16\nhealthAddress: '[::]:9000'\n",
         )
         .unwrap();
@@ -605,6 +613,7 @@ mod tests {
         assert_eq!((c.mtu, c.underlay_mtu), (8921, 9001));
         assert_eq!(c.key_rotation_interval, Some(Duration::from_secs(86400)));
         assert!(!c.strict_mode);
+        assert!(!c.mesh);
         assert_eq!(c.socket_path, PathBuf::from("/tmp/a.sock"));
         assert_eq!(c.cluster_cidr, "198.19.0.0/16".parse::<Ipv4Net>().unwrap());
         assert_eq!(c.health_address, "[::]:9000".parse().unwrap());

@@ -172,17 +172,43 @@ spec:
         || curl(&lab, "node1-pod1", "http://198.18.100.11/").is_none(),
     );
     // 1000 names never resolved before, each connected to right after its
-    // answer arrives. A dropped SYN would need a 1 s retransmission, past
-    // the 0.9 s connect timeout: any first-packet drop fails that trial.
+    // answer arrives. A dropped first SYN is retransmitted by the pod's
+    // kernel, which counts it (TcpExt TCPSynRetrans of the pod's network
+    // namespace): the count must not move. Timing plays no part, so a slow
+    // machine cannot fail this; a drop cannot pass it.
+    let before = syn_retransmissions(&lab, "node1-pod1");
     let script = "ok=0; fail=0; i=1; while [ $i -le 1000 ]; do \
-        if curl -s -o /dev/null --connect-timeout 0.9 -m 3 http://n$i.fresh.test:8080/; \
+        if curl -s -o /dev/null --connect-timeout 5 -m 10 http://n$i.fresh.test:8080/; \
         then ok=$((ok+1)); else fail=$((fail+1)); echo failed n$i >&2; fi; i=$((i+1)); done; \
         echo ok=$ok fail=$fail";
     let out = lab.ok(&["exec", "node1-pod1", "sh", "-c", script]);
     assert_eq!(out.trim(), "ok=1000 fail=0");
+    let retransmitted = syn_retransmissions(&lab, "node1-pod1") - before;
+    assert_eq!(
+        retransmitted, 0,
+        "SYNs retransmitted: first packets dropped"
+    );
     // and the name never resolved is still dropped
     assert!(curl(&lab, "node1-pod1", "http://198.18.104.1:8080/").is_some()); // n1: learned
     assert!(curl(&lab, "node1-pod1", "http://198.18.107.240:8080/").is_none()); // never asked
+}
+
+/// The pod's count of retransmitted SYNs (`/proc/net/netstat` is per
+/// network namespace).
+fn syn_retransmissions(lab: &TestLab, pod: &str) -> u64 {
+    let text = lab.ok(&["exec", pod, "cat", "/proc/net/netstat"]);
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let column = names
+        .split_whitespace()
+        .position(|n| n == "TCPSynRetrans")
+        .expect("TCPSynRetrans in /proc/net/netstat");
+    values
+        .split_whitespace()
+        .nth(column)
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// An echo server on `addr` inside the external namespace.

@@ -294,7 +294,7 @@ impl Agent {
         let start_key = previous_key.as_ref().unwrap_or(&current_key);
         let mesh = Arc::new(Mesh::new(start_key.secret().clone()));
         let mut peers = BTreeMap::new();
-        if !cached.peers.is_empty() {
+        if config.mesh && !cached.peers.is_empty() {
             match mesh.set_peers(peer_configs(&cached.peers)) {
                 Ok(()) => {
                     info!(
@@ -318,17 +318,24 @@ impl Agent {
             .await
             .with_context(|| format!("starting the datastore {}", config.datastore))?;
         let mut rx = datastore.subscribe();
-        let own_cidrs = own_pod_cidrs(&config, &mut rx, &cached).await?;
-        let first = own_cidrs
-            .first()
-            .ok_or_else(|| anyhow!("Node {} has no IPv4 pod CIDR", config.node_name))?;
-        let address = first_host(first)?;
+        // Policy only: pod addresses and routes belong to another CNI, so
+        // no pod CIDR is needed (local pods are the Pods bound to this node).
+        let (own_cidrs, address) = if config.mesh {
+            let own_cidrs = own_pod_cidrs(&config, &mut rx, &cached).await?;
+            let first = own_cidrs
+                .first()
+                .ok_or_else(|| anyhow!("Node {} has no IPv4 pod CIDR", config.node_name))?;
+            let address = first_host(first)?;
+            info!(
+                pod_cidrs = ?own_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                %address,
+                "own pod CIDRs"
+            );
+            (own_cidrs, address)
+        } else {
+            (Vec::new(), Ipv4Addr::UNSPECIFIED)
+        };
         let snapshot = rx.borrow_and_update().clone();
-        info!(
-            pod_cidrs = ?own_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            %address,
-            "own pod CIDRs"
-        );
 
         let mut agent = Agent {
             store,
@@ -360,7 +367,9 @@ impl Agent {
 
         // 5. strict mode, before the tunnel exists
         let plan = agent.plan();
-        if agent.config.strict_mode {
+        if !agent.config.mesh {
+            info!("mesh off (policy only): no tunnel, no routes, no strict mode");
+        } else if agent.config.strict_mode {
             agent
                 .apply_strict(&plan.strict_remote)
                 .await
@@ -391,7 +400,31 @@ impl Agent {
         );
         agent.policy = Some(engine);
 
-        // 6. the data plane
+        // 6-8. the data plane, its address, the own Node's annotations
+        if agent.config.mesh {
+            agent.start_mesh().await?;
+        }
+
+        // 9. control socket, first reconcile
+        let (tx, requests) = mpsc::channel(16);
+        agent.control = Some(
+            control::Server::start(&agent.config.socket_path, tx, Some(agent.events.clone()))
+                .await
+                .context("control socket")?,
+        );
+        if agent.previous.is_some() {
+            info!("waiting for the mesh to stop needing the previous key");
+        }
+        agent.next_rotation = agent.first_rotation();
+        agent.reconcile().await;
+        info!(peers = agent.peers.len(), "agent running");
+        Ok((agent, requests))
+    }
+
+    /// The data plane (`mw0`, the UDP socket, the workers), the node's
+    /// address on it, and the own Node's key and endpoint published.
+    async fn start_mesh(&mut self) -> Result<()> {
+        let agent = self;
         let listen = SocketAddr::new(
             match agent.config.endpoint.ip() {
                 IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -432,26 +465,15 @@ impl Agent {
 
         // 8. publish
         agent.publish_if_needed().await;
-
-        // 9. control socket, first reconcile
-        let (tx, requests) = mpsc::channel(16);
-        agent.control = Some(
-            control::Server::start(&agent.config.socket_path, tx, Some(agent.events.clone()))
-                .await
-                .context("control socket")?,
-        );
-        if agent.previous.is_some() {
-            info!("waiting for the mesh to stop needing the previous key");
-        }
-        agent.next_rotation = agent.first_rotation();
-        agent.reconcile().await;
-        info!(peers = agent.peers.len(), "agent running");
-        Ok((agent, requests))
+        Ok(())
     }
 
     /// When `keyRotationInterval` is set: the key file's age decides, so
     /// restarts do not postpone rotations forever.
     fn first_rotation(&self) -> Option<Instant> {
+        if !self.config.mesh {
+            return None;
+        }
         let interval = self.config.key_rotation_interval?;
         let age = std::fs::metadata(self.store.key_path())
             .and_then(|m| m.modified())
@@ -565,6 +587,13 @@ impl Agent {
         if let Some(policy) = &mut self.policy {
             policy.update(&self.snapshot, false);
         }
+        if self.config.mesh {
+            self.reconcile_mesh().await;
+        }
+    }
+
+    /// Peers, routes, strict mode and the own Node's annotations.
+    async fn reconcile_mesh(&mut self) {
         let plan = self.plan();
         if plan.problems != self.problems {
             for problem in plan.problems.iter().filter(|p| !self.problems.contains(p)) {
@@ -763,6 +792,9 @@ impl Agent {
     /// KeyStore rotation → mesh → publish. The previous key is forgotten
     /// (in the mesh and on disk) once no session needs it.
     async fn rotate(&mut self) -> Result<Rotation> {
+        if !self.config.mesh {
+            bail!("the mesh is off on this node (mesh: false): there is no key to rotate");
+        }
         let store = self.store.clone();
         let rotation = blocking("key rotation", move || store.rotate())
             .await?
@@ -843,6 +875,7 @@ impl Agent {
             pod_cidrs: self.own_cidrs.iter().map(ToString::to_string).collect(),
             address: self.address.to_string(),
             interface: self.tun_name.clone(),
+            mesh: self.config.mesh,
             strict_mode: self.config.strict_mode,
             datastore: DatastoreStatus {
                 spec: self.config.datastore.to_string(),

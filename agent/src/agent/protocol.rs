@@ -138,6 +138,9 @@ pub struct Status {
     /// This node's address on the tunnel interface.
     pub address: String,
     pub interface: String,
+    /// `false`: policy only (`mesh: false`), no tunnel on this node.
+    #[serde(default = "yes")]
+    pub mesh: bool,
     pub strict_mode: bool,
     pub datastore: DatastoreStatus,
     /// The data plane's own counters (the mesh's are in `peers` and `drops`).
@@ -373,6 +376,10 @@ pub fn observe(
             }
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[cfg(test)]

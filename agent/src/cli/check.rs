@@ -30,6 +30,7 @@ fn summary(c: &Config) -> String {
         ("underlayMTU", c.underlay_mtu.to_string()),
         ("mtu", c.mtu.to_string()),
         ("keyRotationInterval", rotation),
+        ("mesh", c.mesh.to_string()),
         ("strictMode", c.strict_mode.to_string()),
         ("socketPath", c.socket_path.display().to_string()),
         ("clusterCIDR", c.cluster_cidr.to_string()),

@@ -69,21 +69,28 @@ fn ago(secs: f64) -> String {
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "node {} (agent pid {})", s.node, s.pid);
-    let _ = writeln!(out, "  public key    {}", s.public_key);
-    if let Some(previous) = &s.previous_public_key {
+    if s.mesh {
+        let _ = writeln!(out, "  public key    {}", s.public_key);
+        if let Some(previous) = &s.previous_public_key {
+            let _ = writeln!(
+                out,
+                "  previous key  {previous} (rotation in progress: still accepted)"
+            );
+        }
+        let _ = writeln!(out, "  endpoint      {}", s.endpoint);
+        let _ = writeln!(out, "  pod CIDRs     {}", s.pod_cidrs.join(", "));
+        let _ = writeln!(out, "  address       {} on {}", s.address, s.interface);
         let _ = writeln!(
             out,
-            "  previous key  {previous} (rotation in progress: still accepted)"
+            "  strict mode   {}",
+            if s.strict_mode { "on" } else { "off" }
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  mesh          off (policy only: pods are addressed and routed by another CNI)"
         );
     }
-    let _ = writeln!(out, "  endpoint      {}", s.endpoint);
-    let _ = writeln!(out, "  pod CIDRs     {}", s.pod_cidrs.join(", "));
-    let _ = writeln!(out, "  address       {} on {}", s.address, s.interface);
-    let _ = writeln!(
-        out,
-        "  strict mode   {}",
-        if s.strict_mode { "on" } else { "off" }
-    );
     let _ = writeln!(
         out,
         "  datastore     {} ({}, generation {})",
@@ -269,6 +276,7 @@ mod tests {
             pod_cidrs: vec!["198.19.1.0/24".into()],
             address: "198.19.1.1".into(),
             interface: "mw0".into(),
+            mesh: true,
             strict_mode: true,
             datastore: DatastoreStatus {
                 spec: "dir:/d".into(),

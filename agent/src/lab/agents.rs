@@ -69,9 +69,9 @@ pub fn node_manifest(node: &Node) -> String {
     )
 }
 
-/// The agent configuration of `node`.
-pub fn agent_config(lab: &LabName, node: &Node) -> String {
-    format!(
+/// The agent configuration of `node` (`mesh: false` when `policy_only`).
+pub fn agent_config(lab: &LabName, node: &Node, policy_only: bool) -> String {
+    let mut config = format!(
         "# meshward lab {lab}: the agent of {name}\n\
          nodeName: {name}\n\
          stateDir: {state}\n\
@@ -87,7 +87,11 @@ pub fn agent_config(lab: &LabName, node: &Node) -> String {
         address = node.address.addr(),
         cluster = topo::POD_SUPERNET,
         socket = node.agent_socket.display(),
-    )
+    );
+    if policy_only {
+        config.push_str("mesh: false\n");
+    }
+    config
 }
 
 /// Writes every node's Node manifest into the shared datastore and every
@@ -100,7 +104,7 @@ pub fn write_files(lab: &LabName, state: &Lab) -> Result<()> {
         fs::write(&manifest, node_manifest(node))
             .with_context(|| format!("writing {}", manifest.display()))?;
         let config = config_file(lab, node.index);
-        fs::write(&config, agent_config(lab, node))
+        fs::write(&config, agent_config(lab, node, state.policy_only))
             .with_context(|| format!("writing {}", config.display()))?;
     }
     super::manifests::write_pods(&dir, state)
@@ -337,15 +341,18 @@ pub fn states(lab: &LabName, state: &Lab) -> BTreeMap<String, AgentState> {
 
 /// Whether `status` shows a working session with every other node.
 fn meshed(status: &Status, node: &Node, all: &Lab) -> bool {
-    all.nodes
-        .iter()
-        .filter(|other| other.name != node.name)
-        .all(|other| {
-            status
-                .peers
-                .iter()
-                .any(|p| p.name == other.name && p.session_up)
-        })
+    // Policy only: answering is all there is to wait for.
+    !status.mesh
+        || all
+            .nodes
+            .iter()
+            .filter(|other| other.name != node.name)
+            .all(|other| {
+                status
+                    .peers
+                    .iter()
+                    .any(|p| p.name == other.name && p.session_up)
+            })
 }
 
 /// Waits until every agent in the lab answers and has a working session
@@ -468,7 +475,8 @@ mod tests {
         let manifest = node_manifest(&node());
         assert!(manifest.contains("  name: node2\n"), "{manifest}");
         assert!(manifest.contains("podCIDR: 198.19.2.0/24\n"), "{manifest}");
-        let config = agent_config(&lab, &node());
+        let config = agent_config(&lab, &node(), false);
+        assert!(!config.contains("mesh:"), "{config}");
         for line in [
             "nodeName: node2",
             "stateDir: /run/meshward-lab/x/node2",
@@ -487,15 +495,18 @@ mod tests {
     #[test]
     fn the_agent_config_parses() {
         let lab: LabName = "x".parse().unwrap();
-        let c = crate::config::Config::parse(
-            &agent_config(&lab, &node()),
-            Path::new("/run/meshward-lab/x/node2/agent.yaml"),
-            &Default::default(),
-            || None,
-        )
-        .unwrap();
-        assert_eq!(c.node_name, "node2");
-        assert_eq!(c.cluster_cidr, topo::POD_SUPERNET);
-        assert_eq!(c.endpoint, "198.18.0.2:51871".parse().unwrap());
+        for policy_only in [false, true] {
+            let c = crate::config::Config::parse(
+                &agent_config(&lab, &node(), policy_only),
+                Path::new("/run/meshward-lab/x/node2/agent.yaml"),
+                &Default::default(),
+                || None,
+            )
+            .unwrap();
+            assert_eq!(c.node_name, "node2");
+            assert_eq!(c.cluster_cidr, topo::POD_SUPERNET);
+            assert_eq!(c.endpoint, "198.18.0.2:51871".parse().unwrap());
+            assert_eq!(c.mesh, !policy_only);
+        }
     }
 }

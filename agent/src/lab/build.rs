@@ -27,7 +27,15 @@ const POD_K8S_NAMESPACE: &str = "default";
 /// Builds lab `lab` with `nodes` nodes of `pods` pods each (pods need the
 /// CNI plugin `cni_bin`). Everything created is under the lab's prefix, so
 /// the caller can tear down a half-built lab by name.
-pub fn build(lab: &LabName, nodes: u8, pods: u8, cni_bin: Option<&Path>) -> Result<Lab> {
+/// `policy_only`: nodes route each other's pod CIDRs over the fabric (as a
+/// cloud VPC routes its CNI's pods) instead of refusing them.
+pub fn build(
+    lab: &LabName,
+    nodes: u8,
+    pods: u8,
+    cni_bin: Option<&Path>,
+    policy_only: bool,
+) -> Result<Lab> {
     let dir = state::state_dir(lab);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
@@ -45,9 +53,10 @@ pub fn build(lab: &LabName, nodes: u8, pods: u8, cni_bin: Option<&Path>) -> Resu
         },
         external,
         nodes: Vec::new(),
+        policy_only,
     };
     for index in 1..=nodes {
-        let node = node(lab, &fabric, index)
+        let node = node(lab, &fabric, index, nodes, policy_only)
             .with_context(|| format!("setting up {}", topo::node_name(index)))?;
         state.nodes.push(node);
     }
@@ -143,7 +152,9 @@ fn external(lab: &LabName, fabric: &File, nodes: u8) -> Result<External> {
 /// Node `index`: forwards for its pods, reaches the external subnet
 /// on-link, and refuses every other pod CIDR (`unreachable`) until the
 /// encrypted mesh routes them: no cross-node pod packet leaves in plaintext.
-fn node(lab: &LabName, fabric: &File, index: u8) -> Result<Node> {
+/// In a policy-only lab it routes the other `nodes`' pod CIDRs to them over
+/// the fabric instead.
+fn node(lab: &LabName, fabric: &File, index: u8, nodes: u8, policy_only: bool) -> Result<Node> {
     let name = lab.node_ns(index);
     let ns = namespace(&name, true)?;
     let address = topo::node_address(index);
@@ -152,7 +163,15 @@ fn node(lab: &LabName, fabric: &File, index: u8) -> Result<Node> {
         links::add_onlink_route(&h, topo::EXTERNAL_NET, topo::UNDERLAY_IFNAME).await?;
         let external = topo::EXTERNAL_ADDRESS.addr();
         links::add_gateway_route(&h, super::services::FRESH_NET, external).await?;
-        links::add_unreachable_route(&h, topo::POD_SUPERNET).await
+        if policy_only {
+            for other in (1..=nodes).filter(|&other| other != index) {
+                let via = topo::node_address(other).addr();
+                links::add_gateway_route(&h, topo::pod_cidr(other), via).await?;
+            }
+            Ok(())
+        } else {
+            links::add_unreachable_route(&h, topo::POD_SUPERNET).await
+        }
     })
     .with_context(|| format!("in namespace {name}"))?;
 

@@ -160,6 +160,10 @@ struct UpArgs {
     /// refused); `lab agent start` starts them later
     #[arg(long)]
     no_agents: bool,
+    /// Run the agents without the mesh (`mesh: false`, policy only) and let
+    /// the fabric route pod CIDRs in plaintext, as a cloud VPC does
+    #[arg(long)]
+    policy_only: bool,
     /// Longest to wait for the agents to form the mesh, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     agent_timeout: u64,
@@ -225,25 +229,27 @@ fn up(lab: &LabName, args: UpArgs) -> Result<()> {
     }
 
     tracing::info!(lab = %lab, nodes, pods, "building lab");
-    let built = build::build(lab, nodes, pods, cni_bin.as_deref()).and_then(|mut state| {
-        manifests::set_labels(&mut state, &args.pod_labels)?;
-        state.save(lab)?;
-        agents::write_files(lab, &state)?;
-        if args.no_agents {
-            return Ok(state);
-        }
-        let mut children = Vec::new();
-        for node in &state.nodes {
-            children.push((node.name.clone(), agents::start(lab, node)?));
-        }
-        agents::wait_meshed(
-            lab,
-            &state,
-            &mut children,
-            Duration::from_secs(args.agent_timeout),
-        )?;
-        Ok(state)
-    });
+    let built = build::build(lab, nodes, pods, cni_bin.as_deref(), args.policy_only).and_then(
+        |mut state| {
+            manifests::set_labels(&mut state, &args.pod_labels)?;
+            state.save(lab)?;
+            agents::write_files(lab, &state)?;
+            if args.no_agents {
+                return Ok(state);
+            }
+            let mut children = Vec::new();
+            for node in &state.nodes {
+                children.push((node.name.clone(), agents::start(lab, node)?));
+            }
+            agents::wait_meshed(
+                lab,
+                &state,
+                &mut children,
+                Duration::from_secs(args.agent_timeout),
+            )?;
+            Ok(state)
+        },
+    );
     match built {
         Ok(state) => {
             print!("{}", current_status(lab, &state)?.table());

@@ -41,6 +41,10 @@ pub struct Lab {
     pub fabric: Fabric,
     pub external: External,
     pub nodes: Vec<Node>,
+    /// Agents run with `mesh: false` and the fabric routes pod CIDRs in
+    /// plaintext, as a cloud VPC does for its own CNI's pods.
+    #[serde(default)]
+    pub policy_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

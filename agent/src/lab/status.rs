@@ -183,6 +183,7 @@ mod tests {
             version: 1,
             name: "x".into(),
             cni_bin: None,
+            policy_only: false,
             fabric: Fabric {
                 namespace: "mwl-x-fabric".into(),
                 bridge: "br0".into(),

@@ -72,6 +72,10 @@ mtu: {{ int $a.mtu }}
 {{- end }}
 clusterCIDR: {{ $cidr }}
 strictMode: {{ $a.strictMode }}
+{{- if not $a.mesh }}
+# Policy only: the cloud's CNI addresses and routes pods; no WireGuard.
+mesh: false
+{{- end }}
 {{- if $a.keyRotationInterval }}
 keyRotationInterval: {{ $a.keyRotationInterval | quote }}
 {{- end }}
