@@ -63,9 +63,16 @@ fn main() -> std::io::Result<()> {
             d.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // MW_BENCH_PROXY_THREADS: tokio worker threads (default: one per core).
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("MW_BENCH_PROXY_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        builder.worker_threads(n);
+    }
+    let rt = builder.enable_all().build()?;
     rt.block_on(async move {
         let proxy = L7Proxy::bind(
             ProxyConfig {
