@@ -571,6 +571,8 @@ fn large_messages_stream_through() {
             (unary, big.and_then(|b| many.map(|m| (b, m))))
         })
     });
+    // Replies are told apart by their payloads too.
+    assert_ne!(pattern(0, 64), pattern(1, 64));
     let unary = unary.expect("6 MiB PlaceOrder");
     assert_eq!(unary.note_len, BIG as u64);
     assert_eq!(unary.note_sum, checksum(&pattern(7, BIG)));

@@ -79,8 +79,9 @@ pub struct ResetReply {
 /// A position-dependent byte pattern (seeded), so a dropped, duplicated or
 /// reordered chunk shows.
 pub fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    let base = seed.wrapping_mul(0x9E37_79B9);
     (0..len)
-        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed).to_le_bytes()[1])
+        .map(|i| ((i as u32).wrapping_add(base).wrapping_mul(2_654_435_761) >> 16) as u8)
         .collect()
 }
 
