@@ -1,6 +1,7 @@
-//! The proxy with the seed rules (frontend's) for every source, for
-//! bench/l7-proxy: `l7-bench-proxy [LISTEN]` (default 127.0.0.1:15001,
-//! transparent). Run it in the namespace whose nftables TPROXYs to it.
+//! The proxy with the seed rules (frontend's) for every source, and
+//! the gRPC rule for destination port 8091, for bench/l7-proxy:
+//! `l7-bench-proxy [LISTEN]` (default 127.0.0.1:15001, transparent). Run it
+//! in the namespace whose nftables TPROXYs to it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,6 +9,9 @@ use std::sync::Arc;
 
 use meshward_l7_proxy::{Direction, HttpRuleSet, L7Proxy, PortPolicy, ProxyConfig, Verdict};
 use meshward_policy::crd::{HeaderMatch, HttpRule};
+
+/// Destination port whose rules are the gRPC ones.
+const GRPC_PORT: u16 = 8091;
 
 fn rule(method: &str, path: &str) -> HttpRule {
     HttpRule {
@@ -40,7 +44,15 @@ fn main() -> std::io::Result<()> {
         )
         .expect("rules compile"),
     );
-    let policy = move |_src: IpAddr, _dst: SocketAddr, dir: Direction| match dir {
+    // gRPC (bench/l7-proxy's h2load part, destination port 8091): the
+    // issue's "may POST /com.example.OrderService/.*".
+    let grpc_rule = rule("POST", "/com.example.OrderService/.*");
+    let grpc = Arc::new(
+        HttpRuleSet::new([(&grpc_rule, "MeshNetworkPolicy bench/grpc-client")])
+            .expect("rules compile"),
+    );
+    let policy = move |_src: IpAddr, dst: SocketAddr, dir: Direction| match dir {
+        Direction::Egress if dst.port() == GRPC_PORT => PortPolicy::Http(grpc.clone()),
         Direction::Egress => PortPolicy::Http(set.clone()),
         Direction::Ingress => PortPolicy::AllowAll,
     };
@@ -51,9 +63,16 @@ fn main() -> std::io::Result<()> {
             d.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // MW_BENCH_PROXY_THREADS: tokio worker threads (default: one per core).
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("MW_BENCH_PROXY_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        builder.worker_threads(n);
+    }
+    let rt = builder.enable_all().build()?;
     rt.block_on(async move {
         let proxy = L7Proxy::bind(
             ProxyConfig {

@@ -431,18 +431,36 @@ impl Shared {
         let now = Instant::now();
         let max_idle = self.config.upstream_idle_timeout;
         if h2 {
-            let existing = self.pool.take_h2(key);
-            let mut sender = match existing {
+            let mut sender = match self.pool.take_h2(key) {
                 Some(s) => s,
                 None => {
-                    let io = self.connect(dst).await?;
-                    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .handshake(io)
+                    // One dial at a time per destination: requests arriving
+                    // meanwhile (a client's burst of streams) wait for it and
+                    // share the connection instead of each opening one. A
+                    // waiter that waits longer than a connect dials itself.
+                    let dial = self.pool.h2_dial_lock(key);
+                    let _dialing = tokio::time::timeout(self.config.connect_timeout, dial.lock())
                         .await
-                        .map_err(UpstreamError::other)?;
-                    tokio::spawn(conn);
-                    sender
+                        .ok();
+                    match self.pool.take_h2(key) {
+                        Some(s) => s,
+                        None => {
+                            let io = self.connect(dst).await?;
+                            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                                .timer(TokioTimer::new())
+                                .handshake(io)
+                                .await
+                                .map_err(UpstreamError::other)?;
+                            tokio::spawn(conn);
+                            self.pool.put(
+                                key,
+                                Sender::H2(sender.clone()),
+                                now,
+                                self.config.max_pooled_per_upstream,
+                            );
+                            sender
+                        }
+                    }
                 }
             };
             let fut = sender.send_request(req);
@@ -640,9 +658,15 @@ type PoolKey = (SocketAddr, bool);
 #[derive(Default)]
 struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<(Sender, Instant)>>>,
+    /// Held while an HTTP/2 connection to the key is being dialled.
+    h2_dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Pool {
+    fn h2_dial_lock(&self, key: PoolKey) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.h2_dialing).entry(key).or_default().clone()
+    }
+
     fn take_h2(&self, key: PoolKey) -> Option<http2::SendRequest<Incoming>> {
         let mut map = lock(&self.conns);
         let list = map.get_mut(&key)?;
