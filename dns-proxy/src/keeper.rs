@@ -317,7 +317,11 @@ impl Keeper {
                     uid = cred.uid(),
                     "DNS socket keeper: refusing a connection from another user"
                 );
-                let _ = send_message(conn, &Reply::Error("permission denied".into()).encode(), &[]);
+                let _ = send_message(
+                    conn,
+                    &Reply::Error("permission denied".into()).encode(),
+                    &[],
+                );
                 return Outcome::Continue;
             }
             Err(e) => {
@@ -391,11 +395,19 @@ pub fn check_pair(udp: BorrowedFd<'_>, tcp: BorrowedFd<'_>) -> Result<HeldInfo, 
     };
     match kind(udp)? {
         SockType::Datagram => {}
-        other => return Err(format!("the first descriptor is a {other:?} socket, not UDP")),
+        other => {
+            return Err(format!(
+                "the first descriptor is a {other:?} socket, not UDP"
+            ))
+        }
     }
     match kind(tcp)? {
         SockType::Stream => {}
-        other => return Err(format!("the second descriptor is a {other:?} socket, not TCP")),
+        other => {
+            return Err(format!(
+                "the second descriptor is a {other:?} socket, not TCP"
+            ))
+        }
     }
     if !getsockopt(&tcp, sockopt::AcceptConn).unwrap_or(false) {
         return Err("the TCP socket is not listening".into());
@@ -432,10 +444,7 @@ fn inet_name(fd: BorrowedFd<'_>) -> Result<SocketAddr, String> {
 }
 
 fn set_timeouts(fd: &OwnedFd, timeout: Duration) -> nix::Result<()> {
-    let tv = TimeVal::new(
-        timeout.as_secs() as _,
-        timeout.subsec_micros() as _,
-    );
+    let tv = TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
     setsockopt(fd, sockopt::ReceiveTimeout, &tv)?;
     setsockopt(fd, sockopt::SendTimeout, &tv)
 }
@@ -548,12 +557,11 @@ impl Client {
         request: Request,
         fds: &[RawFd],
     ) -> Result<(Reply, Vec<OwnedFd>, i32), KeeperError> {
-        let conn = connect_to(&self.path, self.timeout).map_err(|source| {
-            KeeperError::Unreachable {
+        let conn =
+            connect_to(&self.path, self.timeout).map_err(|source| KeeperError::Unreachable {
                 path: self.path.clone(),
                 source,
-            }
-        })?;
+            })?;
         let me = nix::unistd::geteuid().as_raw();
         let pid = match getsockopt(&conn, sockopt::PeerCredentials) {
             Ok(cred) if cred.uid() == 0 || cred.uid() == me => cred.pid(),
@@ -692,7 +700,12 @@ mod tests {
             udp_ino: 7,
             tcp_ino: 9,
         });
-        for r in [held, Reply::Empty, Reply::Ok, Reply::Error("no good".into())] {
+        for r in [
+            held,
+            Reply::Empty,
+            Reply::Ok,
+            Reply::Error("no good".into()),
+        ] {
             assert_eq!(Reply::parse(r.encode().as_bytes()), Ok(r));
         }
         for bad in [
@@ -753,7 +766,10 @@ mod tests {
         u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = [0u8; 16];
         let (n, from) = u.recv_from(&mut buf).unwrap();
-        assert_eq!((&buf[..n], from), (&b"queued"[..], sender.local_addr().unwrap()));
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"queued"[..], sender.local_addr().unwrap())
+        );
         let (mut conn, _) = t.accept().unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut got = [0u8; 5];
@@ -833,7 +849,11 @@ mod tests {
         drop(client);
         assert_eq!(keeper.handle(&server), Outcome::Continue);
         // still works
-        let (_, reply, _) = ask(&mut keeper, b"mwdk1 put", &[udp.as_raw_fd(), tcp.as_raw_fd()]);
+        let (_, reply, _) = ask(
+            &mut keeper,
+            b"mwdk1 put",
+            &[udp.as_raw_fd(), tcp.as_raw_fd()],
+        );
         assert_eq!(reply, Reply::Ok);
         assert!(keeper.held().is_some());
         let (outcome, reply, _) = ask(&mut keeper, b"mwdk1 stop", &[]);
@@ -850,10 +870,7 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         // a second keeper on the same path is refused
-        assert!(matches!(
-            Keeper::bind(&path),
-            Err(KeeperError::InUse(_))
-        ));
+        assert!(matches!(Keeper::bind(&path), Err(KeeperError::InUse(_))));
         let server = std::thread::spawn(move || keeper.serve());
         assert!(client.get().unwrap().is_none());
         assert_eq!(client.status().unwrap(), None);
