@@ -86,6 +86,48 @@ fn keepers(lab: &TestLab) -> Vec<u32> {
     processes_mentioning(keeper_socket(lab).to_str().unwrap())
 }
 
+/// Where the descriptors of process `pid` point (`socket:[…]`, paths).
+fn descriptors(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|p| p.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits for one keeper holding its listener and the proxy's two sockets,
+/// and nothing of the agent's; returns its pid.
+fn keeper_holding_the_sockets(lab: &TestLab) -> u32 {
+    let mut last = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let [pid] = keepers(lab)[..] {
+            last = descriptors(pid);
+            if last.iter().filter(|l| l.starts_with("socket:")).count() == 3 {
+                for link in &last {
+                    assert!(
+                        link.starts_with("socket:")
+                            || link == "/dev/null"
+                            || link.ends_with("/node1/dns-keeper.log"),
+                        "the keeper holds {link} (all: {last:?})"
+                    );
+                }
+                return pid;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no keeper holding the DNS sockets (keepers {:?}, descriptors {last:?}); log:\n{}",
+            keepers(lab),
+            lab.log_tail("node1")
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `dig +tries=1 +timeout=4 NAME` in node1-pod1, started in the background
 /// (one query, no retry: answered within 4 s or not at all).
 fn dig_in_background(lab: &TestLab, name: &str, extra: &[&str]) -> Child {
@@ -182,12 +224,9 @@ fn query_across_restart(lab: &TestLab, kill: bool, name: &str, extra: &[&str]) -
 #[test]
 fn queries_sent_while_the_agent_is_down_are_answered_by_the_next_one() {
     let lab = isolated_lab("dk");
-    eventually(
-        "the DNS socket keeper to run",
-        Duration::from_secs(20),
-        || keepers(&lab).len() == 1,
-    );
-    let keeper = keepers(&lab);
+    // the keeper holds its listener and the proxy's two sockets, and none
+    // of the agent's files (lock, TUN, log, netlink sockets)
+    let keeper = vec![keeper_holding_the_sockets(&lab)];
     let mode = std::fs::metadata(keeper_socket(&lab)).unwrap();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
@@ -271,6 +310,26 @@ fn queries_sent_while_the_agent_is_down_are_answered_by_the_next_one() {
         Some("hello from 198.18.100.12\n")
     );
     assert_eq!(keepers(&lab), keeper, "the keeper was replaced");
+
+    // a keeper killed while the agent runs is replaced within seconds and
+    // gets the sockets again
+    let killed = keeper[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(killed as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("a new keeper", Duration::from_secs(20), || {
+        keepers(&lab).first().is_some_and(|p| *p != killed)
+    });
+    keeper_holding_the_sockets(&lab);
+    let (out, took) = query_across_restart(&lab, true, "api.example.test", &[]);
+    assert!(
+        answered(&out, "198.18.100.10"),
+        "no answer with the replacement keeper: {out}\nagent log:\n{}",
+        lab.log_tail("node1")
+    );
+    eprintln!("kill -9 with a replacement keeper, UDP: {took}");
 
     // lab down stops the keeper with everything else
     let socket = keeper_socket(&lab);
