@@ -394,3 +394,87 @@ fn without_the_keeper_queries_sent_while_the_agent_is_down_are_lost() {
     });
     assert!(keepers(&lab).is_empty());
 }
+
+/// A process of this test, killed on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `dnsSocketKeeper: external` (the chart's setup): the agent starts no
+/// keeper but hands its sockets to `meshward dns-keeper --state-dir`, run
+/// by someone else, and takes them back after a kill -9.
+#[test]
+fn an_external_keeper_holds_the_sockets_across_a_kill() {
+    let lab = TestLab::new("de");
+    lab.up_with(
+        1,
+        1,
+        &["--pod-labels", "node1-pod1=app=client", "--no-agents"],
+    );
+    let config = lab.agent_config("node1");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}dnsSocketKeeper: external\n")).unwrap();
+    let log = std::fs::File::create(lab.node_dir("node1").join("external-keeper.log")).unwrap();
+    let mut keeper = Guard(
+        Command::new(MESHWARD)
+            .args(["dns-keeper", "--state-dir"])
+            .arg(lab.node_dir("node1"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting meshward dns-keeper"),
+    );
+    lab.ok(&["agent", "start", "node1"]);
+    apply(&lab, POLICY);
+    eventually(
+        "the policy to isolate node1-pod1",
+        Duration::from_secs(30),
+        || curl(&lab, "node1-pod1", "http://198.18.100.11/").is_none(),
+    );
+    eventually(
+        "the agent to hand its sockets to the external keeper",
+        Duration::from_secs(20),
+        || {
+            lab.log_tail("node1")
+                .contains("DNS proxy sockets handed to the keeper")
+        },
+    );
+    // the agent started no keeper of its own
+    assert!(keepers(&lab).is_empty());
+
+    let (out, took) = query_across_restart(&lab, true, "api.example.test", &[]);
+    assert!(
+        answered(&out, "198.18.100.10"),
+        "no answer after kill -9 with an external keeper: {out}\nagent log:\n{}",
+        lab.log_tail("node1")
+    );
+    eprintln!("kill -9 with an external keeper, UDP: {took}");
+    assert_eq!(
+        curl(&lab, "node1-pod1", "http://198.18.100.10/").as_deref(),
+        Some("hello from 198.18.100.10\n")
+    );
+    assert!(keeper.0.try_wait().unwrap().is_none(), "the keeper exited");
+
+    // SIGTERM ends the keeper at once, exit status 0 (by a handler, which
+    // is what also lets it exit as a container's PID 1)
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(keeper.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = keeper.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the keeper ignored SIGTERM");
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
