@@ -15,6 +15,7 @@
 //! clusterCIDR: 10.244.0.0/16       # default; the whole pod range (strict mode guards it)
 //! healthAddress: 127.0.0.1:9879    # default; HTTP /healthz, /readyz, /metrics
 //! flowEventBuffer: 4096            # default; recent flow events kept (`meshward observe`)
+//! dnsSocketKeeper: spawn           # default; spawn | external | off (DNS across agent restarts)
 //! ```
 //!
 //! Unknown keys are errors. Relative paths in the file are relative to the
@@ -117,6 +118,20 @@ pub struct PolicySettings {
     pub fqdn_max_entries: usize,
     /// nflog group of policy drops.
     pub nflog_group: u16,
+    /// Who holds the DNS proxy's sockets while no agent runs.
+    pub dns_socket_keeper: DnsKeeperMode,
+}
+
+/// `dnsSocketKeeper`: the process that holds the DNS proxy's listening
+/// sockets across agent restarts (`agent/keeper.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsKeeperMode {
+    /// The agent starts `meshward dns-keeper` when none runs.
+    Spawn,
+    /// Something else runs it (the Helm chart: a second container).
+    External,
+    /// None: queries arriving while no agent runs are lost.
+    Off,
 }
 
 impl Default for PolicySettings {
@@ -129,6 +144,7 @@ impl Default for PolicySettings {
             fqdn_max_ips_per_name: 1000,
             fqdn_max_entries: 200_000,
             nflog_group: 109,
+            dns_socket_keeper: DnsKeeperMode::Spawn,
         }
     }
 }
@@ -187,6 +203,8 @@ struct RawConfig {
     fqdn_max_ips_per_name: Option<usize>,
     fqdn_max_entries: Option<usize>,
     nflog_group: Option<u16>,
+    /// `spawn` (default), `external` or `off`.
+    dns_socket_keeper: Option<String>,
     health_address: Option<String>,
     flow_event_buffer: Option<usize>,
 }
@@ -434,6 +452,18 @@ impl Config {
                 defaults.fqdn_max_entries,
             )?,
             nflog_group: raw.nflog_group.unwrap_or(defaults.nflog_group),
+            dns_socket_keeper: match raw.dns_socket_keeper.as_deref().map(str::trim) {
+                None => defaults.dns_socket_keeper,
+                Some("spawn") => DnsKeeperMode::Spawn,
+                Some("external") => DnsKeeperMode::External,
+                Some("off") => DnsKeeperMode::Off,
+                Some(other) => {
+                    return Err(invalid(
+                        "dnsSocketKeeper",
+                        format!("{other:?}: want spawn, external or off"),
+                    ))
+                }
+            },
         };
         let health_address = match raw.health_address {
             None => DEFAULT_HEALTH_ADDRESS,
@@ -559,7 +589,8 @@ mod tests {
     fn policy_settings() {
         let c = parse(&format!(
             "{MINIMAL}dnsProxyPort: 5353\ndnsDenyResponse: nxdomain\ndnsHoldTimeout: 250ms\n\
-             fqdnMinTTL: 30s\nfqdnMaxIPsPerName: 10\nfqdnMaxEntries: 99\nnflogGroup: 7\n"
+             fqdnMinTTL: 30s\nfqdnMaxIPsPerName: 10\nfqdnMaxEntries: 99\nnflogGroup: 7\n\
+             dnsSocketKeeper: external\n"
         ))
         .unwrap();
         assert_eq!(
@@ -572,10 +603,17 @@ mod tests {
                 fqdn_max_ips_per_name: 10,
                 fqdn_max_entries: 99,
                 nflog_group: 7,
+                dns_socket_keeper: DnsKeeperMode::External,
             }
         );
+        let off = parse(&format!("{MINIMAL}dnsSocketKeeper: off\n")).unwrap();
+        assert_eq!(off.policy.dns_socket_keeper, DnsKeeperMode::Off);
         for (text, want) in [
             ("dnsProxyPort: 0", "dnsProxyPort: must not be 0"),
+            (
+                "dnsSocketKeeper: yes",
+                "dnsSocketKeeper: \"yes\": want spawn, external or off",
+            ),
             (
                 "dnsDenyResponse: drop",
                 "dnsDenyResponse: \"drop\": want refused or nxdomain",

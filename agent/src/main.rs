@@ -34,6 +34,10 @@ enum Command {
     /// Install meshward-cni and its network configuration on this node
     /// (the Helm chart's init container)
     InstallCni(cli::install_cni::InstallCniArgs),
+    /// Hold the DNS proxy's sockets while no agent runs, so pods' queries
+    /// wait instead of getting lost (started by the agent, or the chart's
+    /// second container)
+    DnsKeeper(agent::keeper::KeeperArgs),
     /// A cluster of network namespaces on this machine: fabric, nodes, pods, external services
     Lab(lab::LabArgs),
 }
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Command::Observe(args) => cli::observe::run(args).map(|()| ExitCode::SUCCESS),
         Command::Crd => cli::crd::run().map(|()| ExitCode::SUCCESS),
         Command::InstallCni(args) => cli::install_cni::run(args).map(|()| ExitCode::SUCCESS),
+        Command::DnsKeeper(args) => agent::keeper::run(args),
         Command::Lab(args) => lab::run(args),
     };
     result.unwrap_or_else(|e| {

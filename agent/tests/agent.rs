@@ -28,11 +28,13 @@ fn write_cluster(dir: &Path) -> std::path::PathBuf {
     )
     .unwrap();
     let config = dir.join("agent.yaml");
+    // No DNS socket keeper: it would outlive the agent and the namespace.
     std::fs::write(
         &config,
         format!(
             "nodeName: n1\nstateDir: {state}\ndatastore: dir:{ds}\nendpoint: 198.18.0.1\n\
-             clusterCIDR: 198.19.0.0/16\nsocketPath: {sock}\n",
+             clusterCIDR: 198.19.0.0/16\nsocketPath: {sock}\n\
+             dnsSocketKeeper: off\n",
             state = dir.join("state").display(),
             ds = datastore.display(),
             sock = dir.join("agent.sock").display(),

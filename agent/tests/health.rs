@@ -111,14 +111,16 @@ fn ready_only_once_started_alive_all_along() {
     let dir = TempDir::new();
     let datastore = dir.join("datastore");
     std::fs::create_dir_all(&datastore).unwrap();
-    // The Node exists but has no pod CIDR yet: start-up waits for it.
+    // The Node exists but has no pod CIDR yet: start-up waits for it. No DNS
+    // socket keeper: it would outlive the agent and the test's namespace.
     std::fs::write(datastore.join("node-n1.yaml"), node(None)).unwrap();
     let config = dir.join("agent.yaml");
     std::fs::write(
         &config,
         format!(
             "nodeName: n1\nstateDir: {}\ndatastore: dir:{}\nendpoint: 198.18.0.1\n\
-             clusterCIDR: 198.19.0.0/16\nsocketPath: {}\nhealthAddress: {HEALTH}\n",
+             clusterCIDR: 198.19.0.0/16\nsocketPath: {}\nhealthAddress: {HEALTH}\n\
+             dnsSocketKeeper: off\n",
             dir.join("state").display(),
             datastore.display(),
             dir.join("agent.sock").display(),

@@ -17,9 +17,12 @@
 //!   snapshot in the state directory ([`FqdnCache`]).
 //! - [`server`]: the tokio shell ([`DnsProxy`], [`Listeners`]).
 //! - [`stats`]: counters ([`Stats`]).
+//! - [`keeper`]: the socket keeper that holds the listeners across agent
+//!   restarts, and its client ([`keeper::Keeper`], [`keeper::Client`]).
 
 pub mod cache;
 pub mod core;
+pub mod keeper;
 pub mod learn;
 pub mod server;
 mod sock;

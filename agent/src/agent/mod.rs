@@ -41,6 +41,7 @@ pub mod cache;
 mod control;
 pub mod events;
 mod health;
+pub mod keeper;
 mod metrics;
 mod netlink;
 mod nflog;

@@ -29,7 +29,7 @@ use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use meshward_dns_proxy::{
     CacheConfig, CacheEntry, Decision, DenyRcode, DnsPolicy, DnsProxy, FqdnCache, LearnHook,
-    Learned, Listeners, ProxyConfig, QueryInfo, Stats,
+    Learned, ProxyConfig, QueryInfo, Stats,
 };
 use meshward_egress::{FqdnElement, PolicyConfig, PolicyState, PolicyTables};
 use meshward_policy::{Compiler, Fqdn, NodeRules, PolicyError};
@@ -177,8 +177,9 @@ impl PolicyEngine {
     /// (where nftables TPROXYs the redirected pods' DNS).
     pub fn start_dns_proxy(&mut self, settings: &PolicySettings) -> Result<()> {
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), settings.dns_proxy_port);
-        let listeners = Listeners::bind(addr)
-            .with_context(|| format!("binding the DNS proxy to {addr} (udp and tcp)"))?;
+        // from the socket keeper when it held them while no agent ran
+        let listeners =
+            super::keeper::listeners(addr, settings.dns_socket_keeper, &self.state_dir)?;
         let config = ProxyConfig {
             deny_rcode: if settings.dns_deny_nxdomain {
                 DenyRcode::NxDomain

@@ -35,6 +35,10 @@ fn summary(c: &Config) -> String {
         ("socketPath", c.socket_path.display().to_string()),
         ("clusterCIDR", c.cluster_cidr.to_string()),
         ("healthAddress", c.health_address.to_string()),
+        (
+            "dnsSocketKeeper",
+            format!("{:?}", c.policy.dns_socket_keeper).to_lowercase(),
+        ),
     ]
     .iter()
     .map(|(k, v)| format!("{k}: {v}\n"))

@@ -9,7 +9,13 @@
 //! /run/meshward-lab/NAME/nodeI/agent.pid             its pid, while the lab runs it
 //! /run/meshward-lab/NAME/nodeI/agent.sock            its control socket
 //! /run/meshward-lab/NAME/nodeI/{key,peers.json}      its state (stateDir)
+//! /run/meshward-lab/NAME/nodeI/dns-sockets.sock      the DNS socket keeper the
+//!                                                    agent started (dns-keeper.log)
 //! ```
+//!
+//! Stopping an agent (`lab agent stop`, also `--kill`) leaves its DNS
+//! socket keeper running, as a crash would: the next agent takes the
+//! queries that waited. `lab down` stops the keepers with the agents.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -209,7 +215,29 @@ pub fn stop_all(lab: &LabName, grace: Duration) -> usize {
         tracing::warn!(pid, "lab agent ignored SIGTERM; sending SIGKILL");
         let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
     }
-    pids.len()
+    pids.len() + stop_keepers(lab)
+}
+
+/// Asks every node's DNS socket keeper to stop (also one whose namespace
+/// is gone from /run/netns: its socket is a file). Returns how many did.
+fn stop_keepers(lab: &LabName) -> usize {
+    let Ok(entries) = fs::read_dir(state::state_dir(lab)) else {
+        return 0;
+    };
+    let mut stopped = 0;
+    for dir in entries.flatten().map(|e| e.path()) {
+        let path = crate::agent::keeper::socket_path(&dir);
+        if !path.exists() {
+            continue;
+        }
+        let mut client = meshward_dns_proxy::keeper::Client::new(&path);
+        client.timeout = QUERY_TIMEOUT;
+        if let Ok(pid) = client.stop() {
+            tracing::info!(pid, "stopped lab DNS socket keeper");
+            stopped += 1;
+        }
+    }
+    stopped
 }
 
 /// Whether any thread of `pid` still runs: a thread-group leader turns

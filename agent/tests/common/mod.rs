@@ -243,10 +243,12 @@ impl TestLab {
         };
         let _ = std::fs::create_dir_all(&keep);
         for node in nodes.flatten() {
-            let log = node.path().join("agent.log");
-            if log.is_file() {
-                let to = keep.join(format!("{}.log", node.file_name().to_string_lossy()));
-                let _ = std::fs::copy(&log, &to);
+            for (file, suffix) in [("agent.log", ""), ("dns-keeper.log", "-dns-keeper")] {
+                let log = node.path().join(file);
+                if log.is_file() {
+                    let name = node.file_name().to_string_lossy().into_owned();
+                    let _ = std::fs::copy(&log, keep.join(format!("{name}{suffix}.log")));
+                }
             }
         }
         eprintln!("agent logs of lab {} kept in {}", self.name, keep.display());

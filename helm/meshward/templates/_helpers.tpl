@@ -80,6 +80,9 @@ mesh: false
 keyRotationInterval: {{ $a.keyRotationInterval | quote }}
 {{- end }}
 healthAddress: {{ include "meshward.healthAddress" . | quote }}
+# The DNS proxy's sockets are held by the pod's dns-keeper container while
+# the agent container restarts.
+dnsSocketKeeper: {{ ternary "external" "off" .Values.dnsSocketKeeper.enabled }}
 {{- end }}
 
 {{/* The Node's name and address, for --node-name and --endpoint. */}}
