@@ -3,15 +3,17 @@
 //! and which ports learned names open.
 //!
 //! These are plain values with pure queries ([`DirectionRules::allows`],
+//! [`DirectionRules::l7_ports`], [`DirectionRules::l7_matching`],
 //! [`DnsRules::query_allowed`], [`EndpointRules::fqdn_ports`]) so back ends
-//! (nftables), the DNS proxy and tests all agree on one meaning.
+//! (nftables), the DNS and L7 proxies and tests all agree on one meaning.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use crate::crd::HttpRule;
 use crate::fqdn::{Fqdn, FqdnSelector};
 use crate::model::{L4Protocol, PodRef, PolicyRef};
 
@@ -80,6 +82,61 @@ pub struct DirectionRules {
     pub allow: Vec<Allow>,
     /// Egress only: names whose answers open peers.
     pub fqdn: Vec<FqdnAllow>,
+    /// What the L7 proxy enforces on the TCP ports that carry L7 rules in
+    /// this direction (every connection on such a port goes through the
+    /// proxy). The L3/L4 part of those rules is in `allow` / `fqdn` too.
+    pub l7: Vec<L7Allow>,
+}
+
+/// What the L7 proxy applies to one peer on one port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum L7Rule {
+    /// The peer is admitted on this port by a rule without L7 rules: every
+    /// request passes (Cilium's union semantics).
+    AllowAll,
+    /// `rules.http`: a request passes when one of these matches.
+    Http(Arc<[HttpRule]>),
+    /// `rules.tls: sni`: the ClientHello's server name must match one of
+    /// these (the rule's toFQDNs selectors).
+    Sni(Vec<FqdnSelector>),
+}
+
+/// One L7 entry: peers (static prefixes and, on egress, toFQDNs names whose
+/// learned addresses count) on one TCP port, and the rule that applies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct L7Allow {
+    pub nets: Vec<IpNet>,
+    pub fqdns: Vec<FqdnSelector>,
+    pub port: u16,
+    pub rule: L7Rule,
+    pub policy: PolicyRef,
+}
+
+impl L7Allow {
+    /// Whether `peer` (with the names learned for it) is one of this
+    /// entry's peers.
+    pub fn covers(&self, peer: IpAddr, names: &[Fqdn]) -> bool {
+        self.nets.iter().any(|n| n.contains(&peer))
+            || (!self.fqdns.is_empty()
+                && names
+                    .iter()
+                    .any(|name| self.fqdns.iter().any(|s| s.matches(name))))
+    }
+}
+
+/// What applies to one peer on an L7 port, all matching entries combined.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum L7Applies<'a> {
+    /// No entry covers the peer: deny (the kernel admitted it through
+    /// something the L7 view cannot attribute, e.g. a learned address
+    /// whose name expired meanwhile; fail closed).
+    Nothing,
+    /// An L4-only rule admits the peer here: every request passes.
+    AllowAll(&'a PolicyRef),
+    /// The union of the HTTP rules of every matching entry.
+    Http(Vec<(&'a HttpRule, &'a PolicyRef)>),
+    /// The union of the allowed server names of every matching TLS entry.
+    Sni(Vec<(&'a FqdnSelector, &'a PolicyRef)>),
 }
 
 impl DirectionRules {
@@ -94,6 +151,54 @@ impl DirectionRules {
                     && a.ports.iter().any(|p| p.admits(protocol, port))
             })
             .map(|a| &a.policy)
+    }
+
+    /// The TCP ports whose traffic in this direction goes through the L7
+    /// proxy.
+    pub fn l7_ports(&self) -> BTreeSet<u16> {
+        self.l7.iter().map(|a| a.port).collect()
+    }
+
+    /// Indices (into `l7`) of the entries covering `peer` on `port`;
+    /// `names` are the names learned for `peer` (for toFQDNs entries).
+    pub fn l7_matching(&self, peer: IpAddr, names: &[Fqdn], port: u16) -> Vec<usize> {
+        self.l7
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.port == port && a.covers(peer, names))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Combines entries (indices from [`DirectionRules::l7_matching`]):
+    /// any allow-all entry wins; else TLS entries, if any (HTTP rules
+    /// cannot apply to encrypted bytes); else the union of HTTP rules.
+    pub fn l7_combine(&self, matching: &[usize]) -> L7Applies<'_> {
+        let entries: Vec<&L7Allow> = matching.iter().filter_map(|&i| self.l7.get(i)).collect();
+        if let Some(a) = entries.iter().find(|a| a.rule == L7Rule::AllowAll) {
+            return L7Applies::AllowAll(&a.policy);
+        }
+        let sni: Vec<(&FqdnSelector, &PolicyRef)> = entries
+            .iter()
+            .flat_map(|a| match &a.rule {
+                L7Rule::Sni(sels) => sels.iter().map(|s| (s, &a.policy)).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        if entries.iter().any(|a| matches!(a.rule, L7Rule::Sni(_))) {
+            return L7Applies::Sni(sni);
+        }
+        let http: Vec<(&HttpRule, &PolicyRef)> = entries
+            .iter()
+            .flat_map(|a| match &a.rule {
+                L7Rule::Http(rules) => rules.iter().map(|r| (r, &a.policy)).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        if http.is_empty() {
+            return L7Applies::Nothing;
+        }
+        L7Applies::Http(http)
     }
 }
 
