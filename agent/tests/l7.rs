@@ -378,3 +378,86 @@ fn http_rules_egress_and_ingress_through_the_proxy() {
         get(&lab, fe, &format!("{srv}/admin")).is_some_and(|r| r.0 == 404)
     });
 }
+
+/// toFQDNs peers: HTTP rules and the TLS server-name check apply to the
+/// addresses learned for the rule's names (through the node's DNS proxy).
+const FQDN_L7: &str = r#"
+apiVersion: meshward.io/v1alpha1
+kind: MeshNetworkPolicy
+metadata: {name: fqdn-l7, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: tls}}
+  egress:
+  - toCIDR: [198.18.100.53/32]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "**.example.test"}]
+  - toFQDNs: [{matchName: api.example.test}]
+    toPorts:
+    - ports: [{port: "443", protocol: TCP}]
+      rules: {tls: sni}
+    - ports: [{port: "8080", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: /ok}]
+"#;
+
+#[test]
+fn fqdn_peers_get_http_rules_and_the_sni_check() {
+    let lab = TestLab::new("l7f");
+    lab.up_with(1, 1, &["--pod-labels", "node1-pod1=app=tls"]);
+    apply(&lab, "fqdn-l7.yaml", FQDN_L7);
+    let pod = "node1-pod1";
+    eventually("the policy to apply", Duration::from_secs(20), || {
+        get(&lab, pod, "http://198.18.100.11:8080/ok").is_none()
+    });
+    // resolved through the proxy, then the HTTP rules of the name apply
+    // (busybox answers 404: allowed through; 403: the proxy)
+    assert_eq!(
+        get(&lab, pod, "http://api.example.test:8080/ok").map(|r| r.0),
+        Some(404)
+    );
+    let r = get(&lab, pod, "http://api.example.test:8080/other").expect("an answer");
+    assert_eq!((r.0, r.1.as_str()), DENIED);
+    // TLS to the learned address: the ClientHello's name is checked before
+    // anything goes upstream (nothing serves 443 there, so both fail for
+    // the client; the decisions tell them apart)
+    assert_eq!(get(&lab, pod, "https://api.example.test/"), None);
+    assert_eq!(
+        http(
+            &lab,
+            pod,
+            &[
+                "--resolve",
+                "evil.example.test:443:198.18.100.10",
+                "https://evil.example.test/"
+            ]
+        ),
+        None
+    );
+    let tls = observe(&lab, &["--type", "l7", "--pod", pod]);
+    let verdict_for = |name: &str| {
+        tls.iter()
+            .find(|e| e["protocol"] == "TLS" && e["l7"]["path"] == name)
+            .map(|e| e["verdict"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(
+        verdict_for("api.example.test").as_deref(),
+        Some("allowed"),
+        "{tls:#?}"
+    );
+    assert_eq!(
+        verdict_for("evil.example.test").as_deref(),
+        Some("denied"),
+        "{tls:#?}"
+    );
+    let http_denied = tls
+        .iter()
+        .find(|e| e["l7"]["path"] == "/other")
+        .unwrap_or_else(|| panic!("no /other in {tls:#?}"));
+    assert_eq!(http_denied["verdict"], "denied");
+    assert_eq!(
+        http_denied["policies"],
+        serde_json::json!(["MeshNetworkPolicy default/fqdn-l7"])
+    );
+}
