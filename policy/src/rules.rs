@@ -300,3 +300,63 @@ impl NodeRules {
         self.endpoints.values().find(|e| e.ips.contains(&ip))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PolicyKind;
+
+    fn entry(net: &str, fqdn: Option<&str>, rule: L7Rule, name: &str) -> L7Allow {
+        L7Allow {
+            nets: vec![net.parse().unwrap()],
+            fqdns: fqdn
+                .map(|n| FqdnSelector::match_name(n).unwrap())
+                .into_iter()
+                .collect(),
+            port: 443,
+            rule,
+            policy: PolicyRef {
+                kind: PolicyKind::MeshNetworkPolicy,
+                namespace: "x".into(),
+                name: name.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn combining_entries() {
+        let http = L7Rule::Http(Arc::from(vec![HttpRule {
+            path: Some("/h".into()),
+            ..Default::default()
+        }]));
+        let sni = L7Rule::Sni(vec![FqdnSelector::match_name("a.test").unwrap()]);
+        let rules = DirectionRules {
+            l7: vec![
+                entry("10.0.0.0/8", None, http.clone(), "h"),
+                entry("10.1.0.0/16", Some("a.test"), sni, "s"),
+                entry("10.1.2.0/24", None, L7Rule::AllowAll, "all"),
+            ],
+            ..Default::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let names = [Fqdn::parse("a.test").unwrap()];
+        // HTTP alone.
+        let m = rules.l7_matching(ip("10.9.0.1"), &[], 443);
+        assert_eq!(m, vec![0]);
+        assert!(matches!(rules.l7_combine(&m), L7Applies::Http(r) if r.len() == 1));
+        // HTTP and SNI: the TLS check (HTTP cannot apply to TLS bytes).
+        let m = rules.l7_matching(ip("10.1.0.1"), &[], 443);
+        assert_eq!(m, vec![0, 1]);
+        assert!(matches!(rules.l7_combine(&m), L7Applies::Sni(s) if s.len() == 1));
+        // Allow-all wins over both.
+        let m = rules.l7_matching(ip("10.1.2.3"), &[], 443);
+        assert!(matches!(rules.l7_combine(&m), L7Applies::AllowAll(p) if p.name == "all"));
+        // A learned name covers an address outside the nets.
+        assert_eq!(rules.l7_matching(ip("192.0.2.1"), &names, 443), vec![1]);
+        // Nothing covers it, or another port: deny.
+        assert!(rules.l7_matching(ip("192.0.2.1"), &[], 443).is_empty());
+        assert!(rules.l7_matching(ip("10.1.2.3"), &[], 80).is_empty());
+        assert_eq!(rules.l7_combine(&[]), L7Applies::Nothing);
+        assert_eq!(rules.l7_ports().into_iter().collect::<Vec<_>>(), vec![443]);
+    }
+}

@@ -378,7 +378,7 @@ pub fn start(shared: Arc<L7Shared>, settings: &PolicySettings) -> Result<()> {
                     return;
                 }
             };
-            runtime.block_on(async move {
+            let serve = std::panic::AssertUnwindSafe(|| runtime.block_on(async move {
                 let source: Arc<dyn PolicySource> = Arc::new(Source(shared.clone()));
                 let sink_shared = shared.clone();
                 let sink: EventSink = Arc::new(move |e| sink_shared.event(e));
@@ -386,7 +386,7 @@ pub fn start(shared: Arc<L7Shared>, settings: &PolicySettings) -> Result<()> {
                     Ok(p) => p,
                     Err(e) => {
                         let _ = ready.send(Err(format!("binding {addr}: {e}")));
-                        return;
+                        return false;
                     }
                 };
                 let v6 = match L7Proxy::bind(v6, source, sink) {
@@ -404,10 +404,21 @@ pub fn start(shared: Arc<L7Shared>, settings: &PolicySettings) -> Result<()> {
                 });
                 v4.run().await;
                 let _ = v6_task.await;
-            });
-            // `run` never returns on its own: fail closed and loudly.
-            error!("the L7 proxy stopped");
-            std::process::abort();
+                true
+            }));
+            // A bind failure is reported to the caller; anything else (a
+            // panic, `run` returning) fails closed and loudly.
+            match std::panic::catch_unwind(serve) {
+                Ok(false) => {}
+                Ok(true) => {
+                    error!("the L7 proxy stopped");
+                    std::process::abort();
+                }
+                Err(_) => {
+                    error!("the L7 proxy panicked");
+                    std::process::abort();
+                }
+            }
         })
         .context("starting the L7 proxy thread")?;
     match bound.recv() {
