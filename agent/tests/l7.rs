@@ -143,6 +143,27 @@ spec:
   - toCIDR: [198.18.100.10/32]
     toPorts:
     - ports: [{port: "8080", protocol: TCP}]
+  - toEndpoints: [{matchLabels: {app: backend}}]
+    toPorts:
+    - ports: [{port: "9090", protocol: TCP}]
+      rules:
+        http:
+        - method: GET
+          path: "/public/.*"
+"#;
+
+/// The backend (on the other node) admits the frontend only: the proxy's
+/// onward connection must come from the frontend's address.
+const BACKEND_INGRESS: &str = r#"
+apiVersion: meshward.io/v1alpha1
+kind: MeshNetworkPolicy
+metadata: {name: backend, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts:
+    - ports: [{port: "9090", protocol: TCP}]
 "#;
 
 const API_INGRESS: &str = r#"
@@ -176,9 +197,13 @@ fn http_rules_egress_and_ingress_through_the_proxy() {
             "node1-pod2=app=api",
             "--pod-labels",
             "node2-pod1=app=web",
+            "--pod-labels",
+            "node2-pod2=app=backend",
         ],
     );
     let _server = pod_server(&lab, "node1-pod2", 8080);
+    let _backend = pod_server(&lab, "node2-pod2", 9090);
+    let backend_url = |path: &str| format!("http://{}:9090{path}", lab.ip("node2-pod2"));
     let api = lab.ip("node1-pod2");
     let api_url = |path: &str| format!("http://{api}:8080{path}");
     // before any policy: everything reachable, nothing judged
@@ -193,6 +218,7 @@ fn http_rules_egress_and_ingress_through_the_proxy() {
 
     apply(&lab, "frontend.yaml", FRONTEND);
     apply(&lab, "api.yaml", API_INGRESS);
+    apply(&lab, "backend.yaml", BACKEND_INGRESS);
     eventually("the HTTP rules to apply", Duration::from_secs(20), || {
         get(&lab, "node1-pod1", "http://198.18.100.10/nothing")
             .is_some_and(|(c, b)| (c, b.as_str()) == DENIED)
@@ -292,6 +318,16 @@ fn http_rules_egress_and_ingress_through_the_proxy() {
         get(&lab, "node2-pod2", "http://198.18.100.10/admin").map(|r| r.0),
         Some(404)
     );
+
+    // --- egress L7 to a pod on the other node whose ingress admits only
+    // the frontend: the onward connection leaves from the frontend's own
+    // address (transparent), so node2 lets it in
+    let r = get(&lab, fe, &backend_url("/public/a")).expect("an answer");
+    assert_eq!((r.0, r.1.as_str()), (200, "served /public/a"));
+    let r = get(&lab, fe, &backend_url("/secret")).expect("an answer");
+    assert_eq!((r.0, r.1.as_str()), DENIED);
+    // anyone else is dropped there
+    assert_eq!(get(&lab, "node1-pod2", &backend_url("/public/a")), None);
 
     // --- ingress: from node2 through the mesh to the server pod on node1
     let r = get(&lab, "node2-pod1", &api_url("/public/x")).expect("an answer");

@@ -581,8 +581,16 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
         // Only the original direction: a pod serving on an L7 port answers
         // from it and must not be redirected. A packet the DNS chain took
         // (marked) is left alone.
+        // Packets of a connection a local transparent socket holds (the
+        // proxy's accepted connections, and replies to its onward
+        // connections made from the client's address) are marked and so
+        // delivered to it by the policy routing, not forwarded.
         let _ = writeln!(out, "  chain {L7_CHAIN} {{");
         let _ = writeln!(out, "    meta mark & {mark:#010x} == {mark:#010x} return");
+        let _ = writeln!(
+            out,
+            "    meta l4proto tcp socket transparent 1 meta mark set meta mark | {mark:#010x} accept"
+        );
         for fam in [Family::V4, Family::V6] {
             let to = match fam {
                 Family::V4 => format!("ip to 127.0.0.1:{port}"),
@@ -755,7 +763,9 @@ mod tests {
             .unwrap();
         let l7 = l7.split("  }").next().unwrap();
         assert!(
-            l7.starts_with("    meta mark & 0x00400000 == 0x00400000 return"),
+            l7.starts_with(
+                "    meta mark & 0x00400000 == 0x00400000 return\n    meta l4proto tcp socket transparent 1 meta mark set meta mark | 0x00400000 accept\n"
+            ),
             "{l7}"
         );
         assert!(l7.contains(

@@ -20,12 +20,11 @@
 //!   as the DNS proxy does (a busy reconcile never delays a request); a proxy that cannot start, panics or stops
 //!   aborts the process (fail loud; the supervisor restarts the agent).
 //! - Onward connections originate on the node (output hook), so they pass
-//!   no prerouting rule and are not redirected again; their source address
-//!   is the node's. A local destination pod's ingress admits its own node
-//!   (as NetworkPolicy says), and its ingress rules were checked (L4 in
-//!   nftables on the redirected packet, L7 in the proxy) with the real
-//!   client. A remote destination pod with ingress isolation sees the
-//!   node's address, not the client's.
+//!   no prerouting rule and are not redirected again. They leave from the
+//!   client's address (IP_TRANSPARENT bind, `transparent_upstream`), so a
+//!   remote destination node enforces its pod's ingress policy on the real
+//!   client; replies are delivered to the proxy by the `socket transparent`
+//!   rule of the L7 chain and the TPROXY policy routing.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -357,6 +356,7 @@ pub fn start(shared: Arc<L7Shared>, settings: &PolicySettings) -> Result<()> {
         max_header_bytes: settings.l7_max_header_bytes,
         header_read_timeout: settings.l7_header_timeout,
         idle_timeout: settings.l7_idle_timeout,
+        transparent_upstream: true,
         ..ProxyConfig::default()
     };
     let v6 = ProxyConfig {
