@@ -10,7 +10,9 @@
 //!   swaps it in ([`ArcSwap`]); a lookup is two hash lookups plus a scan
 //!   of that port's few entries. The proxy's rule sets (compiled regexes)
 //!   are built once per distinct set of matching entries and memoised per
-//!   (rules, port).
+//!   (rules, port). The proxy listens before the first apply; until the
+//!   first rules arrive (the kernel may still hold a predecessor's redirect
+//!   sets) every request is denied: fail closed for those milliseconds.
 //! - Learned peers: an entry with toFQDNs selectors covers an address when
 //!   a name learned for that address (from any pod's DNS, Cilium's
 //!   semantics as for the kernel's sets) matches them. The policy engine
@@ -223,6 +225,9 @@ impl PeerNames {
 #[derive(Default)]
 pub struct L7Shared {
     rules: ArcSwap<L7Rules>,
+    /// False until the first [`L7Shared::set_rules`]: connections the
+    /// kernel redirects meanwhile (a predecessor's sets) are denied.
+    loaded: std::sync::atomic::AtomicBool,
     pub names: PeerNames,
     events: OnceLock<Arc<EventHub>>,
 }
@@ -231,6 +236,7 @@ impl L7Shared {
     /// Publishes new rules to the proxy.
     pub fn set_rules(&self, rules: &NodeRules) {
         self.rules.store(Arc::new(L7Rules::build(rules)));
+        self.loaded.store(true, Ordering::Release);
     }
 
     pub fn set_events(&self, hub: Arc<EventHub>) {
@@ -243,6 +249,11 @@ impl L7Shared {
     }
 
     fn lookup_side(&self, src: IpAddr, dst: SocketAddr, side: Side) -> PortPolicy {
+        if !self.loaded.load(Ordering::Acquire) {
+            return PortPolicy::Http(Arc::new(HttpRuleSet::deny_all(
+                "meshward (rules not loaded yet)",
+            )));
+        }
         let rules = self.rules.load();
         let (local, peer) = match side {
             Side::Egress => (src, dst.ip()),
@@ -486,6 +497,12 @@ spec:
 
     #[test]
     fn lookups_follow_the_compiled_rules() {
+        let fresh = L7Shared::default();
+        let any: SocketAddr = "198.18.100.10:80".parse().unwrap();
+        match fresh.lookup_side("198.19.1.9".parse().unwrap(), any, Side::Egress) {
+            PortPolicy::Http(set) => assert!(set.is_empty()),
+            other => panic!("before the first rules: {other:?}"),
+        }
         let s = shared();
         let fe: IpAddr = "198.19.1.2".parse().unwrap();
         let ext: SocketAddr = "198.18.100.10:80".parse().unwrap();
