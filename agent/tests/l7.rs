@@ -402,6 +402,20 @@ fn http_rules_egress_and_ingress_through_the_proxy() {
         ) >= 3.0
     );
 
+    // status lists the L7 ports per pod and direction
+    let status = lab.agent_status("node1");
+    let ports = &status["policy"]["l7Ports"];
+    assert!(
+        ports
+            .as_array()
+            .is_some_and(|l| l.contains(&serde_json::json!(
+                {"pod": "default/node1-pod1", "direction": "egress", "ports": [80, 9090]}
+            )) && l.contains(&serde_json::json!(
+                {"pod": "default/node1-pod2", "direction": "ingress", "ports": [8080]}
+            ))),
+        "{status:#}"
+    );
+
     // --- removing the HTTP rules stops the proxying
     lab.ok(&[
         "delete",

@@ -59,6 +59,24 @@ pub fn counts() -> (u64, u64) {
     )
 }
 
+/// The L7 ports of every local endpoint and direction, for status.
+pub fn status_ports(rules: &NodeRules) -> Vec<super::protocol::L7Ports> {
+    let mut out = Vec::new();
+    for ep in rules.endpoints.values() {
+        for (direction, dir) in [("egress", &ep.egress), ("ingress", &ep.ingress)] {
+            let ports: Vec<u16> = dir.iter().flat_map(|d| d.l7_ports()).collect();
+            if !ports.is_empty() {
+                out.push(super::protocol::L7Ports {
+                    pod: format!("{}/{}", ep.pod.namespace, ep.pod.name),
+                    direction: direction.into(),
+                    ports,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Memoised proxy rule sets per (rules, port) at most; beyond, the memo
 /// starts over (distinct sets are few: one per combination of entries).
 const MEMO_CAP: usize = 1024;

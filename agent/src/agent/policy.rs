@@ -269,6 +269,8 @@ impl PolicyEngine {
                 .filter(|e| e.ingress.is_some())
                 .count(),
             dns_redirected: rules.endpoints.values().filter(|e| e.dns.is_some()).count(),
+            l7_ports: super::l7::status_ports(&rules),
+            l7_requests: super::l7::counts(),
             errors: self.errors.iter().map(|e| e.to_string()).collect(),
             learned_entries,
             learned,
