@@ -120,6 +120,15 @@ pub struct PolicySettings {
     pub nflog_group: u16,
     /// Who holds the DNS proxy's sockets while no agent runs.
     pub dns_socket_keeper: DnsKeeperMode,
+    /// Port of the node's L7 proxy (on 127.0.0.1 and ::1): TCP on ports
+    /// with `rules.http` / `rules.tls` is TPROXYed there.
+    pub l7_proxy_port: u16,
+    /// Largest HTTP request head the L7 proxy accepts, bytes.
+    pub l7_max_header_bytes: usize,
+    /// Time a client has to send a complete HTTP/1 request head.
+    pub l7_header_timeout: Duration,
+    /// A proxied connection idle this long is closed.
+    pub l7_idle_timeout: Duration,
 }
 
 /// `dnsSocketKeeper`: the process that holds the DNS proxy's listening
@@ -145,6 +154,10 @@ impl Default for PolicySettings {
             fqdn_max_entries: 200_000,
             nflog_group: 109,
             dns_socket_keeper: DnsKeeperMode::Spawn,
+            l7_proxy_port: 15001,
+            l7_max_header_bytes: 64 * 1024,
+            l7_header_timeout: Duration::from_secs(10),
+            l7_idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -205,6 +218,14 @@ struct RawConfig {
     nflog_group: Option<u16>,
     /// `spawn` (default), `external` or `off`.
     dns_socket_keeper: Option<String>,
+    #[serde(rename = "l7ProxyPort")]
+    l7_proxy_port: Option<u16>,
+    #[serde(rename = "l7MaxHeaderBytes")]
+    l7_max_header_bytes: Option<usize>,
+    #[serde(rename = "l7HeaderTimeout")]
+    l7_header_timeout: Option<String>,
+    #[serde(rename = "l7IdleTimeout")]
+    l7_idle_timeout: Option<String>,
     health_address: Option<String>,
     flow_event_buffer: Option<usize>,
 }
@@ -436,7 +457,52 @@ impl Config {
             Some(v) => Ok(v),
             None => Ok(default),
         };
+        let l7_proxy_port = raw.l7_proxy_port.unwrap_or(defaults.l7_proxy_port);
+        if l7_proxy_port == 0 {
+            return Err(invalid("l7ProxyPort", "must not be 0".into()));
+        }
+        if l7_proxy_port == dns_proxy_port {
+            return Err(invalid(
+                "l7ProxyPort",
+                format!("{l7_proxy_port} is dnsProxyPort too (both listen on TCP)"),
+            ));
+        }
+        let l7_max_header_bytes = raw
+            .l7_max_header_bytes
+            .unwrap_or(defaults.l7_max_header_bytes);
+        if !(8 * 1024..=1024 * 1024).contains(&l7_max_header_bytes) {
+            return Err(invalid(
+                "l7MaxHeaderBytes",
+                format!("{l7_max_header_bytes} is outside 8192..=1048576"),
+            ));
+        }
+        let l7_header_timeout = duration(
+            "l7HeaderTimeout",
+            raw.l7_header_timeout,
+            defaults.l7_header_timeout,
+        )?;
+        if l7_header_timeout.is_zero() || l7_header_timeout > Duration::from_secs(300) {
+            return Err(invalid(
+                "l7HeaderTimeout",
+                format!("{l7_header_timeout:?} is outside 1ms..=300s"),
+            ));
+        }
+        let l7_idle_timeout = duration(
+            "l7IdleTimeout",
+            raw.l7_idle_timeout,
+            defaults.l7_idle_timeout,
+        )?;
+        if l7_idle_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "l7IdleTimeout",
+                format!("{l7_idle_timeout:?} is less than 1s"),
+            ));
+        }
         let policy = PolicySettings {
+            l7_proxy_port,
+            l7_max_header_bytes,
+            l7_header_timeout,
+            l7_idle_timeout,
             dns_proxy_port,
             dns_deny_nxdomain,
             dns_hold_timeout,
@@ -604,12 +670,42 @@ mod tests {
                 fqdn_max_entries: 99,
                 nflog_group: 7,
                 dns_socket_keeper: DnsKeeperMode::External,
+                ..PolicySettings::default()
             }
         );
         let off = parse(&format!("{MINIMAL}dnsSocketKeeper: off\n")).unwrap();
         assert_eq!(off.policy.dns_socket_keeper, DnsKeeperMode::Off);
+        let c = parse(&format!(
+            "{MINIMAL}l7ProxyPort: 16001\nl7MaxHeaderBytes: 16384\nl7HeaderTimeout: 2s\nl7IdleTimeout: 1m\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (
+                c.policy.l7_proxy_port,
+                c.policy.l7_max_header_bytes,
+                c.policy.l7_header_timeout,
+                c.policy.l7_idle_timeout
+            ),
+            (
+                16001,
+                16384,
+                Duration::from_secs(2),
+                Duration::from_secs(60)
+            )
+        );
         for (text, want) in [
             ("dnsProxyPort: 0", "dnsProxyPort: must not be 0"),
+            ("l7ProxyPort: 0", "l7ProxyPort: must not be 0"),
+            (
+                "l7ProxyPort: 10053",
+                "l7ProxyPort: 10053 is dnsProxyPort too",
+            ),
+            (
+                "l7MaxHeaderBytes: 100",
+                "l7MaxHeaderBytes: 100 is outside 8192..=1048576",
+            ),
+            ("l7HeaderTimeout: 0s", "l7HeaderTimeout: 0ns is outside"),
+            ("l7IdleTimeout: 10ms", "l7IdleTimeout: 10ms is less than 1s"),
             (
                 "dnsSocketKeeper: yes",
                 "dnsSocketKeeper: \"yes\": want spawn, external or off",

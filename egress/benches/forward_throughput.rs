@@ -57,6 +57,7 @@ fn state(allow: Vec<Allow>, fqdn: Vec<FqdnElement>) -> PolicyState {
             policies: vec![policy(0)],
             allow,
             fqdn: Vec::new(),
+            l7: Vec::new(),
         })),
         ingress: None,
         dns: None,

@@ -101,6 +101,9 @@ pub enum SetId {
     FqdnRange(Family),
     /// Endpoints whose DNS goes to the node's proxy.
     DnsRedirect(Family),
+    /// `local . tcp port` whose traffic in this direction goes to the L7
+    /// proxy (egress: keyed by source; ingress: by destination).
+    L7(Direction, Family),
     /// `local . peer-network`, every protocol, for CIDR peers of one prefix
     /// length, looked up with the peer masked to it (hash). IPv4 only.
     PrefixAny(Direction, Family, u8),
@@ -112,6 +115,8 @@ pub enum SetId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Shape {
     Addr,
+    /// `local . inet_service`.
+    AddrPort,
     Pair,
     Quad,
 }
@@ -136,6 +141,8 @@ impl SetId {
                 SetId::FqdnPort(fam),
                 SetId::FqdnRange(fam),
                 SetId::DnsRedirect(fam),
+                SetId::L7(Direction::Egress, fam),
+                SetId::L7(Direction::Ingress, fam),
             ]);
         }
         out
@@ -178,6 +185,7 @@ impl SetId {
             | SetId::FqdnPort(f)
             | SetId::FqdnRange(f)
             | SetId::DnsRedirect(f)
+            | SetId::L7(_, f)
             | SetId::PrefixAny(_, f, _)
             | SetId::PrefixPort(_, f, _) => f,
         }
@@ -197,6 +205,7 @@ impl SetId {
             SetId::FqdnPort(_) => ("egress", "fqdn_port"),
             SetId::FqdnRange(_) => ("egress", "fqdn_range"),
             SetId::DnsRedirect(_) => return format!("dns_redirect{f}"),
+            SetId::L7(d, _) => return format!("l7_{}{f}", d.as_str()),
             SetId::PrefixAny(d, _, len) => return format!("{}{f}_p{len}_any", d.as_str()),
             SetId::PrefixPort(d, _, len) => return format!("{}{f}_p{len}_port", d.as_str()),
         };
@@ -206,6 +215,7 @@ impl SetId {
     pub(crate) fn shape(self) -> Shape {
         match self {
             SetId::Isolated(..) | SetId::DnsRedirect(_) => Shape::Addr,
+            SetId::L7(..) => Shape::AddrPort,
             SetId::Any(..) | SetId::NetAny(..) | SetId::FqdnAny(_) | SetId::PrefixAny(..) => {
                 Shape::Pair
             }
@@ -237,6 +247,7 @@ impl SetId {
         let a = self.family().nft_addr_type();
         let ty = match self.shape() {
             Shape::Addr => a.to_string(),
+            Shape::AddrPort => format!("{a} . inet_service"),
             Shape::Pair => format!("{a} . {a}"),
             Shape::Quad => format!("{a} . {a} . inet_proto . inet_service"),
         };
@@ -267,6 +278,15 @@ pub const FORWARD_CHAIN: &str = "policy_forward";
 pub const INPUT_CHAIN: &str = "policy_input";
 /// Prerouting (mangle): DNS of selected pods to the node's proxy.
 pub const DNS_CHAIN: &str = "dns_prerouting";
+/// Prerouting (just after mangle): TCP on L7 ports to the L7 proxy.
+pub const L7_CHAIN: &str = "l7_prerouting";
+/// Regular chain for redirected (marked) packets reaching the input hook:
+/// DNS passes (the DNS proxy judges it), everything else (L7) is checked
+/// against the source's egress and the original destination's ingress.
+pub const PROXIED_CHAIN: &str = "policy_proxied";
+/// After the DNS chain (mangle, -150), so a packet the DNS chain redirected
+/// (and marked) is left alone.
+const L7_PRIORITY: i32 = -149;
 
 /// After strict mode (-10), before the usual filter chains (0).
 pub const POLICY_PRIORITY: i32 = -5;
@@ -285,13 +305,19 @@ pub struct Structure {
     pub nflog_group: u16,
     /// `Some(port)`: install the DNS redirect (TPROXY to 127.0.0.1/::1).
     pub dns_proxy_port: Option<u16>,
+    /// `Some(port)`: install the L7 redirect (TPROXY to 127.0.0.1/::1).
+    pub l7_proxy_port: Option<u16>,
     /// Mark bit(s) set on redirected DNS (policy routing delivers it locally).
     pub tproxy_mark: u32,
 }
 
 /// Our chains, for flush/delete.
 pub fn chains(s: &Structure) -> Vec<String> {
-    let mut out = vec![FORWARD_CHAIN.to_string(), INPUT_CHAIN.to_string()];
+    let mut out = vec![
+        FORWARD_CHAIN.to_string(),
+        INPUT_CHAIN.to_string(),
+        PROXIED_CHAIN.to_string(),
+    ];
     for fam in [Family::V4, Family::V6] {
         for dir in [Direction::Egress, Direction::Ingress] {
             out.push(check_chain(dir, fam));
@@ -299,6 +325,9 @@ pub fn chains(s: &Structure) -> Vec<String> {
     }
     if s.dns_proxy_port.is_some() {
         out.push(DNS_CHAIN.to_string());
+    }
+    if s.l7_proxy_port.is_some() {
+        out.push(L7_CHAIN.to_string());
     }
     out
 }
@@ -426,6 +455,7 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
         out,
         "  chain {INPUT_CHAIN} {{ type filter hook input priority {prio}; policy accept; }}"
     );
+    let _ = writeln!(out, "  chain {PROXIED_CHAIN} {{ }}");
     for fam in [Family::V4, Family::V6] {
         for dir in [Direction::Egress, Direction::Ingress] {
             let _ = writeln!(out, "  chain {} {{ }}", check_chain(dir, fam));
@@ -435,6 +465,12 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
         let _ = writeln!(
             out,
             "  chain {DNS_CHAIN} {{ type filter hook prerouting priority mangle; policy accept; }}"
+        );
+    }
+    if s.l7_proxy_port.is_some() {
+        let _ = writeln!(
+            out,
+            "  chain {L7_CHAIN} {{ type filter hook prerouting priority {L7_PRIORITY}; policy accept; }}"
         );
     }
     let _ = writeln!(out, "}}");
@@ -464,13 +500,16 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
         }
     }
     let _ = writeln!(out, "  }}");
-    // Input: a pod talking to its node is egress too. Redirected DNS (marked)
-    // is the proxy's to judge; neighbour discovery and multicast are link
-    // plumbing, not traffic a policy speaks about.
+    // Input: a pod talking to its node is egress too. Redirected packets
+    // (marked) go to their own chain; neighbour discovery and multicast are
+    // link plumbing, not traffic a policy speaks about.
     let mark = s.tproxy_mark;
     let _ = writeln!(out, "  chain {INPUT_CHAIN} {{");
     let _ = writeln!(out, "    ct state established,related accept");
-    let _ = writeln!(out, "    meta mark & {mark:#010x} == {mark:#010x} accept");
+    let _ = writeln!(
+        out,
+        "    meta mark & {mark:#010x} == {mark:#010x} jump {PROXIED_CHAIN}"
+    );
     let _ = writeln!(out, "    meta pkttype != host accept");
     let _ = writeln!(
         out,
@@ -485,6 +524,38 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
             check_chain(Direction::Egress, fam)
         );
     }
+    let _ = writeln!(out, "  }}");
+    // Redirected DNS is the DNS proxy's to judge. Anything else redirected
+    // (L7) arrives here instead of the forward hook, with its original
+    // destination: it must pass the source's egress and the destination's
+    // ingress as forwarded traffic would; what passes is accepted (the
+    // destination address is not the node's own).
+    let _ = writeln!(out, "  chain {PROXIED_CHAIN} {{");
+    for fam in [Family::V4, Family::V6] {
+        let _ = writeln!(
+            out,
+            "    {} saddr @{} meta l4proto {{ tcp, udp }} th dport 53 accept",
+            fam.nft_payload(),
+            SetId::DnsRedirect(fam).name(),
+        );
+    }
+    for dir in [Direction::Egress, Direction::Ingress] {
+        for fam in [Family::V4, Family::V6] {
+            let field = if dir == Direction::Egress {
+                "saddr"
+            } else {
+                "daddr"
+            };
+            let _ = writeln!(
+                out,
+                "    {} {field} @{} jump {}",
+                fam.nft_payload(),
+                SetId::Isolated(dir, fam).name(),
+                check_chain(dir, fam)
+            );
+        }
+    }
+    let _ = writeln!(out, "    accept");
     let _ = writeln!(out, "  }}");
     for fam in [Family::V4, Family::V6] {
         for dir in [Direction::Egress, Direction::Ingress] {
@@ -506,6 +577,41 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
         }
         let _ = writeln!(out, "  }}");
     }
+    if let Some(port) = s.l7_proxy_port {
+        // Only the original direction: a pod serving on an L7 port answers
+        // from it and must not be redirected. A packet the DNS chain took
+        // (marked) is left alone.
+        // Packets of a connection a local transparent socket holds (the
+        // proxy's accepted connections, and replies to its onward
+        // connections made from the client's address) are marked and so
+        // delivered to it by the policy routing, not forwarded.
+        let _ = writeln!(out, "  chain {L7_CHAIN} {{");
+        let _ = writeln!(out, "    meta mark & {mark:#010x} == {mark:#010x} return");
+        let _ = writeln!(
+            out,
+            "    meta l4proto tcp socket transparent 1 meta mark set meta mark | {mark:#010x} accept"
+        );
+        for fam in [Family::V4, Family::V6] {
+            let to = match fam {
+                Family::V4 => format!("ip to 127.0.0.1:{port}"),
+                Family::V6 => format!("ip6 to [::1]:{port}"),
+            };
+            for dir in [Direction::Egress, Direction::Ingress] {
+                let field = if dir == Direction::Egress {
+                    "saddr"
+                } else {
+                    "daddr"
+                };
+                let _ = writeln!(
+                    out,
+                    "    meta l4proto tcp ct direction original {} {field} . tcp dport @{} meta mark set meta mark | {mark:#010x} tproxy {to} accept",
+                    fam.nft_payload(),
+                    SetId::L7(dir, fam).name(),
+                );
+            }
+        }
+        let _ = writeln!(out, "  }}");
+    }
     let _ = writeln!(out, "}}");
     out
 }
@@ -515,15 +621,21 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
 /// in the same transaction.
 pub fn teardown(existing_chains: &[String], existing_sets: &[String]) -> String {
     let mut out = String::new();
-    let ours_chains = [FORWARD_CHAIN, INPUT_CHAIN, DNS_CHAIN]
-        .into_iter()
-        .map(str::to_string)
-        .chain(
-            [Family::V4, Family::V6]
-                .into_iter()
-                .flat_map(|f| [Direction::Egress, Direction::Ingress].map(|d| check_chain(d, f))),
-        )
-        .collect::<Vec<_>>();
+    let ours_chains = [
+        FORWARD_CHAIN,
+        INPUT_CHAIN,
+        DNS_CHAIN,
+        L7_CHAIN,
+        PROXIED_CHAIN,
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .chain(
+        [Family::V4, Family::V6]
+            .into_iter()
+            .flat_map(|f| [Direction::Egress, Direction::Ingress].map(|d| check_chain(d, f))),
+    )
+    .collect::<Vec<_>>();
     let chains: Vec<&String> = ours_chains
         .iter()
         .filter(|c| existing_chains.contains(c))
@@ -551,6 +663,7 @@ mod tests {
         Structure {
             nflog_group: 109,
             dns_proxy_port: Some(5353),
+            l7_proxy_port: Some(15001),
             tproxy_mark: 0x0040_0000,
         }
     }
@@ -634,6 +747,65 @@ mod tests {
             assert_eq!(SetId::prefix_set_named(&set.name()), Some(set));
         }
         assert_eq!(SetId::prefix_set_named("egress4_any"), None);
+    }
+
+    #[test]
+    fn l7_redirect_and_proxied_checks() {
+        let text = structure_ruleset(&structure(), &BTreeSet::new());
+        assert!(text.contains("set l7_egress4 { type ipv4_addr . inet_service; }"));
+        assert!(text.contains("set l7_ingress6 { type ipv6_addr . inet_service; }"));
+        assert!(text.contains(&format!(
+            "chain {L7_CHAIN} {{ type filter hook prerouting priority -149;"
+        )));
+        let l7 = text
+            .split(&format!("chain {L7_CHAIN} {{\n"))
+            .nth(1)
+            .unwrap();
+        let l7 = l7.split("  }").next().unwrap();
+        assert!(
+            l7.starts_with(
+                "    meta mark & 0x00400000 == 0x00400000 return\n    meta l4proto tcp socket transparent 1 meta mark set meta mark | 0x00400000 accept\n"
+            ),
+            "{l7}"
+        );
+        assert!(l7.contains(
+            "meta l4proto tcp ct direction original ip saddr . tcp dport @l7_egress4 meta mark set meta mark | 0x00400000 tproxy ip to 127.0.0.1:15001 accept"
+        ));
+        assert!(l7.contains("ip daddr . tcp dport @l7_ingress4"));
+        assert!(l7.contains("ip6 daddr . tcp dport @l7_ingress6 meta mark set meta mark | 0x00400000 tproxy ip6 to [::1]:15001 accept"));
+        // Marked packets are no longer accepted blindly: DNS passes, the
+        // rest is checked on egress (source) and ingress (destination).
+        let input = text
+            .split(&format!("chain {INPUT_CHAIN} {{\n"))
+            .nth(1)
+            .unwrap();
+        let input = input.split("  }").next().unwrap();
+        assert!(input.contains("meta mark & 0x00400000 == 0x00400000 jump policy_proxied"));
+        assert!(!input.contains("0x00400000 accept"), "{input}");
+        let proxied = text
+            .split(&format!("chain {PROXIED_CHAIN} {{\n"))
+            .nth(1)
+            .unwrap();
+        let proxied = proxied.split("  }").next().unwrap();
+        let lines: Vec<&str> = proxied.lines().map(str::trim).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "ip saddr @dns_redirect4 meta l4proto { tcp, udp } th dport 53 accept",
+                "ip6 saddr @dns_redirect6 meta l4proto { tcp, udp } th dport 53 accept",
+                "ip saddr @egress4_isolated jump egress4",
+                "ip6 saddr @egress6_isolated jump egress6",
+                "ip daddr @ingress4_isolated jump ingress4",
+                "ip6 daddr @ingress6_isolated jump ingress6",
+                "accept",
+            ]
+        );
+        let mut s = structure();
+        s.l7_proxy_port = None;
+        let text = structure_ruleset(&s, &BTreeSet::new());
+        assert!(!text.contains(L7_CHAIN));
+        assert!(!chains(&s).contains(&L7_CHAIN.to_string()));
+        assert!(text.contains(PROXIED_CHAIN));
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct PolicyConfig {
     /// selected pods' port-53 traffic to 127.0.0.1/::1 on this port, and
     /// the policy routing it needs.
     pub dns_proxy_port: Option<u16>,
+    /// The node's L7 proxy port: `Some` installs the TPROXY redirect of the
+    /// TCP ports with L7 rules (sets `l7_egress*` / `l7_ingress*`) to
+    /// 127.0.0.1/::1 on this port, and the policy routing it needs.
+    pub l7_proxy_port: Option<u16>,
     /// Mark (and mask) of redirected packets.
     pub tproxy_mark: u32,
     /// Routing table delivering marked packets locally.
@@ -54,6 +58,7 @@ impl Default for PolicyConfig {
         PolicyConfig {
             nflog_group: 109,
             dns_proxy_port: None,
+            l7_proxy_port: None,
             tproxy_mark: 0x0040_0000,
             route_table: 109,
             rule_priority: 100,
@@ -98,6 +103,7 @@ fn structure_of(cfg: &PolicyConfig) -> Structure {
     Structure {
         nflog_group: cfg.nflog_group,
         dns_proxy_port: cfg.dns_proxy_port,
+        l7_proxy_port: cfg.l7_proxy_port,
         tproxy_mark: cfg.tproxy_mark,
     }
 }
@@ -323,7 +329,7 @@ impl PolicyTables {
         let netns = File::open("/proc/thread-self/ns/net")
             .map_err(|e| EgressError::Nft(format!("open /proc/thread-self/ns/net: {e}")))?;
         let prefix_sets = install_structure(&netns, &structure_of(&cfg))?;
-        if cfg.dns_proxy_port.is_some() {
+        if cfg.dns_proxy_port.is_some() || cfg.l7_proxy_port.is_some() {
             ensure_tproxy_routing(&TproxyRouting {
                 mark: cfg.tproxy_mark,
                 table: cfg.route_table,

@@ -29,6 +29,11 @@ use crate::EgressError;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Elem {
     Addr(IpAddr),
+    /// `local . port` (TCP port of the L7 redirect sets).
+    AddrPort {
+        local: IpAddr,
+        port: u16,
+    },
     Pair {
         local: IpAddr,
         peer: IpAddr,
@@ -420,6 +425,18 @@ pub fn desired_state(state: &PolicyState, now: Instant) -> Result<Desired, Egres
                     .or_default()
                     .insert(Elem::Addr(ip), None);
             }
+            for (dir, rules) in [
+                (Direction::Egress, &ep.egress),
+                (Direction::Ingress, &ep.ingress),
+            ] {
+                let Some(rules) = rules else { continue };
+                for port in rules.l7_ports() {
+                    desired
+                        .entry(SetId::L7(dir, Family::of(&ip)))
+                        .or_default()
+                        .insert(Elem::AddrPort { local: ip, port }, None);
+                }
+            }
         }
     }
     add_fqdn_elements(&mut desired, &state.fqdn, now)?;
@@ -456,6 +473,13 @@ impl Elem {
                 put_addr(&mut k, ip);
                 (k, None)
             }
+            Elem::AddrPort { local, port } => {
+                let mut k = Vec::with_capacity(20);
+                put_addr(&mut k, local);
+                k.extend_from_slice(&port.to_be_bytes());
+                k.extend_from_slice(&[0, 0]);
+                (k, None)
+            }
             Elem::Pair { local, peer } => (key(local, peer, None), None),
             Elem::PairRange { local, peer } => {
                 (key(local, peer.0, None), Some(key(local, peer.1, None)))
@@ -482,6 +506,7 @@ impl Elem {
     pub(crate) fn shape(&self) -> Shape {
         match self {
             Elem::Addr(_) => Shape::Addr,
+            Elem::AddrPort { .. } => Shape::AddrPort,
             Elem::Pair { .. } | Elem::PairRange { .. } => Shape::Pair,
             Elem::Port { .. } | Elem::PortRange { .. } => Shape::Quad,
         }
@@ -536,7 +561,7 @@ pub fn admits(
             contents.iter().any(|(e, exp)| {
                 live(exp)
                     && match *e {
-                        Elem::Addr(_) => false,
+                        Elem::Addr(_) | Elem::AddrPort { .. } => false,
                         Elem::Pair { local: l, peer: p } => l == local && p == peer,
                         Elem::PairRange { local: l, peer: r } => l == local && within(peer, r),
                         Elem::Port {
@@ -693,6 +718,7 @@ mod tests {
             policies: vec![policy("p0")],
             allow,
             fqdn: Vec::new(),
+            l7: Vec::new(),
         }
     }
 
@@ -814,6 +840,7 @@ mod tests {
                 policies: vec![policy("p0")],
                 allow,
                 fqdn: Vec::new(),
+                l7: Vec::new(),
             };
             let state = state_of(vec![endpoint(
                 "a",
@@ -887,6 +914,7 @@ mod tests {
                 },
             ],
             fqdn: Vec::new(),
+            l7: Vec::new(),
         };
         let d = desired_state(
             &state_of(vec![endpoint(
@@ -938,6 +966,7 @@ mod tests {
                 },
             ],
             fqdn: Vec::new(),
+            l7: Vec::new(),
         };
         let d = desired_state(
             &state_of(vec![endpoint("a", &["198.19.1.2"], Some(rules), None)]),
@@ -998,6 +1027,7 @@ mod tests {
                 },
             ],
             fqdn: Vec::new(),
+            l7: Vec::new(),
         };
         let d = desired_state(
             &state_of(vec![endpoint("a", &["198.19.1.2"], Some(rules), None)]),

@@ -59,6 +59,11 @@ pub struct ProxyConfig {
     /// SO_MARK on upstream sockets (so nftables can skip the proxy's own
     /// traffic); default none.
     pub upstream_mark: Option<u32>,
+    /// Connect upstream from the client's address (IP_TRANSPARENT bind), so
+    /// the destination and the policies on its way see the real client;
+    /// replies must then be delivered to the proxy (nftables `socket
+    /// transparent` + policy routing). Default off: the node's address.
+    pub transparent_upstream: bool,
     /// Time a TLS client has to send its ClientHello (default 10 s).
     pub tls_hello_timeout: Duration,
     /// Concurrent HTTP/2 streams per client connection (default 256).
@@ -77,6 +82,7 @@ impl Default for ProxyConfig {
             upstream_idle_timeout: Duration::from_secs(30),
             max_pooled_per_upstream: 256,
             upstream_mark: None,
+            transparent_upstream: false,
             tls_hello_timeout: Duration::from_secs(10),
             max_concurrent_streams: 256,
         }
@@ -182,15 +188,27 @@ impl Shared {
         if tls {
             self.tls(stream, peer, dst, [egress, ingress]).await
         } else if allow_all {
-            self.passthrough(stream, dst, Vec::new()).await
+            self.passthrough(stream, peer, dst, Vec::new()).await
         } else {
             self.http(stream, peer, dst).await
         }
     }
 
-    async fn passthrough(&self, mut client: TcpStream, dst: SocketAddr, first: Vec<u8>) {
+    async fn passthrough(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        first: Vec<u8>,
+    ) {
         let cfg = &self.config;
-        let Ok(mut upstream) = sock::connect(dst, cfg.upstream_mark, cfg.connect_timeout).await
+        let Ok(mut upstream) = sock::connect(
+            dst,
+            self.source(peer),
+            cfg.upstream_mark,
+            cfg.connect_timeout,
+        )
+        .await
         else {
             sock::reset(client);
             return;
@@ -263,7 +281,7 @@ impl Shared {
             }
         }
         self.emit(event(Verdict::Allowed, sni, allowed_by, None));
-        self.passthrough(stream, dst, buf).await
+        self.passthrough(stream, peer, dst, buf).await
     }
 
     async fn http(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
@@ -391,9 +409,9 @@ impl Shared {
         );
         let req = Request::from_parts(parts, body);
         let result = if upgrade {
-            self.forward_upgrade(req, dst).await
+            self.forward_upgrade(req, peer, dst).await
         } else {
-            self.forward(req, dst).await
+            self.forward(req, peer, dst).await
         };
         match result {
             Ok(mut resp) => {
@@ -413,21 +431,37 @@ impl Shared {
         }
     }
 
-    async fn connect(&self, dst: SocketAddr) -> Result<TokioIo<TcpStream>, UpstreamError> {
+    /// The address upstream connections of `peer` leave from (`None`: the
+    /// node's, chosen by routing).
+    fn source(&self, peer: SocketAddr) -> Option<std::net::SocketAddr> {
+        self.config.transparent_upstream.then_some(peer)
+    }
+
+    async fn connect(
+        &self,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<TokioIo<TcpStream>, UpstreamError> {
         let cfg = &self.config;
-        sock::connect(dst, cfg.upstream_mark, cfg.connect_timeout)
-            .await
-            .map(TokioIo::new)
-            .map_err(|e| UpstreamError::connect(e.to_string()))
+        sock::connect(
+            dst,
+            self.source(peer),
+            cfg.upstream_mark,
+            cfg.connect_timeout,
+        )
+        .await
+        .map(TokioIo::new)
+        .map_err(|e| UpstreamError::connect(e.to_string()))
     }
 
     async fn forward(
         &self,
         req: Request<Incoming>,
+        peer: SocketAddr,
         dst: SocketAddr,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let h2 = req.version() == Version::HTTP_2;
-        let key = (dst, h2);
+        let key = (self.source(peer).map(|s| s.ip()), dst, h2);
         let now = Instant::now();
         let max_idle = self.config.upstream_idle_timeout;
         if h2 {
@@ -445,7 +479,7 @@ impl Shared {
                     match self.pool.take_h2(key) {
                         Some(s) => s,
                         None => {
-                            let io = self.connect(dst).await?;
+                            let io = self.connect(peer, dst).await?;
                             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                                 .timer(TokioTimer::new())
                                 .handshake(io)
@@ -475,7 +509,7 @@ impl Shared {
         let mut sender = match self.pool.take_h1(key, now, max_idle) {
             Some(s) => s,
             None => {
-                let io = self.connect(dst).await?;
+                let io = self.connect(peer, dst).await?;
                 let (sender, conn) = http1::Builder::new()
                     .handshake(io)
                     .await
@@ -501,10 +535,11 @@ impl Shared {
     async fn forward_upgrade(
         &self,
         mut req: Request<Incoming>,
+        peer: SocketAddr,
         dst: SocketAddr,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let client = hyper::upgrade::on(&mut req);
-        let io = self.connect(dst).await?;
+        let io = self.connect(peer, dst).await?;
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -649,10 +684,10 @@ enum Sender {
     H2(http2::SendRequest<Incoming>),
 }
 
-/// (original destination, HTTP/2).
-type PoolKey = (SocketAddr, bool);
+/// (source address when transparent, destination, h2).
+type PoolKey = (Option<std::net::IpAddr>, SocketAddr, bool);
 
-/// Upstream connections by (original destination, HTTP/2). HTTP/2: one
+/// Upstream connections by [`PoolKey`]. HTTP/2: one
 /// shared connection. HTTP/1: a stack of connections, each taken when it
 /// is ready for another request.
 #[derive(Default)]

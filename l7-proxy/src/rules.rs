@@ -84,6 +84,8 @@ pub struct HttpRuleSet {
     rules: Vec<CompiledRule>,
     /// The distinct policies contributing rules, joined for messages.
     policies: Arc<str>,
+    /// With no rules: deny every request instead of allowing it.
+    deny_all: bool,
 }
 
 fn anchored(
@@ -174,7 +176,18 @@ impl HttpRuleSet {
         Ok(HttpRuleSet {
             rules: compiled,
             policies,
+            deny_all: false,
         })
+    }
+
+    /// A set that denies every request, naming `policies` in denials (for
+    /// a port with L7 rules where no rule covers the peer: fail closed).
+    pub fn deny_all(policies: &str) -> Self {
+        HttpRuleSet {
+            rules: Vec::new(),
+            policies: policies.into(),
+            deny_all: true,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -184,6 +197,9 @@ impl HttpRuleSet {
     /// The verdict on a request.
     pub fn check(&self, req: &RequestView<'_>) -> RuleVerdict {
         if self.rules.is_empty() {
+            if self.deny_all {
+                return RuleVerdict::Denied(self.policies.clone());
+            }
             return RuleVerdict::Allowed(None);
         }
         let hit = self.rules.iter().find(|r| {
@@ -354,6 +370,19 @@ mod tests {
         let none = HttpRuleSet::new([]).unwrap();
         assert!(none.is_empty());
         assert!(check(&none, "DELETE", "/anything", &[]));
+        let deny = HttpRuleSet::deny_all("MeshNetworkPolicy x/p");
+        assert!(!check(&deny, "GET", "/", &[]));
+        let headers = HeaderMap::new();
+        let v = RequestView {
+            method: "GET",
+            path: "/",
+            host: None,
+            headers: &headers,
+        };
+        assert_eq!(
+            deny.check(&v),
+            RuleVerdict::Denied("MeshNetworkPolicy x/p".into())
+        );
     }
 
     #[test]

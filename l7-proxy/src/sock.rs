@@ -27,15 +27,33 @@ pub(crate) fn listener(addr: SocketAddr, transparent: bool) -> io::Result<std::n
     Ok(sock.into())
 }
 
-/// Connects to `dst` within `timeout`, with SO_MARK `mark` when given.
+/// Connects to `dst` within `timeout`, with SO_MARK `mark` when given and,
+/// with `client`, from the client's address (IP_TRANSPARENT; a port other
+/// than the client's own, so the onward connection never has the 5-tuple
+/// of the intercepted one).
 pub(crate) async fn connect(
     dst: SocketAddr,
+    client: Option<SocketAddr>,
     mark: Option<u32>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let sock = match dst {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    let client = client.map(unmap).filter(|c| c.is_ipv4() == dst.is_ipv4());
+    let mut attempts = 0;
+    let sock = loop {
+        let sock = match dst {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        let Some(client) = client else { break sock };
+        match client {
+            SocketAddr::V4(_) => SockRef::from(&sock).set_ip_transparent_v4(true)?,
+            SocketAddr::V6(_) => SockRef::from(&sock).set_ip_transparent_v6(true)?,
+        }
+        sock.bind(SocketAddr::new(client.ip(), 0))?;
+        attempts += 1;
+        if sock.local_addr()?.port() != client.port() || attempts >= 4 {
+            break sock;
+        }
     };
     if let Some(mark) = mark {
         SockRef::from(&sock).set_mark(mark)?;

@@ -82,10 +82,34 @@
 //!   that endpoint which admits TCP or UDP port 53 is then added as a
 //!   [`DnsAllow`] without name restriction (queries the pod may already
 //!   send keep working through the proxy).
-//! * `rules.http` is accepted and ignored here (L7 is enforced elsewhere);
-//!   its port is allowed at L3/L4.
+//! * L7 (`rules.http`, `rules.tls: sni`) becomes [`DirectionRules::l7`]
+//!   ([`L7Allow`] entries), as Cilium's per-node proxy does it: when any
+//!   rule of any policy selecting an endpoint puts L7 rules on a TCP port
+//!   (in one direction), *all* of that endpoint's traffic in that direction
+//!   on that port goes through the proxy ([`DirectionRules::l7_ports`]).
+//!   For each such port there is one entry per rule admitting traffic on
+//!   it: with that rule's HTTP rules or allowed server names, or
+//!   [`L7Rule::AllowAll`] for a rule without L7 rules (an L4-only rule
+//!   admitting a peer on an L7 port lets every request of that peer pass;
+//!   rules of several policies are unioned). The L3/L4 part of an L7 rule
+//!   stays in `allow` / `fqdn`: the kernel still enforces it.
+//! * An L7 port is one TCP port: `ANY` ports put L7 rules on their TCP
+//!   part only (UDP/SCTP stay L4 allows); port ranges and port rules
+//!   without ports are refused with L7 rules by the validation. Named
+//!   ports with L7 rules resolve like L4 ones (on the local pod on ingress,
+//!   on each destination pod on egress), one L7 port per resolved port.
+//! * Peers of an entry are its prefixes and, on egress, its toFQDNs
+//!   selectors; the proxy matches a learned address by the names learned
+//!   for it ([`DirectionRules::l7_matching`]). Combining the entries that
+//!   cover a peer ([`DirectionRules::l7_combine`]): any allow-all wins;
+//!   else TLS entries (HTTP rules cannot read encrypted bytes); else the
+//!   union of the HTTP rules. No covering entry (a peer the kernel should
+//!   not have admitted, or a learned address whose name is no longer
+//!   known) means deny.
+//! * `rules.tls: sni` is egress only, with toFQDNs (the CRD validation
+//!   says so): the allowed server names are that rule's toFQDNs selectors.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -95,13 +119,16 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::crd::{self, CidrRule, EgressRule, FqdnRule, IngressRule, PortRule, Protocol};
+use crate::crd::{
+    self, CidrRule, EgressRule, FqdnRule, HttpRule, IngressRule, PortRule, Protocol, TlsRule,
+};
 use crate::fqdn::FqdnSelector;
 use crate::model::{
     ClusterView, L4Protocol, NamedPort, PodInfo, PodRef, PolicyKind, PolicyObject, PolicyRef,
 };
 use crate::rules::{
-    Allow, DirectionRules, DnsAllow, DnsRules, EndpointRules, FqdnAllow, NodeRules, PortMatch,
+    Allow, DirectionRules, DnsAllow, DnsRules, EndpointRules, FqdnAllow, L7Allow, L7Rule,
+    NodeRules, PortMatch,
 };
 
 /// What [`compile`] returns: the node's rules and every problem found.
@@ -455,12 +482,30 @@ struct Rule {
     groups: Vec<PortGroup>,
 }
 
-/// One port rule: numeric ports, named ports, optional DNS rules.
+/// One port rule: numeric ports, named ports, optional DNS or L7 rules.
 #[derive(Default)]
 struct PortGroup {
     ports: Vec<PortMatch>,
     named: Vec<NamedSpec>,
     dns: Option<Vec<FqdnSelector>>,
+    l7: Option<L7Spec>,
+}
+
+/// The L7 rules of a port rule, before the rule's peers are known.
+#[derive(Clone)]
+enum L7Spec {
+    Http(Arc<[HttpRule]>),
+    /// The rule's toFQDNs selectors are the allowed server names.
+    Sni,
+}
+
+impl L7Spec {
+    fn rule(&self, fqdns: &[FqdnSelector]) -> L7Rule {
+        match self {
+            L7Spec::Http(rules) => L7Rule::Http(rules.clone()),
+            L7Spec::Sni => L7Rule::Sni(fqdns.to_vec()),
+        }
+    }
 }
 
 impl PortGroup {
@@ -1158,6 +1203,15 @@ fn mesh_port_rule(errs: &mut Errs, path: &str, pr: &PortRule) -> PortGroup {
             group.dns = Some(names);
         }
     }
+    if let Some(rules) = pr.rules.as_ref() {
+        match (&rules.http, rules.tls) {
+            (Some(http), _) if !http.is_empty() => {
+                group.l7 = Some(L7Spec::Http(Arc::from(http.as_slice())));
+            }
+            (_, Some(TlsRule::Sni)) => group.l7 = Some(L7Spec::Sni),
+            _ => {}
+        }
+    }
     group
 }
 
@@ -1422,6 +1476,8 @@ struct ResolvedDir {
     dns: Vec<DnsAllow>,
     /// Has `toFQDNs` or DNS rules.
     wants_dns: bool,
+    /// toFQDNs peers per port rule, with its L7 rules (for the L7 view).
+    fqdn_l7: Vec<L7Item>,
 }
 
 struct Emitted {
@@ -1429,11 +1485,24 @@ struct Emitted {
     /// Came from a port rule with DNS rules (so it is not an unrestricted
     /// DNS path).
     dns_rule: bool,
+    /// The L7 rules of its port rule.
+    l7: Option<L7Rule>,
 }
 
 struct LocalNamed {
     nets: Arc<Vec<IpNet>>,
     named: Vec<NamedSpec>,
+    l7: Option<L7Rule>,
+}
+
+/// Peers on ports with (or without) L7 rules: the input of [`l7_entries`].
+#[derive(Clone)]
+struct L7Item {
+    nets: Vec<IpNet>,
+    fqdns: Vec<FqdnSelector>,
+    ports: Vec<PortMatch>,
+    l7: Option<L7Rule>,
+    policy: PolicyRef,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1501,6 +1570,15 @@ fn resolve_rule(
                 policy: policy.clone(),
             });
         }
+        for g in &rule.groups {
+            out.fqdn_l7.push(L7Item {
+                nets: Vec::new(),
+                fqdns: rule.fqdns.clone(),
+                ports: normalize_ports(g.ports.clone()),
+                l7: g.l7.as_ref().map(|l| l.rule(&rule.fqdns)),
+                policy: policy.clone(),
+            });
+        }
     }
 
     let has_named = rule.groups.iter().any(|g| !g.named.is_empty());
@@ -1529,24 +1607,27 @@ fn resolve_rule(
     }
     let nets = Arc::new(nets);
 
-    // Port rules without DNS rules merge into one allow; each one with DNS
-    // rules stands alone (it also feeds a name-restricted DnsAllow).
+    // Port rules without DNS or L7 rules merge into one allow; each one
+    // with such rules stands alone (it also feeds a name-restricted DnsAllow
+    // or an L7 entry).
     let mut plain = PortGroup::default();
     for g in &rule.groups {
-        if g.dns.is_some() {
-            emit(g, &nets, &pods, dir, policy, index, out);
+        if g.dns.is_some() || g.l7.is_some() {
+            emit(g, &rule.fqdns, &nets, &pods, dir, policy, index, out);
         } else {
             plain.ports.extend(g.ports.iter().copied());
             plain.named.extend(g.named.iter().cloned());
         }
     }
     if !plain.ports.is_empty() || !plain.named.is_empty() {
-        emit(&plain, &nets, &pods, dir, policy, index, out);
+        emit(&plain, &rule.fqdns, &nets, &pods, dir, policy, index, out);
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn emit(
     group: &PortGroup,
+    fqdns: &[FqdnSelector],
     nets: &Arc<Vec<IpNet>>,
     pods: &[usize],
     dir: Direction,
@@ -1554,6 +1635,7 @@ fn emit(
     index: &Index<'_>,
     out: &mut ResolvedDir,
 ) {
+    let l7 = group.l7.as_ref().map(|l| l.rule(fqdns));
     let push = |nets: Vec<IpNet>, ports: Vec<PortMatch>, out: &mut ResolvedDir| {
         if let Some(names) = &group.dns {
             out.dns.push(DnsAllow {
@@ -1570,6 +1652,7 @@ fn emit(
                 policy: policy.clone(),
             },
             dns_rule: group.dns.is_some(),
+            l7: l7.clone(),
         });
     };
     let ports = normalize_ports(group.ports.clone());
@@ -1583,6 +1666,7 @@ fn emit(
         Direction::Ingress => out.local_named.push(LocalNamed {
             nets: nets.clone(),
             named: group.named.clone(),
+            l7: l7.clone(),
         }),
         Direction::Egress => {
             let mut by_port: BTreeMap<PortMatch, Vec<IpNet>> = BTreeMap::new();
@@ -1629,6 +1713,7 @@ fn ingress_rules(
     local_ports: &[Vec<PortMatch>],
 ) -> DirectionRules {
     let mut rules = DirectionRules::default();
+    let mut items = Vec::new();
     let mut local_ports = local_ports.iter();
     for &i in ids {
         let (Some(p), Some(Some(r))) = (parsed.get(i), resolved.get(i)) else {
@@ -1638,6 +1723,7 @@ fn ingress_rules(
         rules
             .allow
             .extend(r.ingress.allows.iter().map(|e| e.allow.clone()));
+        items.extend(r.ingress.allows.iter().map(emitted_item));
         for ln in &r.ingress.local_named {
             let Some(ports) = local_ports.next() else {
                 continue;
@@ -1648,10 +1734,69 @@ fn ingress_rules(
                     ports: ports.clone(),
                     policy: p.policy.clone(),
                 });
+                items.push(L7Item {
+                    nets: ln.nets.to_vec(),
+                    fqdns: Vec::new(),
+                    ports: ports.clone(),
+                    l7: ln.l7.clone(),
+                    policy: p.policy.clone(),
+                });
             }
         }
     }
+    rules.l7 = l7_entries(&items);
     rules
+}
+
+fn emitted_item(e: &Emitted) -> L7Item {
+    L7Item {
+        nets: e.allow.nets.clone(),
+        fqdns: Vec::new(),
+        ports: e.allow.ports.clone(),
+        l7: e.l7.clone(),
+        policy: e.allow.policy.clone(),
+    }
+}
+
+/// The L7 view of one direction: the TCP ports some rule puts L7 rules on,
+/// and for each such port one entry per rule admitting traffic there (its
+/// L7 rules, or allow-all for a rule without).
+fn l7_entries(items: &[L7Item]) -> Vec<L7Allow> {
+    let tcp = L4Protocol::Tcp;
+    let mut ports = BTreeSet::new();
+    for item in items.iter().filter(|i| i.l7.is_some()) {
+        for p in &item.ports {
+            if let PortMatch::Ports {
+                protocol,
+                first,
+                last,
+            } = *p
+            {
+                if protocol == tcp && first == last {
+                    ports.insert(first);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for port in ports {
+        for item in items {
+            if item.nets.is_empty() && item.fqdns.is_empty() {
+                continue;
+            }
+            if !item.ports.iter().any(|p| p.admits(tcp.number(), port)) {
+                continue;
+            }
+            out.push(L7Allow {
+                nets: item.nets.clone(),
+                fqdns: item.fqdns.clone(),
+                port,
+                rule: item.l7.clone().unwrap_or(L7Rule::AllowAll),
+                policy: item.policy.clone(),
+            });
+        }
+    }
+    out
 }
 
 /// Ingress rules are shared by pods isolated by the same policies whose
@@ -1672,6 +1817,7 @@ fn egress_rules(
     let mut wants_dns = false;
     let mut dns = DnsRules::default();
     let mut plain: Vec<&Emitted> = Vec::new();
+    let mut items = Vec::new();
     for &i in ids {
         let (Some(p), Some(Some(r))) = (parsed.get(i), resolved.get(i)) else {
             continue;
@@ -1681,10 +1827,13 @@ fn egress_rules(
             .allow
             .extend(r.egress.allows.iter().map(|e| e.allow.clone()));
         rules.fqdn.extend(r.egress.fqdn.iter().cloned());
+        items.extend(r.egress.allows.iter().map(emitted_item));
+        items.extend(r.egress.fqdn_l7.iter().cloned());
         wants_dns |= r.egress.wants_dns;
         dns.allow.extend(r.egress.dns.iter().cloned());
         plain.extend(r.egress.allows.iter().filter(|e| !e.dns_rule));
     }
+    rules.l7 = l7_entries(&items);
     let dns = wants_dns.then(|| {
         for e in plain {
             let ports: Vec<PortMatch> = e

@@ -42,8 +42,13 @@
 //! * Like Cilium: one kind of L3 peer per rule (`toFQDNs` cannot be
 //!   combined with `toEndpoints`, `toCIDR`, `toCIDRSet`; `fromCIDR` not with
 //!   `fromEndpoints`, …); one kind of L7 rule per port rule; `rules.dns`
-//!   only on egress; `rules.http` only on TCP or ANY ports and not on port
-//!   ranges.
+//!   only on egress; `rules.http` only on TCP or ANY ports, not on port
+//!   ranges, and only on port rules that list ports (the proxy is chosen
+//!   per port).
+//! * `rules.tls: sni` (a meshward addition, not in Cilium): egress only, in
+//!   a rule with `toFQDNs`, on TCP/ANY ports listed explicitly; the
+//!   ClientHello's server name must match one of the rule's `toFQDNs`
+//!   selectors, else the L7 proxy resets the connection.
 //! * CIDRs: a bare address means a host prefix; host bits may be set (as Go's
 //!   `net.ParseCIDR` allows); every `except` must be of the same family and
 //!   inside its `cidr`.
@@ -281,11 +286,26 @@ pub struct L7Rules {
     /// Allowed HTTP requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<Vec<HttpRule>>,
+    /// TLS check (egress, with `toFQDNs`): `sni` requires the ClientHello's
+    /// server name to match the rule's `toFQDNs`, else the connection is
+    /// reset. Nothing is decrypted. A meshward addition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsRule>,
+}
+
+/// TLS check (`rules.tls`, egress with `toFQDNs`): `sni` requires the
+/// ClientHello's server name to match the rule's `toFQDNs`, else the
+/// connection is reset.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsRule {
+    /// The ClientHello's server name must match the rule's `toFQDNs`.
+    Sni,
 }
 
 /// One allowed HTTP request shape (Cilium's `PortRuleHTTP`); all given
 /// fields must match.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRule {
     /// Regular expression on the method, e.g. `GET`.
@@ -306,7 +326,7 @@ pub struct HttpRule {
 }
 
 /// A header that must have a value.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatch {
     /// Header name.
@@ -542,7 +562,13 @@ fn check_rule_peers(errs: &mut Errs, r: RulePeers<'_>) {
         check_fqdn_rule(errs, &format!("{p}.{d}FQDNs[{j}]"), f);
     }
     for (j, pr) in r.to_ports.iter().flatten().enumerate() {
-        check_port_rule(errs, &format!("{p}.toPorts[{j}]"), pr, r.egress);
+        check_port_rule(
+            errs,
+            &format!("{p}.toPorts[{j}]"),
+            pr,
+            r.egress,
+            fqdns.is_some_and(|f| !f.is_empty()),
+        );
     }
 }
 
@@ -622,7 +648,7 @@ fn check_fqdn_rule(errs: &mut Errs, path: &str, f: &FqdnRule) {
     }
 }
 
-fn check_port_rule(errs: &mut Errs, path: &str, pr: &PortRule, egress: bool) {
+fn check_port_rule(errs: &mut Errs, path: &str, pr: &PortRule, egress: bool, to_fqdns: bool) {
     let mut any_range = false;
     let mut non_tcp: Option<String> = None;
     for (k, pp) in pr.ports.iter().flatten().enumerate() {
@@ -662,20 +688,42 @@ fn check_port_rule(errs: &mut Errs, path: &str, pr: &PortRule, egress: bool) {
     let rp = format!("{path}.rules");
     let has_dns = rules.dns.as_ref().is_some_and(|v| !v.is_empty());
     let has_http = rules.http.as_ref().is_some_and(|v| !v.is_empty());
-    if has_dns && has_http {
-        errs.push(&rp, "only one kind of L7 rule (dns or http) per port rule");
+    let has_tls = rules.tls.is_some();
+    if usize::from(has_dns) + usize::from(has_http) + usize::from(has_tls) > 1 {
+        errs.push(
+            &rp,
+            "only one kind of L7 rule (dns, http or tls) per port rule",
+        );
     }
-    if (has_dns || has_http) && any_range {
+    if (has_dns || has_http || has_tls) && any_range {
         errs.push(&rp, "L7 rules cannot apply on port ranges (endPort)");
     }
     if has_dns && !egress {
         errs.push(format!("{rp}.dns"), "DNS rules are only allowed on egress");
     }
-    if has_http {
+    if has_http || has_tls {
+        let field = if has_http { "http" } else { "tls" };
+        let kind = if has_http { "HTTP" } else { "TLS" };
         if let Some(proto) = &non_tcp {
             errs.push(
-                format!("{rp}.http"),
-                format!("HTTP rules need TCP or ANY ports, not {proto}"),
+                format!("{rp}.{field}"),
+                format!("{kind} rules need TCP or ANY ports, not {proto}"),
+            );
+        }
+        if pr.ports.as_ref().is_none_or(Vec::is_empty) {
+            errs.push(
+                format!("{rp}.{field}"),
+                format!("{kind} rules need ports (the proxy is selected per port)"),
+            );
+        }
+    }
+    if has_tls {
+        if !egress {
+            errs.push(format!("{rp}.tls"), "TLS rules are only allowed on egress");
+        } else if !to_fqdns {
+            errs.push(
+                format!("{rp}.tls"),
+                "TLS rules need toFQDNs in the same rule (the allowed server names)",
             );
         }
     }
@@ -1189,6 +1237,31 @@ spec:
                 "  egress:\n  - toPorts:\n    - ports: [{port: '53'}]\n      rules:\n        dns: [{matchPattern: 'a b'}]\n",
                 "spec.egress[0].toPorts[0].rules.dns[0].matchPattern",
                 "invalid matchPattern",
+            ),
+            (
+                "  egress:\n  - toPorts:\n    - rules:\n        http: [{path: /}]\n",
+                "spec.egress[0].toPorts[0].rules.http",
+                "HTTP rules need ports",
+            ),
+            (
+                "  egress:\n  - toFQDNs: [{matchName: a.example}]\n    toPorts:\n    - ports: [{port: '443', protocol: UDP}]\n      rules: {tls: sni}\n",
+                "spec.egress[0].toPorts[0].rules.tls",
+                "TLS rules need TCP or ANY",
+            ),
+            (
+                "  egress:\n  - toCIDR: [10.0.0.0/8]\n    toPorts:\n    - ports: [{port: '443'}]\n      rules: {tls: sni}\n",
+                "spec.egress[0].toPorts[0].rules.tls",
+                "need toFQDNs",
+            ),
+            (
+                "  ingress:\n  - toPorts:\n    - ports: [{port: '443'}]\n      rules: {tls: sni}\n",
+                "spec.ingress[0].toPorts[0].rules.tls",
+                "only allowed on egress",
+            ),
+            (
+                "  egress:\n  - toFQDNs: [{matchName: a.example}]\n    toPorts:\n    - ports: [{port: '443'}]\n      rules: {tls: sni, http: [{path: /}]}\n",
+                "spec.egress[0].toPorts[0].rules",
+                "(dns, http or tls)",
             ),
             (
                 "  egress:\n  - toPorts:\n    - ports: [{port: '53'}]\n      rules:\n        dns: [{matchName: a.example}]\n        http: [{path: /}]\n",

@@ -32,7 +32,8 @@ pub use compile::{compile, Compiled, Compiler, PolicyError};
 pub use crd::{
     crds_yaml, CidrRule, CrdYamlError, EgressRule, FieldError, FqdnRule, HeaderMatch, HttpRule,
     IngressRule, L7Rules, MeshClusterwideNetworkPolicy, MeshClusterwideNetworkPolicySpec,
-    MeshNetworkPolicy, MeshNetworkPolicySpec, PortProtocol, PortRule, Protocol, ValidationErrors,
+    MeshNetworkPolicy, MeshNetworkPolicySpec, PortProtocol, PortRule, Protocol, TlsRule,
+    ValidationErrors,
 };
 pub use fqdn::{
     Fqdn, FqdnError, FqdnPattern, FqdnSelector, FqdnSet, PatternError, SelectorError,
@@ -43,6 +44,6 @@ pub use model::{
     PolicyRef,
 };
 pub use rules::{
-    Allow, DirectionRules, DnsAllow, DnsRules, DnsVerdict, EndpointRules, FqdnAllow, NodeRules,
-    PortMatch,
+    Allow, DirectionRules, DnsAllow, DnsRules, DnsVerdict, EndpointRules, FqdnAllow, L7Allow,
+    L7Applies, L7Rule, NodeRules, PortMatch,
 };

@@ -42,6 +42,7 @@ mod control;
 pub mod events;
 mod health;
 pub mod keeper;
+mod l7;
 mod metrics;
 mod netlink;
 mod nflog;
@@ -386,6 +387,8 @@ impl Agent {
             agent.config.state_dir.clone(),
             &agent.config.policy,
         )?;
+        // the L7 proxy listens before any port is redirected to it
+        l7::start(engine.l7(), &agent.config.policy).context("starting the L7 proxy")?;
         if !engine.update(&agent.snapshot, true) {
             bail!("applying the policy to the kernel failed (see above)");
         }

@@ -13,6 +13,8 @@
 //!   answer gets the addresses on that rule's ports, in one netlink batch.
 //!   As in Cilium, what one pod learned counts for every pod whose policy
 //!   names it.
+//! - The L7 proxy (`l7.rs`) gets each new rule set before the kernel does,
+//!   and the names learned per address (for toFQDNs peers of L7 rules).
 //! - The cache is saved (crash-safe) to the state directory at most once a
 //!   second and on shutdown, and restored at start before the proxy
 //!   serves, so learned names stay allowed across restarts.
@@ -37,6 +39,7 @@ use parking_lot::Mutex;
 use tracing::{error, info, warn};
 
 use super::events::{EventHub, FlowEvent, FlowType, Verdict};
+use super::l7::L7Shared;
 use super::metrics;
 use super::protocol::{LearnedName, PolicyStatus};
 use crate::config::PolicySettings;
@@ -59,6 +62,8 @@ struct Shared {
     save_now: std::sync::mpsc::SyncSender<()>,
     /// Flow events, once observability is wired (`PolicyEngine::observe`).
     events: OnceLock<Arc<EventHub>>,
+    /// What the L7 proxy reads.
+    l7: Arc<L7Shared>,
 }
 
 /// Policy enforcement of one node.
@@ -79,6 +84,7 @@ impl PolicyEngine {
         let tables = PolicyTables::new(PolicyConfig {
             nflog_group: settings.nflog_group,
             dns_proxy_port: Some(settings.dns_proxy_port),
+            l7_proxy_port: Some(settings.l7_proxy_port),
             ..PolicyConfig::default()
         })
         .context("installing the policy tables")?;
@@ -98,6 +104,10 @@ impl PolicyEngine {
             evicted = report.evicted,
             "learned-name cache loaded"
         );
+        let l7 = Arc::new(L7Shared::default());
+        for entry in cache.entries() {
+            l7.names.add(&entry.name, entry.ip);
+        }
         let (save_now, wake) = std::sync::mpsc::sync_channel(1);
         let shared = Arc::new(Shared {
             rules: ArcSwap::from_pointee(NodeRules::default()),
@@ -106,6 +116,7 @@ impl PolicyEngine {
             dirty: AtomicBool::new(false),
             save_now,
             events: OnceLock::new(),
+            l7,
         });
         let saver = shared.clone();
         let dir = state_dir.clone();
@@ -154,7 +165,9 @@ impl PolicyEngine {
             rules: (*rules).clone(),
             fqdn,
         };
-        // The proxy sees the new rules once the kernel has them.
+        // The DNS proxy sees the new rules once the kernel has them; the L7
+        // proxy before, so no port is redirected to it without its rules.
+        self.shared.l7.set_rules(&rules);
         let result = self.shared.tables.lock().apply_policy(&state);
         match result {
             Ok(()) => {
@@ -216,16 +229,19 @@ impl PolicyEngine {
         Ok(())
     }
 
+    /// The L7 proxy's shared state (rules, learned names, events).
+    pub fn l7(&self) -> Arc<L7Shared> {
+        self.shared.l7.clone()
+    }
+
     /// Saves the cache if it changed and forgets expired entries (the
     /// kernel's elements expire by themselves).
     pub fn tick(&self) {
-        if !self
-            .shared
-            .cache
-            .lock()
-            .expire(SystemTime::now())
-            .is_empty()
-        {
+        let expired = self.shared.cache.lock().expire(SystemTime::now());
+        if !expired.is_empty() {
+            for (name, ip) in &expired {
+                self.shared.l7.names.remove(name, *ip);
+            }
             self.shared.dirty.store(true, Ordering::Relaxed);
         }
         save(&self.shared, &self.state_dir);
@@ -254,6 +270,8 @@ impl PolicyEngine {
                 .filter(|e| e.ingress.is_some())
                 .count(),
             dns_redirected: rules.endpoints.values().filter(|e| e.dns.is_some()).count(),
+            l7_ports: super::l7::status_ports(&rules),
+            l7_requests: super::l7::counts(),
             errors: self.errors.iter().map(|e| e.to_string()).collect(),
             learned_entries,
             learned,
@@ -308,8 +326,14 @@ impl LearnHook for Learner {
 fn learn(shared: &Shared, learned: Learned) -> Result<(), String> {
     let now = SystemTime::now();
     let update = shared.cache.lock().insert(&learned, now);
+    for (name, ip) in &update.evicted {
+        shared.l7.names.remove(name, *ip);
+    }
     if update.upserted.is_empty() {
         return Ok(());
+    }
+    for e in &update.upserted {
+        shared.l7.names.add(&e.name, e.ip);
     }
     shared.dirty.store(true, Ordering::Relaxed);
     // a full channel means a save is already due
@@ -418,6 +442,7 @@ impl PolicyEngine {
     /// answers (from the proxy). Call after `start_dns_proxy`.
     pub fn observe(&self, hub: Arc<EventHub>) {
         let _ = self.shared.events.set(hub.clone());
+        self.shared.l7.set_events(hub.clone());
         if let Some(proxy) = &self.proxy {
             proxy.set_observer(Arc::new(DnsEvents {
                 shared: self.shared.clone(),

@@ -181,6 +181,23 @@ pub struct PolicyStatus {
     /// Learned names (the longest-lived first, at most a few hundred).
     #[serde(default)]
     pub learned: Vec<LearnedName>,
+    /// Ports whose traffic goes through the L7 proxy, per pod and direction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub l7_ports: Vec<L7Ports>,
+    /// L7 proxy decisions since start: allowed, denied.
+    #[serde(default)]
+    pub l7_requests: (u64, u64),
+}
+
+/// The L7 ports of one pod in one direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct L7Ports {
+    /// `namespace/name`.
+    pub pod: String,
+    /// egress or ingress.
+    pub direction: String,
+    pub ports: Vec<u16>,
 }
 
 /// A name the DNS proxy learned, with what it resolved to.

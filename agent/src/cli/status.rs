@@ -226,6 +226,17 @@ fn render_policy(out: &mut String, p: &crate::agent::protocol::PolicyStatus) {
             dns("holdMaxMicros")
         );
     }
+    if !p.l7_ports.is_empty() {
+        let _ = writeln!(
+            out,
+            "  L7 proxy      {} allowed, {} denied",
+            p.l7_requests.0, p.l7_requests.1
+        );
+        for l in &p.l7_ports {
+            let ports: Vec<String> = l.ports.iter().map(u16::to_string).collect();
+            let _ = writeln!(out, "    {} {} {}", l.pod, l.direction, ports.join(","));
+        }
+    }
     let _ = writeln!(
         out,
         "  learned       {} (name, address) entries",
@@ -318,12 +329,22 @@ mod tests {
                     ips: vec!["198.18.100.10".into()],
                     ttl_secs: 42,
                 }],
+                l7_ports: vec![crate::agent::protocol::L7Ports {
+                    pod: "default/a".into(),
+                    direction: "egress".into(),
+                    ports: vec![80, 443],
+                }],
+                l7_requests: (5, 2),
                 ..Default::default()
             }),
             health_address: Some("198.18.0.1:9879".into()),
             flow_events: None,
         };
         let text = render(&status);
+        assert!(
+            text.contains("  L7 proxy      5 allowed, 2 denied\n    default/a egress 80,443\n"),
+            "{text}"
+        );
         assert!(
             text.contains("previous key  K0= (rotation in progress"),
             "{text}"

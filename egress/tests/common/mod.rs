@@ -151,6 +151,7 @@ pub fn rules(allows: Vec<Allow>) -> DirectionRules {
         policies: vec![policy("p")],
         allow: allows,
         fqdn: Vec::new(),
+        l7: Vec::new(),
     }
 }
 

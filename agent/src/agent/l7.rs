@@ -1,0 +1,603 @@
+//! The node's L7 proxy ([`meshward_l7_proxy::L7Proxy`]) wired to the
+//! compiled policy: nftables TPROXYs TCP on ports with `rules.http` /
+//! `rules.tls` (per endpoint and direction) to it, it asks [`L7Rules`]
+//! what applies, and every decision becomes an `l7` flow event and a
+//! `meshward_l7_requests_total` count.
+//!
+//! - Rules: when the policy engine's rules change (before the kernel gets
+//!   them), [`L7Shared::set_rules`] rebuilds a table (local endpoint
+//!   address, direction) → port → the endpoint's [`DirectionRules`] and
+//!   swaps it in ([`ArcSwap`]); a lookup is two hash lookups plus a scan
+//!   of that port's few entries. The proxy's rule sets (compiled regexes)
+//!   are built once per distinct set of matching entries and memoised per
+//!   (rules, port). The proxy listens before the first apply; until the
+//!   first rules arrive (the kernel may still hold a predecessor's redirect
+//!   sets) every request is denied: fail closed for those milliseconds.
+//! - Learned peers: an entry with toFQDNs selectors covers an address when
+//!   a name learned for that address (from any pod's DNS, Cilium's
+//!   semantics as for the kernel's sets) matches them. The policy engine
+//!   keeps an address → names index beside its cache ([`PeerNames`]),
+//!   updated on every learn, eviction and expiry.
+//! - The proxy runs on its own thread and (current-thread) tokio runtime,
+//!   as the DNS proxy does (a busy reconcile never delays a request); a proxy that cannot start, panics or stops
+//!   aborts the process (fail loud; the supervisor restarts the agent).
+//! - Onward connections originate on the node (output hook), so they pass
+//!   no prerouting rule and are not redirected again. They leave from the
+//!   client's address (IP_TRANSPARENT bind, `transparent_upstream`), so a
+//!   remote destination node enforces its pod's ingress policy on the real
+//!   client; replies are delivered to the proxy by the `socket transparent`
+//!   rule of the L7 chain and the TPROXY policy routing.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use meshward_l7_proxy::{
+    Direction, EventSink, HttpRuleSet, L7Event, L7Protocol, L7Proxy, PolicySource, PortPolicy,
+    ProxyConfig, SniRuleSet, Verdict as L7Verdict,
+};
+use meshward_policy::{DirectionRules, Fqdn, L7Applies, NodeRules};
+use parking_lot::Mutex;
+use tracing::{error, info, warn};
+
+use super::events::{EventHub, FlowEvent, FlowType, L7Info, Verdict};
+use crate::config::PolicySettings;
+
+/// Requests (or TLS connections) judged, by outcome, since start.
+static ALLOWED: AtomicU64 = AtomicU64::new(0);
+static DENIED: AtomicU64 = AtomicU64::new(0);
+
+/// (allowed, denied) decisions of the L7 proxy since start (malformed
+/// requests count as denied).
+pub fn counts() -> (u64, u64) {
+    (
+        ALLOWED.load(Ordering::Relaxed),
+        DENIED.load(Ordering::Relaxed),
+    )
+}
+
+/// The L7 ports of every local endpoint and direction, for status.
+pub fn status_ports(rules: &NodeRules) -> Vec<super::protocol::L7Ports> {
+    let mut out = Vec::new();
+    for ep in rules.endpoints.values() {
+        for (direction, dir) in [("egress", &ep.egress), ("ingress", &ep.ingress)] {
+            let ports: Vec<u16> = dir.iter().flat_map(|d| d.l7_ports()).collect();
+            if !ports.is_empty() {
+                out.push(super::protocol::L7Ports {
+                    pod: format!("{}/{}", ep.pod.namespace, ep.pod.name),
+                    direction: direction.into(),
+                    ports,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Memoised proxy rule sets per (rules, port) at most; beyond, the memo
+/// starts over (distinct sets are few: one per combination of entries).
+const MEMO_CAP: usize = 1024;
+
+/// One L7 port of one endpoint direction.
+struct PortTable {
+    rules: Arc<DirectionRules>,
+    port: u16,
+    has_fqdn: bool,
+    /// Matching entry indices → the proxy's policy.
+    memo: Mutex<HashMap<Vec<usize>, PortPolicy>>,
+}
+
+impl PortTable {
+    fn policy(&self, peer: IpAddr, names: &[Fqdn]) -> PortPolicy {
+        let matching = self.rules.l7_matching(peer, names, self.port);
+        if let Some(p) = self.memo.lock().get(&matching) {
+            return p.clone();
+        }
+        let policy = self.build(&matching);
+        let mut memo = self.memo.lock();
+        if memo.len() >= MEMO_CAP {
+            memo.clear();
+        }
+        memo.insert(matching, policy.clone());
+        policy
+    }
+
+    fn build(&self, matching: &[usize]) -> PortPolicy {
+        let all_policies = || {
+            self.rules
+                .policies
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self.rules.l7_combine(matching) {
+            L7Applies::Nothing => {
+                PortPolicy::Http(Arc::new(HttpRuleSet::deny_all(&all_policies())))
+            }
+            L7Applies::AllowAll(_) => PortPolicy::AllowAll,
+            L7Applies::Http(list) => {
+                let named: Vec<_> = list.iter().map(|(r, p)| (*r, p.to_string())).collect();
+                match HttpRuleSet::new(named.iter().map(|(r, p)| (*r, p.as_str()))) {
+                    Ok(set) => PortPolicy::Http(Arc::new(set)),
+                    Err(e) => {
+                        // The CRD validation checks the same fields; deny
+                        // rather than widen.
+                        error!(
+                            "an HTTP rule cannot be compiled, denying on port {}: {e}",
+                            self.port
+                        );
+                        PortPolicy::Http(Arc::new(HttpRuleSet::deny_all(&all_policies())))
+                    }
+                }
+            }
+            L7Applies::Sni(list) => PortPolicy::Sni(Arc::new(SniRuleSet::new(
+                list.into_iter().map(|(s, p)| (s.clone(), p.to_string())),
+            ))),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Side {
+    Egress,
+    Ingress,
+}
+
+/// The proxy's view of the rules: (local address, side) → port → table.
+#[derive(Default)]
+pub struct L7Rules {
+    by_endpoint: HashMap<(IpAddr, Side), HashMap<u16, Arc<PortTable>>>,
+}
+
+impl L7Rules {
+    /// Builds the tables of `rules` (tables are shared by endpoints that
+    /// share their `DirectionRules`).
+    pub fn build(rules: &NodeRules) -> L7Rules {
+        let mut shared: HashMap<(usize, u16), Arc<PortTable>> = HashMap::new();
+        let mut by_endpoint = HashMap::new();
+        for ep in rules.endpoints.values() {
+            for (side, dir) in [(Side::Egress, &ep.egress), (Side::Ingress, &ep.ingress)] {
+                let Some(dir) = dir else { continue };
+                let ports = dir.l7_ports();
+                if ports.is_empty() {
+                    continue;
+                }
+                let mut tables = HashMap::new();
+                for port in ports {
+                    let key = (Arc::as_ptr(dir) as usize, port);
+                    let table = shared.entry(key).or_insert_with(|| {
+                        Arc::new(PortTable {
+                            rules: dir.clone(),
+                            port,
+                            has_fqdn: dir.l7.iter().any(|a| a.port == port && !a.fqdns.is_empty()),
+                            memo: Mutex::new(HashMap::new()),
+                        })
+                    });
+                    tables.insert(port, table.clone());
+                }
+                for ip in &ep.ips {
+                    by_endpoint.insert((*ip, side), tables.clone());
+                }
+            }
+        }
+        L7Rules { by_endpoint }
+    }
+
+    fn table(&self, local: IpAddr, side: Side, port: u16) -> Option<&Arc<PortTable>> {
+        self.by_endpoint.get(&(local, side))?.get(&port)
+    }
+
+    /// L7 ports per local address and side.
+    #[cfg(test)]
+    fn ports(&self) -> std::collections::BTreeMap<(IpAddr, &'static str), Vec<u16>> {
+        self.by_endpoint
+            .iter()
+            .map(|((ip, side), ports)| {
+                let mut p: Vec<u16> = ports.keys().copied().collect();
+                p.sort_unstable();
+                let side = match side {
+                    Side::Egress => "egress",
+                    Side::Ingress => "ingress",
+                };
+                ((*ip, side), p)
+            })
+            .collect()
+    }
+}
+
+/// Names learned for each address (the reverse of the FQDN cache).
+#[derive(Default)]
+pub struct PeerNames {
+    by_ip: Mutex<HashMap<IpAddr, Vec<Fqdn>>>,
+}
+
+impl PeerNames {
+    pub fn add(&self, name: &Fqdn, ip: IpAddr) {
+        let mut map = self.by_ip.lock();
+        let names = map.entry(ip).or_default();
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+
+    pub fn remove(&self, name: &Fqdn, ip: IpAddr) {
+        let mut map = self.by_ip.lock();
+        if let Some(names) = map.get_mut(&ip) {
+            names.retain(|n| n != name);
+            if names.is_empty() {
+                map.remove(&ip);
+            }
+        }
+    }
+
+    pub fn names(&self, ip: IpAddr) -> Vec<Fqdn> {
+        self.by_ip.lock().get(&ip).cloned().unwrap_or_default()
+    }
+}
+
+/// What the proxy thread and the policy engine share.
+#[derive(Default)]
+pub struct L7Shared {
+    rules: ArcSwap<L7Rules>,
+    /// False until the first [`L7Shared::set_rules`]: connections the
+    /// kernel redirects meanwhile (a predecessor's sets) are denied.
+    loaded: std::sync::atomic::AtomicBool,
+    pub names: PeerNames,
+    events: OnceLock<Arc<EventHub>>,
+}
+
+impl L7Shared {
+    /// Publishes new rules to the proxy.
+    pub fn set_rules(&self, rules: &NodeRules) {
+        self.rules.store(Arc::new(L7Rules::build(rules)));
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    pub fn set_events(&self, hub: Arc<EventHub>) {
+        let _ = self.events.set(hub);
+    }
+
+    #[cfg(test)]
+    fn rules(&self) -> Arc<L7Rules> {
+        self.rules.load_full()
+    }
+
+    fn lookup_side(&self, src: IpAddr, dst: SocketAddr, side: Side) -> PortPolicy {
+        if !self.loaded.load(Ordering::Acquire) {
+            return PortPolicy::Http(Arc::new(HttpRuleSet::deny_all(
+                "meshward (rules not loaded yet)",
+            )));
+        }
+        let rules = self.rules.load();
+        let (local, peer) = match side {
+            Side::Egress => (src, dst.ip()),
+            Side::Ingress => (dst.ip(), src),
+        };
+        let Some(table) = rules.table(local, side, dst.port()) else {
+            return PortPolicy::AllowAll;
+        };
+        let names = if table.has_fqdn {
+            self.names.names(peer)
+        } else {
+            Vec::new()
+        };
+        table.policy(peer, &names)
+    }
+
+    /// Which side's L7 rules judged a connection (for the event's
+    /// direction): egress when the source has L7 rules on the port.
+    fn side_of(&self, src: IpAddr, dst: SocketAddr) -> &'static str {
+        if self
+            .rules
+            .load()
+            .table(src, Side::Egress, dst.port())
+            .is_some()
+        {
+            "egress"
+        } else {
+            "ingress"
+        }
+    }
+
+    fn event(&self, e: L7Event) {
+        match e.verdict {
+            L7Verdict::Allowed => ALLOWED.fetch_add(1, Ordering::Relaxed),
+            L7Verdict::Denied | L7Verdict::Malformed => DENIED.fetch_add(1, Ordering::Relaxed),
+        };
+        let Some(hub) = self.events.get() else {
+            return;
+        };
+        hub.publish(flow_event(hub, &e, self.side_of(e.src.ip(), e.dst)));
+    }
+}
+
+/// An L7 decision as a flow event.
+fn flow_event(hub: &EventHub, e: &L7Event, direction: &str) -> FlowEvent {
+    let verdict = match e.verdict {
+        L7Verdict::Allowed => Verdict::Allowed,
+        L7Verdict::Denied | L7Verdict::Malformed => Verdict::Denied,
+    };
+    let mut f = FlowEvent::new(FlowType::L7, verdict);
+    f.time = super::events::unix_ms(e.time);
+    f.direction = Some(direction.into());
+    f.source = Some(hub.endpoint(e.src.ip(), None));
+    f.destination = Some(hub.endpoint(e.dst.ip(), Some(e.dst.port())));
+    f.protocol = Some(
+        match e.protocol {
+            L7Protocol::Http1 => "HTTP/1.1",
+            L7Protocol::Http2 => "HTTP/2",
+            L7Protocol::Grpc => "gRPC",
+            L7Protocol::Tls => "TLS",
+        }
+        .into(),
+    );
+    let tls = e.protocol == L7Protocol::Tls;
+    f.l7 = Some(L7Info {
+        method: if tls { "TLS".into() } else { e.method.clone() },
+        path: if tls {
+            e.host.clone().unwrap_or_default()
+        } else {
+            e.path.clone()
+        },
+        status: match (e.verdict, tls) {
+            (_, true) => None,
+            (L7Verdict::Denied, false) => Some(403),
+            (L7Verdict::Malformed, false) => Some(400),
+            (L7Verdict::Allowed, false) => None,
+        },
+    });
+    f.policies = e
+        .policy
+        .as_deref()
+        .map(|p| p.split(", ").map(str::to_string).collect())
+        .unwrap_or_default();
+    f.reason = match (&e.reason, e.verdict, tls) {
+        (Some(r), _, _) => Some(r.clone()),
+        (None, L7Verdict::Denied, false) => Some("no HTTP rule matched".into()),
+        (None, L7Verdict::Denied, true) => Some("server name not allowed".into()),
+        _ => None,
+    };
+    f
+}
+
+/// The `PolicySource` the proxy calls.
+struct Source(Arc<L7Shared>);
+
+impl PolicySource for Source {
+    fn lookup(&self, src: IpAddr, dst: SocketAddr, direction: Direction) -> PortPolicy {
+        let side = match direction {
+            Direction::Egress => Side::Egress,
+            Direction::Ingress => Side::Ingress,
+        };
+        self.0.lookup_side(src, dst, side)
+    }
+}
+
+/// Starts the proxy on its own thread, listening on 127.0.0.1:port (and
+/// [::1]:port when the node has IPv6 loopback); returns once it listens.
+pub fn start(shared: Arc<L7Shared>, settings: &PolicySettings) -> Result<()> {
+    let config = ProxyConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], settings.l7_proxy_port)),
+        max_header_bytes: settings.l7_max_header_bytes,
+        header_read_timeout: settings.l7_header_timeout,
+        idle_timeout: settings.l7_idle_timeout,
+        transparent_upstream: true,
+        ..ProxyConfig::default()
+    };
+    let v6 = ProxyConfig {
+        listen: SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), settings.l7_proxy_port),
+        ..config.clone()
+    };
+    let (ready, bound) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+    let addr = config.listen;
+    std::thread::Builder::new()
+        .name("mw-l7-proxy".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready.send(Err(format!("cannot start a runtime: {e}")));
+                    return;
+                }
+            };
+            let serve = std::panic::AssertUnwindSafe(|| runtime.block_on(async move {
+                let source: Arc<dyn PolicySource> = Arc::new(Source(shared.clone()));
+                let sink_shared = shared.clone();
+                let sink: EventSink = Arc::new(move |e| sink_shared.event(e));
+                let v4 = match L7Proxy::bind(config, source.clone(), sink.clone()) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("binding {addr}: {e}")));
+                        return false;
+                    }
+                };
+                let v6 = match L7Proxy::bind(v6, source, sink) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        warn!("the L7 proxy does not listen on [::1] ({e}): IPv6 L7 ports get no proxy");
+                        None
+                    }
+                };
+                let _ = ready.send(Ok(()));
+                let v6_task = tokio::spawn(async move {
+                    if let Some(p) = v6 {
+                        p.run().await
+                    }
+                });
+                v4.run().await;
+                let _ = v6_task.await;
+                true
+            }));
+            // A bind failure is reported to the caller; anything else (a
+            // panic, `run` returning) fails closed and loudly.
+            match std::panic::catch_unwind(serve) {
+                Ok(false) => {}
+                Ok(true) => {
+                    error!("the L7 proxy stopped");
+                    std::process::abort();
+                }
+                Err(_) => {
+                    error!("the L7 proxy panicked");
+                    std::process::abort();
+                }
+            }
+        })
+        .context("starting the L7 proxy thread")?;
+    match bound.recv() {
+        Ok(Ok(())) => {
+            info!(%addr, "L7 proxy serving");
+            Ok(())
+        }
+        Ok(Err(e)) => anyhow::bail!("the L7 proxy cannot start: {e}"),
+        Err(_) => anyhow::bail!("the L7 proxy thread ended before it listened"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshward_policy::{compile, ClusterView, MeshNetworkPolicy, PodInfo, PolicyObject};
+
+    fn view() -> ClusterView {
+        let pod = |name: &str, ip: &str, node: &str, app: &str| PodInfo {
+            namespace: "shop".into(),
+            name: name.into(),
+            node: node.into(),
+            ips: vec![ip.parse().unwrap()],
+            labels: [("app".to_string(), app.to_string())].into(),
+            ports: Vec::new(),
+            host_network: false,
+        };
+        let policy: MeshNetworkPolicy = serde_saphyr::from_str(
+            "
+apiVersion: meshward.io/v1alpha1
+kind: MeshNetworkPolicy
+metadata: {name: frontend, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: frontend}}
+  egress:
+  - toCIDR: [198.18.100.0/24]
+    toPorts:
+    - ports: [{port: '80', protocol: TCP}]
+      rules:
+        http: [{method: GET, path: /healthz}]
+  - toFQDNs: [{matchName: api.example.test}]
+    toPorts:
+    - ports: [{port: '443'}]
+      rules: {tls: sni}
+",
+        )
+        .unwrap();
+        ClusterView {
+            pods: vec![
+                pod("frontend", "198.19.1.2", "n1", "frontend"),
+                pod("other", "198.19.1.3", "n1", "other"),
+            ],
+            namespaces: Vec::new(),
+            policies: vec![PolicyObject::Mesh(Arc::new(policy))],
+        }
+    }
+
+    fn shared() -> L7Shared {
+        let compiled = compile(&view(), "n1");
+        assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
+        let s = L7Shared::default();
+        s.set_rules(&compiled.rules);
+        s
+    }
+
+    #[test]
+    fn lookups_follow_the_compiled_rules() {
+        let fresh = L7Shared::default();
+        let any: SocketAddr = "198.18.100.10:80".parse().unwrap();
+        match fresh.lookup_side("198.19.1.9".parse().unwrap(), any, Side::Egress) {
+            PortPolicy::Http(set) => assert!(set.is_empty()),
+            other => panic!("before the first rules: {other:?}"),
+        }
+        let s = shared();
+        let fe: IpAddr = "198.19.1.2".parse().unwrap();
+        let ext: SocketAddr = "198.18.100.10:80".parse().unwrap();
+        assert!(matches!(
+            s.lookup_side(fe, ext, Side::Egress),
+            PortPolicy::Http(_)
+        ));
+        // Not an L7 port, not an endpoint with L7 rules, not the ingress side.
+        let other_port: SocketAddr = "198.18.100.10:81".parse().unwrap();
+        assert!(matches!(
+            s.lookup_side(fe, other_port, Side::Egress),
+            PortPolicy::AllowAll
+        ));
+        assert!(matches!(
+            s.lookup_side("198.19.1.3".parse().unwrap(), ext, Side::Egress),
+            PortPolicy::AllowAll
+        ));
+        assert!(matches!(
+            s.lookup_side(fe, ext, Side::Ingress),
+            PortPolicy::AllowAll
+        ));
+        // A learned peer on the TLS port: SNI only once its name is known;
+        // before, fail closed (an HTTP set that denies everything).
+        let api: SocketAddr = "198.18.100.20:443".parse().unwrap();
+        match s.lookup_side(fe, api, Side::Egress) {
+            PortPolicy::Http(set) => assert!(set.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        s.names
+            .add(&Fqdn::parse("api.example.test").unwrap(), api.ip());
+        match s.lookup_side(fe, api, Side::Egress) {
+            PortPolicy::Sni(set) => assert!(matches!(
+                set.check(Some("api.example.test")),
+                meshward_l7_proxy::sni::SniVerdict::Allowed(_)
+            )),
+            other => panic!("{other:?}"),
+        }
+        s.names
+            .remove(&Fqdn::parse("api.example.test").unwrap(), api.ip());
+        assert!(s.names.names(api.ip()).is_empty());
+        let ports = s.rules().ports();
+        assert_eq!(ports.get(&(fe, "egress")), Some(&vec![80, 443]));
+    }
+
+    #[test]
+    fn decisions_become_flow_events_and_counts() {
+        let s = shared();
+        let hub = EventHub::new("n1", 16);
+        s.set_events(hub.clone());
+        let (_, denied_before) = counts();
+        s.event(L7Event {
+            time: std::time::SystemTime::now(),
+            verdict: L7Verdict::Denied,
+            protocol: L7Protocol::Http1,
+            src: "198.19.1.2:40000".parse().unwrap(),
+            dst: "198.18.100.10:80".parse().unwrap(),
+            method: "DELETE".into(),
+            path: "/api".into(),
+            host: Some("198.18.100.10".into()),
+            policy: Some("MeshNetworkPolicy shop/frontend, MeshNetworkPolicy shop/x".into()),
+            reason: None,
+        });
+        assert!(counts().1 > denied_before);
+        let events = hub.recent(&Default::default(), 10);
+        let e = events.last().expect("one event");
+        assert_eq!(e.kind, FlowType::L7);
+        assert_eq!(e.verdict, Verdict::Denied);
+        assert_eq!(e.direction.as_deref(), Some("egress"));
+        assert_eq!(
+            e.l7,
+            Some(L7Info {
+                method: "DELETE".into(),
+                path: "/api".into(),
+                status: Some(403)
+            })
+        );
+        assert_eq!(e.policies.len(), 2);
+        assert_eq!(e.destination.as_ref().and_then(|d| d.port), Some(80));
+    }
+}
