@@ -16,6 +16,9 @@
 //! healthAddress: 127.0.0.1:9879    # default; HTTP /healthz, /readyz, /metrics
 //! flowEventBuffer: 4096            # default; recent flow events kept (`meshward observe`)
 //! dnsSocketKeeper: spawn           # default; spawn | external | off (DNS across agent restarts)
+//! flowEvents: true                 # default; false: no flow-event producers at all (metrics stay)
+//! observeAddress: 198.18.0.1:4245  # optional; `observe` over TCP (off unless set)
+//! observeTokenFile: /etc/meshward/observe-token  # required with observeAddress
 //! ```
 //!
 //! Unknown keys are errors. Relative paths in the file are relative to the
@@ -99,6 +102,19 @@ pub struct Config {
     pub health_address: SocketAddr,
     /// Recent flow events kept for `meshward observe`.
     pub flow_event_buffer: usize,
+    /// Flow events on: the producers (nflog listener, DNS observer, mesh
+    /// watcher) run and `observe` is served. Off: none of them runs.
+    pub flow_events: bool,
+    /// `observe` over TCP with a token, when configured.
+    pub observe_tcp: Option<ObserveTcp>,
+}
+
+/// `observeAddress` and `observeTokenFile`: flow events over TCP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObserveTcp {
+    pub address: SocketAddr,
+    /// Holds the token clients must present (read at start-up).
+    pub token_file: PathBuf,
 }
 
 /// Policy enforcement knobs (`dns*`, `fqdn*`, `nflogGroup` keys).
@@ -228,6 +244,9 @@ struct RawConfig {
     l7_idle_timeout: Option<String>,
     health_address: Option<String>,
     flow_event_buffer: Option<usize>,
+    flow_events: Option<bool>,
+    observe_address: Option<String>,
+    observe_token_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -554,6 +573,55 @@ impl Config {
             }
         };
 
+        let flow_events = raw.flow_events.unwrap_or(true);
+        let observe_tcp = match (raw.observe_address, raw.observe_token_file) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "observeTokenFile",
+                    "set, but observeAddress is not (the token guards observe over TCP)".into(),
+                ))
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "observeTokenFile",
+                    "required when observeAddress is set: a file (mode 0600 or 0640) \
+                     holding the token observe clients present"
+                        .into(),
+                ))
+            }
+            (Some(text), Some(file)) => {
+                let address = text.trim().parse::<SocketAddr>().map_err(|_| {
+                    invalid(
+                        "observeAddress",
+                        format!("{text:?} is not ip:port (e.g. 198.18.0.1:4245)"),
+                    )
+                })?;
+                if address.port() == 0 {
+                    return Err(invalid("observeAddress", "port must not be 0".into()));
+                }
+                if address == health_address {
+                    return Err(invalid(
+                        "observeAddress",
+                        format!("{address} is healthAddress too"),
+                    ));
+                }
+                if !flow_events {
+                    return Err(invalid(
+                        "observeAddress",
+                        "set, but flowEvents is false: there are no events to serve".into(),
+                    ));
+                }
+                if file.as_os_str().is_empty() {
+                    return Err(invalid("observeTokenFile", "empty path".into()));
+                }
+                Some(ObserveTcp {
+                    address,
+                    token_file: resolve(file),
+                })
+            }
+        };
+
         Ok(Config {
             policy,
             node_name,
@@ -570,6 +638,8 @@ impl Config {
             cluster_cidr,
             health_address,
             flow_event_buffer,
+            flow_events,
+            observe_tcp,
         })
     }
 }
@@ -647,6 +717,8 @@ mod tests {
                 health_address: "127.0.0.1:9879".parse().unwrap(),
                 policy: PolicySettings::default(),
                 flow_event_buffer: 4096,
+                flow_events: true,
+                observe_tcp: None,
             }
         );
     }
@@ -898,6 +970,58 @@ mod tests {
         assert!(e.contains("line 3"), "{e}");
         let e = error(&format!("{MINIMAL}strictMode: [\n"));
         assert!(e.starts_with(&format!("config file {FILE}: ")), "{e}");
+    }
+
+    #[test]
+    fn flow_events_and_observe_over_tcp() {
+        let c = parse(&format!(
+            "{MINIMAL}observeAddress: 198.18.0.1:4245\nobserveTokenFile: observe-token\n"
+        ))
+        .unwrap();
+        assert!(c.flow_events);
+        assert_eq!(
+            c.observe_tcp,
+            Some(ObserveTcp {
+                address: "198.18.0.1:4245".parse().unwrap(),
+                token_file: "/etc/meshward/observe-token".into(),
+            })
+        );
+        let c = parse(&format!("{MINIMAL}flowEvents: false\n")).unwrap();
+        assert!(!c.flow_events);
+        assert_eq!(c.observe_tcp, None);
+        for (text, want) in [
+            (
+                "observeAddress: 198.18.0.1:4245",
+                "observeTokenFile: required when observeAddress is set",
+            ),
+            (
+                "observeTokenFile: /t",
+                "observeTokenFile: set, but observeAddress is not",
+            ),
+            (
+                "observeAddress: 4245\nobserveTokenFile: /t",
+                "observeAddress: \"4245\" is not ip:port",
+            ),
+            (
+                "observeAddress: 198.18.0.1:0\nobserveTokenFile: /t",
+                "observeAddress: port must not be 0",
+            ),
+            (
+                "observeAddress: 127.0.0.1:9879\nobserveTokenFile: /t",
+                "observeAddress: 127.0.0.1:9879 is healthAddress too",
+            ),
+            (
+                "observeAddress: 198.18.0.1:4245\nobserveTokenFile: /t\nflowEvents: false",
+                "observeAddress: set, but flowEvents is false",
+            ),
+            ("flowEvents: maybe", "flowEvents"),
+        ] {
+            let e = error(&format!("{MINIMAL}{text}\n"));
+            assert!(
+                e.starts_with(&format!("config file {FILE}: ")) && e.contains(want),
+                "{text}: {e}"
+            );
+        }
     }
 
     #[test]

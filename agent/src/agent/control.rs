@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::stat::{umask, Mode};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -149,22 +151,17 @@ async fn serve(
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
     loop {
-        line.clear();
-        let mut limited = (&mut reader).take(MAX_LINE as u64 + 1);
-        let n = match tokio::time::timeout(IDLE, limited.read_until(b'\n', &mut line)).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
+        match read_line(&mut reader, &mut line, MAX_LINE, IDLE).await {
+            Line::Read => {}
+            Line::TooLong => {
+                let _ = reply(&mut write, &Response::error("request line too long")).await;
+                return;
+            }
+            Line::Closed | Line::TimedOut => return,
+            Line::Failed(e) => {
                 debug!("control connection: {e}");
                 return;
             }
-            Err(_) => return,
-        };
-        if n == 0 {
-            return;
-        }
-        if line.len() > MAX_LINE {
-            let _ = reply(&mut write, &Response::error("request line too long")).await;
-            return;
         }
         if let Some(observe) = observe_request(&line) {
             let Some(hub) = &events else {
@@ -185,6 +182,37 @@ async fn serve(
     }
 }
 
+/// What [`read_line`] got.
+pub(super) enum Line {
+    /// A line (with its newline, unless the peer closed after it).
+    Read,
+    /// The peer closed without sending anything more.
+    Closed,
+    /// Longer than allowed: the caller answers and closes.
+    TooLong,
+    TimedOut,
+    Failed(io::Error),
+}
+
+/// Reads one line into `line` (cleared first): at most `max` bytes,
+/// within `wait`.
+pub(super) async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+    max: usize,
+    wait: Duration,
+) -> Line {
+    line.clear();
+    let mut limited = reader.take(max as u64 + 1);
+    match tokio::time::timeout(wait, limited.read_until(b'\n', line)).await {
+        Ok(Ok(0)) => Line::Closed,
+        Ok(Ok(_)) if line.len() > max => Line::TooLong,
+        Ok(Ok(_)) => Line::Read,
+        Ok(Err(e)) => Line::Failed(e),
+        Err(_) => Line::TimedOut,
+    }
+}
+
 fn observe_request(line: &[u8]) -> Option<Observe> {
     match serde_json::from_slice::<Request>(line) {
         Ok(Request::Observe(o)) => Some(o),
@@ -194,11 +222,11 @@ fn observe_request(line: &[u8]) -> Option<Observe> {
 
 /// Sends the buffered events `observe` selects, then (follow) every new
 /// one until the client closes its end; else an `end` line.
-async fn stream_events(
+pub(super) async fn stream_events<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     hub: &EventHub,
     observe: &Observe,
-    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
-    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut reader: R,
+    mut write: W,
 ) {
     // subscribe first, so nothing falls between the backlog and the stream
     let mut live = observe.follow.then(|| hub.subscribe());
@@ -280,8 +308,10 @@ async fn answer(line: &[u8], tx: &mpsc::Sender<ControlRequest>) -> Option<Respon
     })
 }
 
-async fn reply(
-    write: &mut tokio::net::unix::OwnedWriteHalf,
+/// Writes one response line (bounded in time: a client that stops reading
+/// is given up on).
+pub(super) async fn reply<W: AsyncWrite + Unpin>(
+    write: &mut W,
     response: &Response,
 ) -> io::Result<()> {
     let mut text = serde_json::to_vec(response).map_err(io::Error::other)?;

@@ -47,6 +47,7 @@ mod metrics;
 mod netlink;
 mod nflog;
 mod observe;
+pub mod observe_tcp;
 pub mod plan;
 mod policy;
 pub mod protocol;
@@ -103,6 +104,13 @@ pub const DEFAULT_FLOW_EVENTS: usize = events::DEFAULT_CAPACITY;
 /// Runs `meshward agent` until SIGTERM or SIGINT.
 pub fn run(args: AgentArgs) -> Result<ExitCode> {
     let config = Config::load(&args)?;
+    // the token is checked before anything starts
+    let observe_token = match &config.observe_tcp {
+        Some(tcp) => Some(observe_tcp::Token::new(
+            &observe_tcp::read_token(&tcp.token_file).context("observeTokenFile")?,
+        )),
+        None => None,
+    };
     // One agent per state directory: a second one would share the first
     // one's TUN queues and UDP port.
     let instance_lock = lock_state_dir(&config.state_dir)?;
@@ -116,7 +124,7 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
         let health = health::Server::start(address)
             .await
             .with_context(|| format!("health endpoint (healthAddress {address})"))?;
-        let (agent, requests) = Agent::start(config, instance_lock).await?;
+        let (agent, requests) = Agent::start(config, instance_lock, observe_token).await?;
         health.started(agent.rx.clone());
         health.observe(metrics::Sources {
             mesh: agent.mesh.clone(),
@@ -156,9 +164,11 @@ struct Agent {
     last_publish: Option<Instant>,
     own_node_warning: Option<String>,
     control: Option<control::Server>,
+    /// `observe` over TCP (`observeAddress`).
+    observe_tcp: Option<observe_tcp::Server>,
     policy: Option<policy::PolicyEngine>,
-    /// Flow events (`meshward observe`).
-    events: Arc<events::EventHub>,
+    /// Flow events (`meshward observe`); none with `flowEvents: false`.
+    events: Option<Arc<events::EventHub>>,
     /// Held for the agent's lifetime (`stateDir/agent.lock`).
     _instance_lock: Flock<std::fs::File>,
 }
@@ -254,6 +264,7 @@ impl Agent {
     async fn start(
         config: Config,
         instance_lock: Flock<std::fs::File>,
+        observe_token: Option<observe_tcp::Token>,
     ) -> Result<(Agent, mpsc::Receiver<ControlRequest>)> {
         info!(
             node = %config.node_name,
@@ -361,8 +372,11 @@ impl Agent {
             last_publish: None,
             own_node_warning: None,
             control: None,
+            observe_tcp: None,
             policy: None,
-            events: events::EventHub::new(&config.node_name, config.flow_event_buffer),
+            events: config
+                .flow_events
+                .then(|| events::EventHub::new(&config.node_name, config.flow_event_buffer)),
             _instance_lock: instance_lock,
             config,
         };
@@ -395,13 +409,17 @@ impl Agent {
         engine
             .start_dns_proxy(&agent.config.policy)
             .context("starting the DNS proxy")?;
-        observe::start(
-            &agent.events,
-            &engine,
-            agent.config.policy.nflog_group,
-            agent.mesh.clone(),
-            agent.rx.clone(),
-        );
+        // flow events: the producers run only when they are on
+        match &agent.events {
+            Some(hub) => observe::start(
+                hub,
+                &engine,
+                agent.config.policy.nflog_group,
+                agent.mesh.clone(),
+                agent.rx.clone(),
+            ),
+            None => info!("flow events are off (flowEvents: false)"),
+        }
         agent.policy = Some(engine);
 
         // 6-8. the data plane, its address, the own Node's annotations
@@ -412,10 +430,20 @@ impl Agent {
         // 9. control socket, first reconcile
         let (tx, requests) = mpsc::channel(16);
         agent.control = Some(
-            control::Server::start(&agent.config.socket_path, tx, Some(agent.events.clone()))
+            control::Server::start(&agent.config.socket_path, tx, agent.events.clone())
                 .await
                 .context("control socket")?,
         );
+        if let (Some(tcp), Some(hub), Some(token)) =
+            (&agent.config.observe_tcp, &agent.events, observe_token)
+        {
+            let address = tcp.address;
+            agent.observe_tcp = Some(
+                observe_tcp::Server::start(address, token, hub.clone())
+                    .await
+                    .with_context(|| format!("observe over TCP (observeAddress {address})"))?,
+            );
+        }
         if agent.previous.is_some() {
             info!("waiting for the mesh to stop needing the previous key");
         }
@@ -544,6 +572,9 @@ impl Agent {
     }
 
     async fn shutdown(mut self) {
+        if let Some(server) = self.observe_tcp.take() {
+            server.stop();
+        }
         if let Some(control) = self.control.take() {
             control.stop();
         }
@@ -905,9 +936,13 @@ impl Agent {
                 .map(|(reason, n)| (reason.as_str().to_string(), n))
                 .collect(),
             problems: self.problems.iter().map(ToString::to_string).collect(),
-            policy: self.policy.as_ref().map(policy::PolicyEngine::status),
+            policy: self.policy.as_ref().map(|engine| {
+                let mut status = engine.status();
+                status.policies_loaded = self.snapshot.policies().count();
+                status
+            }),
             health_address: Some(self.config.health_address.to_string()),
-            flow_events: Some(self.events.stats()),
+            flow_events: self.events.as_ref().map(|e| e.stats()),
         }
     }
 }

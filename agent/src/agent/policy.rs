@@ -168,7 +168,9 @@ impl PolicyEngine {
         // The DNS proxy sees the new rules once the kernel has them; the L7
         // proxy before, so no port is redirected to it without its rules.
         self.shared.l7.set_rules(&rules);
+        let start = Instant::now();
         let result = self.shared.tables.lock().apply_policy(&state);
+        metrics::observe_policy_apply(start.elapsed());
         match result {
             Ok(()) => {
                 self.shared.rules.store(rules.clone());
@@ -257,7 +259,16 @@ impl PolicyEngine {
         // each takes the cache lock: not inside one expression
         let learned_entries = self.shared.cache.lock().len();
         let learned = learned_names(&self.shared, LEARNED_SHOWN);
+        let in_force: std::collections::BTreeSet<String> = rules
+            .endpoints
+            .values()
+            .flat_map(|e| e.egress.iter().chain(&e.ingress))
+            .flat_map(|d| d.policies.iter().map(ToString::to_string))
+            .collect();
         PolicyStatus {
+            // the engine sees compiled rules only; the agent fills this in
+            policies_loaded: 0,
+            in_force: in_force.into_iter().collect(),
             endpoints: rules.endpoints.len(),
             isolated_egress: rules
                 .endpoints

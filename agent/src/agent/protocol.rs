@@ -12,6 +12,9 @@
 //! ← {"ok":true,"end":{"published":…}}    (without follow: the last line)
 //! ```
 //!
+//! `observe` is also served over TCP with a token (`observeAddress`; the
+//! TCP side serves nothing else): see `observe_tcp.rs`.
+//!
 //! A connection may carry several requests; each gets one response line, in
 //! order. Lines from `meshward-cni` (`{"event":"add",…}`, sent to the same
 //! socket when the CNI's `agentSocket` points here) are accepted and get no
@@ -71,6 +74,14 @@ pub struct Response {
 }
 
 impl Response {
+    /// `{"ok":true}`: a request that needs no more answer (TCP auth).
+    pub fn default_ok() -> Response {
+        Response {
+            ok: true,
+            ..Response::default()
+        }
+    }
+
     pub fn error(message: impl Into<String>) -> Response {
         Response {
             ok: false,
@@ -166,6 +177,13 @@ pub struct Status {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyStatus {
+    /// Policy objects in the datastore (every kind), whether or not they
+    /// select a pod here.
+    #[serde(default)]
+    pub policies_loaded: usize,
+    /// The policies isolating a local pod (in force on this node).
+    #[serde(default)]
+    pub in_force: Vec<String>,
     /// Local pods the compiler saw.
     pub endpoints: usize,
     pub isolated_egress: usize,
@@ -344,7 +362,7 @@ pub fn observe(
     socket: &Path,
     observe: &Observe,
     timeout: Duration,
-    mut on_event: impl FnMut(FlowEvent) -> bool,
+    on_event: impl FnMut(FlowEvent) -> bool,
 ) -> Result<Option<HubStats>, ClientError> {
     let io = |source| ClientError::Io {
         socket: socket.to_path_buf(),
@@ -366,24 +384,54 @@ pub fn observe(
         .map_err(|e| bad(format!("encoding the request: {e}")))?;
     line.push(b'\n');
     (&stream).write_all(&line).map_err(io)?;
-    let mut reader = BufReader::new(&stream);
+    read_events(&mut BufReader::new(&stream), on_event).map_err(|e| match e {
+        StreamError::Io(e) => io(e),
+        StreamError::Bad(message) => bad(message),
+        StreamError::Refused(message) => ClientError::Refused(message),
+    })
+}
+
+/// What went wrong reading an `observe` answer, whatever the transport.
+#[derive(Debug)]
+pub(crate) enum StreamError {
+    Io(std::io::Error),
+    Bad(String),
+    Refused(String),
+}
+
+/// Reads one response line; `ok: false` becomes [`StreamError::Refused`],
+/// a closed connection `None`.
+pub(crate) fn read_response(reader: &mut impl BufRead) -> Result<Option<Response>, StreamError> {
     let mut answer = String::new();
+    let n = reader
+        .take(MAX_LINE as u64)
+        .read_line(&mut answer)
+        .map_err(StreamError::Io)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let response: Response =
+        serde_json::from_str(&answer).map_err(|e| StreamError::Bad(e.to_string()))?;
+    if !response.ok {
+        return Err(StreamError::Refused(
+            response.error.unwrap_or_else(|| "no reason given".into()),
+        ));
+    }
+    Ok(Some(response))
+}
+
+/// The answer to an `observe` request: `on_event` for each event until the
+/// agent ends the stream (`Some(end)`), closes it or `on_event` returns
+/// false (`None`).
+pub(crate) fn read_events(
+    reader: &mut impl BufRead,
+    mut on_event: impl FnMut(FlowEvent) -> bool,
+) -> Result<Option<HubStats>, StreamError> {
     loop {
-        answer.clear();
-        let n = (&mut reader)
-            .take(MAX_LINE as u64)
-            .read_line(&mut answer)
-            .map_err(io)?;
-        if n == 0 {
-            // the agent went away: a follow ends here
+        // the agent went away: a follow ends here
+        let Some(response) = read_response(reader)? else {
             return Ok(None);
-        }
-        let response: Response = serde_json::from_str(&answer).map_err(|e| bad(e.to_string()))?;
-        if !response.ok {
-            return Err(ClientError::Refused(
-                response.error.unwrap_or_else(|| "no reason given".into()),
-            ));
-        }
+        };
         if let Some(end) = response.end {
             return Ok(Some(end));
         }

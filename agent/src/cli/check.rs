@@ -9,6 +9,10 @@ use crate::config::{AgentArgs, Config};
 
 pub fn run(args: &AgentArgs) -> Result<()> {
     let config = Config::load(args)?;
+    // as the agent does at start-up (the token itself is never printed)
+    if let Some(tcp) = &config.observe_tcp {
+        crate::agent::observe_tcp::read_token(&tcp.token_file).context("observeTokenFile")?;
+    }
     let mut out = std::io::stdout().lock();
     out.write_all(summary(&config).as_bytes())
         .context("writing to stdout")
@@ -39,8 +43,15 @@ fn summary(c: &Config) -> String {
             "dnsSocketKeeper",
             format!("{:?}", c.policy.dns_socket_keeper).to_lowercase(),
         ),
+        ("flowEvents", c.flow_events.to_string()),
     ]
-    .iter()
+    .into_iter()
+    .chain(c.observe_tcp.iter().flat_map(|tcp| {
+        [
+            ("observeAddress", tcp.address.to_string()),
+            ("observeTokenFile", tcp.token_file.display().to_string()),
+        ]
+    }))
     .map(|(k, v)| format!("{k}: {v}\n"))
     .collect()
 }

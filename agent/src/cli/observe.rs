@@ -1,5 +1,7 @@
 //! `meshward observe`: the agent's flow events, filtered, as readable lines
-//! or JSON (one object per line); `--follow` keeps streaming.
+//! or JSON (one object per line); `--follow` keeps streaming. From the
+//! control socket on the node, or with `--server` over TCP from an agent's
+//! `observeAddress`, presenting the token of `--token-file`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 
 use crate::agent::events::{self, FlowEvent, FlowType, Verdict};
+use crate::agent::observe_tcp;
 use crate::agent::protocol::{self, Observe};
 
 /// How long one read of a non-following observe may take.
@@ -22,6 +25,12 @@ pub struct ObserveArgs {
     /// The agent's control socket [default: the config's socketPath, else /run/meshward/agent.sock]
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Read from an agent's observeAddress over TCP instead of a control socket
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["config", "socket"], requires = "token_file")]
+    server: Option<String>,
+    /// The file holding the token of the agent's observeTokenFile (with --server)
+    #[arg(long, value_name = "FILE", requires = "server")]
+    token_file: Option<PathBuf>,
     #[command(flatten)]
     pub filter: FilterArgs,
 }
@@ -100,8 +109,16 @@ pub fn print(event: &FlowEvent, format: Format, with_node: bool) -> bool {
 }
 
 pub fn run(args: ObserveArgs) -> Result<()> {
-    let socket = super::socket_path(args.socket.as_deref(), args.config.as_deref())?;
     let format = args.filter.output;
+    if let (Some(server), Some(file)) = (&args.server, &args.token_file) {
+        let token = observe_tcp::read_token(file).context("--token-file")?;
+        observe_tcp::observe(server, &token, &args.filter.request(), READ_TIMEOUT, |e| {
+            print(&e, format, false)
+        })
+        .context("observing flow events")?;
+        return Ok(());
+    }
+    let socket = super::socket_path(args.socket.as_deref(), args.config.as_deref())?;
     protocol::observe(&socket, &args.filter.request(), READ_TIMEOUT, |e| {
         print(&e, format, false)
     })

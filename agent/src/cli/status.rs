@@ -206,6 +206,17 @@ fn render_policy(out: &mut String, p: &crate::agent::protocol::PolicyStatus) {
         "policy: {} local pods, {} isolated for egress, {} for ingress, {} with DNS through the proxy",
         p.endpoints, p.isolated_egress, p.isolated_ingress, p.dns_redirected
     );
+    let _ = writeln!(
+        out,
+        "  policies      {} loaded, {} in force here{}",
+        p.policies_loaded,
+        p.in_force.len(),
+        if p.in_force.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", p.in_force.join(", "))
+        }
+    );
     if p.errors.is_empty() {
         out.push_str("  policies skipped: none\n");
     } else {
@@ -322,6 +333,8 @@ mod tests {
             policy: Some(crate::agent::protocol::PolicyStatus {
                 endpoints: 2,
                 isolated_egress: 1,
+                policies_loaded: 3,
+                in_force: vec!["MeshNetworkPolicy default/a".into()],
                 errors: vec!["MeshNetworkPolicy default/x: spec.egress: bad".into()],
                 learned_entries: 1,
                 learned: vec![crate::agent::protocol::LearnedName {
@@ -374,6 +387,12 @@ mod tests {
         assert!(text.contains("problem: node node9: bad"));
         assert!(
             text.contains("health        http://198.18.0.1:9879/healthz"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  policies      3 loaded, 1 in force here: MeshNetworkPolicy default/a\n"
+            ),
             "{text}"
         );
         assert!(

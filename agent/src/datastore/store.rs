@@ -112,7 +112,6 @@ impl Cluster {
         self.pods.values().map(|p| &**p)
     }
 
-    #[allow(dead_code, reason = "read by the policy engine, wired next")]
     pub fn policies(&self) -> impl Iterator<Item = &PolicyObject> + '_ {
         self.policies.values()
     }
