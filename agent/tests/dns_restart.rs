@@ -38,32 +38,6 @@ fn apply(lab: &TestLab, yaml: &str) {
     lab.ok(&["apply", file.to_str().unwrap()]);
 }
 
-/// `curl` by address in a pod: the body, or None when it failed.
-fn curl(lab: &TestLab, pod: &str, url: &str) -> Option<String> {
-    let out = lab.run(&[
-        "exec",
-        pod,
-        "curl",
-        "-sS",
-        "--connect-timeout",
-        "1",
-        "-m",
-        "3",
-        url,
-    ]);
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// A lab with one node and one pod (app=client) under [`POLICY`].
 fn isolated_lab(tag: &str) -> TestLab {
     let lab = TestLab::new(tag);

@@ -13,15 +13,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
-
-fn apply(lab: &TestLab, name: &str, yaml: &str) {
-    let dir = lab.state_dir().join("test-manifests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(name);
-    std::fs::write(&file, yaml).unwrap();
-    lab.ok(&["apply", file.to_str().unwrap()]);
-}
 
 /// `curl` in a pod: (HTTP status, body), or None when no HTTP answer came
 /// (connection dropped or refused).
@@ -50,32 +41,6 @@ fn http(lab: &TestLab, pod: &str, args: &[&str]) -> Option<(u16, String)> {
 
 fn get(lab: &TestLab, pod: &str, url: &str) -> Option<(u16, String)> {
     http(lab, pod, &[url])
-}
-
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn observe(lab: &TestLab, args: &[&str]) -> Vec<Value> {
-    let mut all = vec!["observe", "-o", "json"];
-    all.extend(args);
-    lab.ok(&all)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-fn metric(lab: &TestLab, node: &str, sample: &str) -> f64 {
-    let text = lab.ok(&["metrics", node]);
-    text.lines()
-        .find(|l| l.starts_with(sample))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// A tiny HTTP/1.1 server in a pod's namespace (the test thread only opens

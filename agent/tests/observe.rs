@@ -13,28 +13,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn apply(lab: &TestLab, name: &str, yaml: &str) {
-    let dir = lab.state_dir().join("test-manifests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(name);
-    std::fs::write(&file, yaml).unwrap();
-    lab.ok(&["apply", file.to_str().unwrap()]);
-}
-
-fn curl(lab: &TestLab, pod: &str, url: &str) -> bool {
-    lab.run(&[
-        "exec",
-        pod,
-        "curl",
-        "-sS",
-        "--connect-timeout",
-        "1",
-        "-m",
-        "3",
-        url,
-    ])
-    .status
-    .success()
+/// Whether `curl` in the pod got an answer.
+fn reaches(lab: &TestLab, pod: &str, url: &str) -> bool {
+    curl(lab, pod, url).is_some()
 }
 
 fn dig_status(lab: &TestLab, pod: &str, name: &str) -> String {
@@ -43,34 +24,6 @@ fn dig_status(lab: &TestLab, pod: &str, name: &str) -> String {
         .find_map(|l| l.split("status: ").nth(1))
         .map(|s| s.split(',').next().unwrap_or("").to_string())
         .unwrap_or_default()
-}
-
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// `lab observe ARGS -o json`: the events.
-fn observe(lab: &TestLab, args: &[&str]) -> Vec<Value> {
-    let mut all = vec!["observe", "-o", "json"];
-    all.extend(args);
-    lab.ok(&all)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-/// One metric's value (the first sample line starting with `sample`).
-fn metric(lab: &TestLab, node: &str, sample: &str) -> f64 {
-    let text = lab.ok(&["metrics", node]);
-    text.lines()
-        .find(|l| l.starts_with(sample))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 const POLICY: &str = r#"
@@ -98,7 +51,7 @@ fn drops_and_refusals_show_with_pods_and_policies_and_metrics_move() {
     eventually(
         "the policy to isolate node1-pod1",
         Duration::from_secs(20),
-        || !curl(&lab, "node1-pod1", "http://198.18.100.11/"),
+        || !reaches(&lab, "node1-pod1", "http://198.18.100.11/"),
     );
     let drops_before = metric(
         &lab,
@@ -128,7 +81,7 @@ fn drops_and_refusals_show_with_pods_and_policies_and_metrics_move() {
     });
 
     // a denied connection: dropped, with pod names and the policy
-    assert!(!curl(&lab, "node1-pod1", "http://198.18.100.12/"));
+    assert!(!reaches(&lab, "node1-pod1", "http://198.18.100.12/"));
     let drops = observe(&lab, &["--verdict", "dropped", "--type", "l4"]);
     let drop = drops
         .iter()
@@ -185,7 +138,7 @@ fn drops_and_refusals_show_with_pods_and_policies_and_metrics_move() {
         serde_json::json!(["MeshNetworkPolicy default/client-egress"])
     );
     // an allowed name: its answer and hold time, then the connection works
-    assert!(curl(&lab, "node1-pod1", "http://api.example.test/"));
+    assert!(reaches(&lab, "node1-pod1", "http://api.example.test/"));
     let allowed = observe(&lab, &["--verdict", "allowed", "--type", "dns"]);
     let answer = allowed
         .iter()

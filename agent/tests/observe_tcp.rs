@@ -21,14 +21,6 @@ use serde_json::Value;
 const TOKEN: &str = "lab-observe-token-0123456789";
 const ADDRESS: &str = "198.18.0.1:4245";
 
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn token_file(lab: &TestLab, name: &str, text: &str, mode: u32) -> PathBuf {
     let dir = lab.state_dir().join("observe-test");
     std::fs::create_dir_all(&dir).unwrap();

@@ -9,36 +9,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-/// Applies `yaml` as file `name` to the lab.
-fn apply(lab: &TestLab, name: &str, yaml: &str) {
-    let dir = lab.state_dir().join("test-manifests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(name);
-    std::fs::write(&file, yaml).unwrap();
-    lab.ok(&["apply", file.to_str().unwrap()]);
-}
-
-/// `curl` in a pod: the body, or None when the connection failed.
-fn curl(lab: &TestLab, pod: &str, url: &str) -> Option<String> {
-    let out = lab.run(&[
-        "exec",
-        pod,
-        "curl",
-        "-sS",
-        "--connect-timeout",
-        "1",
-        "-m",
-        "3",
-        url,
-    ]);
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// `dig` in a pod: (status, answers).
 fn dig(lab: &TestLab, pod: &str, name: &str) -> (String, Vec<String>) {
@@ -50,15 +23,6 @@ fn dig(lab: &TestLab, pod: &str, name: &str) -> (String, Vec<String>) {
         .unwrap_or_else(|| format!("no status in: {out}"));
     let short = lab.ok(&["exec", pod, "dig", "+short", "+time=2", "+tries=1", name]);
     (status, short.lines().map(String::from).collect())
-}
-
-/// Polls `check` (bounded) until it holds.
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 const DNS_AND_API: &str = r#"

@@ -6,44 +6,9 @@
 
 mod common;
 
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-fn apply(lab: &TestLab, name: &str, yaml: &str) {
-    let dir = lab.state_dir().join("test-manifests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(name);
-    std::fs::write(&file, yaml).unwrap();
-    lab.ok(&["apply", file.to_str().unwrap()]);
-}
-
-/// `curl` in a pod (or node): the body, or None when it failed.
-fn curl(lab: &TestLab, from: &str, url: &str) -> Option<String> {
-    let out = lab.run(&[
-        "exec",
-        from,
-        "curl",
-        "-sS",
-        "--connect-timeout",
-        "1",
-        "-m",
-        "3",
-        url,
-    ]);
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(200));
-    }
-}
 
 fn pod_ip(lab: &TestLab, pod: &str) -> String {
     lab.ip(pod).trim().split('/').next().unwrap().to_string()

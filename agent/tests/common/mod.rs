@@ -655,3 +655,61 @@ pub fn node_manifest(name: &str, pod_cidr: &str, peer: Option<(&str, &str)>) -> 
          spec:\n  podCIDR: {pod_cidr}\n"
     )
 }
+
+// Helpers of the policy, observability and L7 end-to-end tests.
+
+/// Applies `yaml` as file `name` to the lab.
+pub fn apply(lab: &TestLab, name: &str, yaml: &str) {
+    let dir = lab.state_dir().join("test-manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(name);
+    std::fs::write(&file, yaml).unwrap();
+    lab.ok(&["apply", file.to_str().unwrap()]);
+}
+
+/// `curl` in a pod: the body, or None when the connection failed.
+pub fn curl(lab: &TestLab, pod: &str, url: &str) -> Option<String> {
+    let out = lab.run(&[
+        "exec",
+        pod,
+        "curl",
+        "-sS",
+        "--connect-timeout",
+        "1",
+        "-m",
+        "3",
+        url,
+    ]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `check` (bounded) until it holds.
+pub fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `lab observe ARGS -o json`: the events.
+pub fn observe(lab: &TestLab, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["observe", "-o", "json"];
+    all.extend(args);
+    lab.ok(&all)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// One metric's value (the first sample line starting with `sample`).
+pub fn metric(lab: &TestLab, node: &str, sample: &str) -> f64 {
+    let text = lab.ok(&["metrics", node]);
+    text.lines()
+        .find(|l| l.starts_with(sample))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
