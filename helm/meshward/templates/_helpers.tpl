@@ -56,6 +56,20 @@ app.kubernetes.io/part-of: meshward
 {{- end }}
 {{- end }}
 
+{{/* observeAddress: the health endpoint's host, observe.tcp.port. */}}
+{{- define "meshward.observeAddress" -}}
+{{- if contains ":" .Values.health.host }}
+{{- printf "[%s]:%d" .Values.health.host (int .Values.observe.tcp.port) }}
+{{- else }}
+{{- printf "%s:%d" .Values.health.host (int .Values.observe.tcp.port) }}
+{{- end }}
+{{- end }}
+
+{{/* Where the observe token Secret is mounted in the agent container. */}}
+{{- define "meshward.observeTokenDir" -}}
+/etc/meshward-observe
+{{- end }}
+
 {{/* The agent's configuration file (agent/src/config.rs). */}}
 {{- define "meshward.agentConfig" -}}
 {{- $a := .Values.agent -}}
@@ -83,6 +97,14 @@ healthAddress: {{ include "meshward.healthAddress" . | quote }}
 # The DNS proxy's sockets are held by the pod's dns-keeper container while
 # the agent container restarts.
 dnsSocketKeeper: {{ ternary "external" "off" .Values.dnsSocketKeeper.enabled }}
+{{- if not .Values.observe.flowEvents }}
+flowEvents: false
+{{- end }}
+{{- if .Values.observe.tcp.enabled }}
+{{- $_ := required "observe.tcp.tokenSecret is required with observe.tcp.enabled: a Secret with the token under the key `token`" .Values.observe.tcp.tokenSecret }}
+observeAddress: {{ include "meshward.observeAddress" . | quote }}
+observeTokenFile: {{ printf "%s/token" (include "meshward.observeTokenDir" .) }}
+{{- end }}
 {{- end }}
 
 {{/* The Node's name and address, for --node-name and --endpoint. */}}
