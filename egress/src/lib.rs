@@ -222,6 +222,29 @@ pub fn apply_strict(strict: &StrictMode) -> Result<(), EgressError> {
     nftables::helper::apply_ruleset(&ruleset).map_err(|e| EgressError::Nft(e.to_string()))
 }
 
+/// Policy only (no mesh): strict mode left by a predecessor that ran the
+/// mesh would drop the pod traffic between nodes that another CNI now
+/// carries. Empties its sets, so its rule matches nothing; creates nothing
+/// when there is no strict chain. Returns whether there was one.
+pub fn disarm_strict() -> Result<bool, EgressError> {
+    let listed = std::process::Command::new("nft")
+        .args(["list", "chain", "inet", TABLE, STRICT_CHAIN])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|e| EgressError::Nft(format!("running nft: {e}")))?;
+    if !listed.success() {
+        return Ok(false);
+    }
+    let mut batch = Batch::new();
+    for name in [STRICT_LOCAL_SET, STRICT_REMOTE_SET] {
+        batch.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(interval_set(name)))));
+    }
+    nftables::helper::apply_ruleset(&batch.to_nftables())
+        .map_err(|e| EgressError::Nft(e.to_string()))?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

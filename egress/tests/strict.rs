@@ -2,7 +2,7 @@
 //! to a remote pod CIDR drops them unless they leave through the tunnel
 //! interface.
 
-use meshward_egress::{apply_strict, StrictMode, STRICT_CHAIN, TABLE};
+use meshward_egress::{apply_strict, disarm_strict, StrictMode, STRICT_CHAIN, TABLE};
 use meshward_testkit::{veth, Netns};
 
 /// Counts packets to `dst` arriving in `ns` (a prerouting counter).
@@ -171,4 +171,24 @@ fn strict_mode_is_idempotent_and_keeps_local_traffic() {
     // And the table stays when the caller goes away: nothing removes it.
     drop(s);
     assert!(t.node.must(&["nft", "list", "tables"]).contains(TABLE));
+}
+
+#[test]
+fn disarming_lets_plaintext_through_and_creates_nothing_where_none_was() {
+    let t = topology();
+    // Nothing there: nothing created.
+    assert!(!t.node.run(disarm_strict).unwrap());
+    assert!(!t.node.must(&["nft", "list", "tables"]).contains(TABLE));
+    // A mesh-mode predecessor's strict mode drops plaintext ...
+    t.node.run(|| apply_strict(&strict())).unwrap();
+    let before = seen(&t.underlay);
+    t.pod.ping("198.19.2.5");
+    assert_eq!(seen(&t.underlay), before, "strict mode is not in force");
+    // ... until a policy-only agent disarms it.
+    assert!(t.node.run(disarm_strict).unwrap());
+    t.pod.ping("198.19.2.5");
+    assert!(
+        seen(&t.underlay) > before,
+        "plaintext still dropped after disarming"
+    );
 }

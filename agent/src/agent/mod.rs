@@ -385,6 +385,14 @@ impl Agent {
         let plan = agent.plan();
         if !agent.config.mesh {
             info!("mesh off (policy only): no tunnel, no routes, no strict mode");
+            // A predecessor that ran the mesh may have left strict mode.
+            match blocking("strict mode", meshward_egress::disarm_strict).await? {
+                Ok(true) => warn!(
+                    "strict mode from an earlier mesh-mode agent disarmed: pod traffic between nodes is the other CNI's now"
+                ),
+                Ok(false) => {}
+                Err(e) => bail!("disarming strict mode left by an earlier mesh-mode agent: {e}"),
+            }
         } else if agent.config.strict_mode {
             agent
                 .apply_strict(&plan.strict_remote)
