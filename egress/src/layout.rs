@@ -284,9 +284,12 @@ pub const L7_CHAIN: &str = "l7_prerouting";
 /// DNS passes (the DNS proxy judges it), everything else (L7) is checked
 /// against the source's egress and the original destination's ingress.
 pub const PROXIED_CHAIN: &str = "policy_proxied";
-/// After the DNS chain (mangle, -150), so a packet the DNS chain redirected
-/// (and marked) is left alone.
-const L7_PRIORITY: i32 = -149;
+/// After destination NAT (-100): a connection to a Service, NodePort or
+/// hostPort is judged by the pod and port it was translated to, as the
+/// policy names them (before NAT it would slip past the L7 sets). Also after
+/// the DNS chain (mangle, -150), so a packet it redirected (and marked) is
+/// left alone.
+const L7_PRIORITY: i32 = -99;
 
 /// After strict mode (-10), before the usual filter chains (0).
 pub const POLICY_PRIORITY: i32 = -5;
@@ -587,6 +590,10 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
         // delivered to it by the policy routing, not forwarded.
         let _ = writeln!(out, "  chain {L7_CHAIN} {{");
         let _ = writeln!(out, "    meta mark & {mark:#010x} == {mark:#010x} return");
+        // The node's own packets to its own addresses (the proxy's onward
+        // connections among them) come back in on lo: never a pod's, and
+        // redirecting them would loop the proxy into itself.
+        let _ = writeln!(out, "    iifname \"lo\" return");
         let _ = writeln!(
             out,
             "    meta l4proto tcp socket transparent 1 meta mark set meta mark | {mark:#010x} accept"
@@ -755,7 +762,7 @@ mod tests {
         assert!(text.contains("set l7_egress4 { type ipv4_addr . inet_service; }"));
         assert!(text.contains("set l7_ingress6 { type ipv6_addr . inet_service; }"));
         assert!(text.contains(&format!(
-            "chain {L7_CHAIN} {{ type filter hook prerouting priority -149;"
+            "chain {L7_CHAIN} {{ type filter hook prerouting priority -99;"
         )));
         let l7 = text
             .split(&format!("chain {L7_CHAIN} {{\n"))
@@ -764,7 +771,7 @@ mod tests {
         let l7 = l7.split("  }").next().unwrap();
         assert!(
             l7.starts_with(
-                "    meta mark & 0x00400000 == 0x00400000 return\n    meta l4proto tcp socket transparent 1 meta mark set meta mark | 0x00400000 accept\n"
+                "    meta mark & 0x00400000 == 0x00400000 return\n    iifname \"lo\" return\n    meta l4proto tcp socket transparent 1 meta mark set meta mark | 0x00400000 accept\n"
             ),
             "{l7}"
         );

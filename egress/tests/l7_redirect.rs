@@ -142,6 +142,39 @@ fn l7_ports_reach_the_proxy_after_l4_checks() {
     assert_eq!(peer.ip(), client);
     assert_eq!(orig, "198.19.1.3:8080".parse::<SocketAddr>().unwrap());
 
+    // Through a Service address (DNAT, as kube-proxy or portmap do it, at
+    // dstnat priority): judged by the pod and port it is translated to, so
+    // it reaches the proxy with pod1:8080 as the original destination.
+    lab.nft(&["add", "table", "ip", "svc"]);
+    lab.nft(&[
+        "add",
+        "chain",
+        "ip",
+        "svc",
+        "pre",
+        "{ type nat hook prerouting priority dstnat; }",
+    ]);
+    lab.nft(&[
+        "add",
+        "rule",
+        "ip",
+        "svc",
+        "pre",
+        "ip",
+        "daddr",
+        "198.18.200.1",
+        "tcp",
+        "dport",
+        "80",
+        "dnat",
+        "to",
+        "198.19.1.3:8080",
+    ]);
+    assert!(connect_from(lab.pod(0), "198.18.200.1:80"));
+    let (peer, orig) = accepted(&proxy, wait).expect("Service connection redirected");
+    assert_eq!(peer.ip(), client);
+    assert_eq!(orig, "198.19.1.3:8080".parse::<SocketAddr>().unwrap());
+
     // From outside, pod1's ingress does not admit it: dropped before the
     // proxy (ingress check of the original destination).
     assert!(!connect_from(&lab.ext, "198.19.1.3:8080"));
