@@ -13,7 +13,9 @@
 //! Any other request (`status`, `rotate`, anything unknown) gets an error
 //! line and the connection is closed: nothing that changes the agent's
 //! state, and nothing beyond the events, is served here. Bounds: at most
-//! [`MAX_CONNECTIONS`] at once (more are told so and closed), lines of at
+//! [`MAX_UNAUTHENTICATED`] connections that have not authenticated yet and
+//! [`MAX_CONNECTIONS`] that have (more are told so and closed: strangers
+//! holding idle connections cannot crowd out collectors), lines of at
 //! most [`MAX_LINE`] bytes, the first line within [`FIRST_LINE_WAIT`], a
 //! wrong token answered only after [`WRONG_TOKEN_DELAY`] (so guessing is
 //! slow). Tokens are compared as SHA-256 digests, in constant time.
@@ -37,7 +39,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader as AsyncBufReader};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -45,8 +47,11 @@ use super::control::{read_line, reply, stream_events, Line};
 use super::events::{EventHub, FlowEvent, HubStats};
 use super::protocol::{self, Observe, Request, Response, StreamError};
 
-/// Connections served at once.
+/// Authenticated connections served at once.
 pub const MAX_CONNECTIONS: usize = 16;
+/// Connections not yet authenticated, at once (each lasts at most
+/// [`FIRST_LINE_WAIT`], or [`WRONG_TOKEN_DELAY`] after a wrong token).
+pub const MAX_UNAUTHENTICATED: usize = 8;
 /// Longest request line (an auth or observe request is far shorter).
 pub const MAX_LINE: usize = 16 << 10;
 /// The first line (auth) must arrive within this.
@@ -195,7 +200,8 @@ impl Server {
 }
 
 async fn accept(listener: TcpListener, token: Arc<Token>, hub: Arc<EventHub>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let pending = Arc::new(Semaphore::new(MAX_UNAUTHENTICATED));
+    let authenticated = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -205,11 +211,11 @@ async fn accept(listener: TcpListener, token: Arc<Token>, hub: Arc<EventHub>) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let Ok(slot) = pending.clone().try_acquire_owned() else {
             // told without waiting for the client (a full send buffer just
             // loses the message), then closed
             let mut line = serde_json::to_vec(&Response::error(format!(
-                "too many observe connections (at most {MAX_CONNECTIONS}); try again later"
+                "too many observe connections waiting to authenticate (at most {MAX_UNAUTHENTICATED}); try again later"
             )))
             .unwrap_or_default();
             line.push(b'\n');
@@ -219,9 +225,18 @@ async fn accept(listener: TcpListener, token: Arc<Token>, hub: Arc<EventHub>) {
         let _ = stream.set_nodelay(true);
         let token = token.clone();
         let hub = hub.clone();
+        let authenticated = authenticated.clone();
         tokio::spawn(async move {
-            serve(stream, &peer.to_string(), &token, &hub, Limits::default()).await;
-            drop(slot);
+            let slots = (slot, authenticated);
+            serve(
+                stream,
+                &peer.to_string(),
+                &token,
+                &hub,
+                Limits::default(),
+                slots,
+            )
+            .await;
         });
     }
 }
@@ -247,14 +262,18 @@ fn presented_token(line: &[u8]) -> Result<String, String> {
     Ok(auth.token)
 }
 
-/// Serves one connection: auth, then one `observe`.
+/// Serves one connection: auth, then one `observe`. `slots`: the
+/// connection's unauthenticated slot, given back once it authenticates, and
+/// the pool it then needs a slot of.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     peer: &str,
     token: &Token,
     hub: &EventHub,
     limits: Limits,
+    slots: (OwnedSemaphorePermit, Arc<Semaphore>),
 ) {
+    let (pending, authenticated) = slots;
     let (read, mut write) = tokio::io::split(stream);
     let mut reader = AsyncBufReader::new(read);
     let mut line = Vec::new();
@@ -285,6 +304,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Ok(_) => {}
     }
+    drop(pending);
+    let Ok(_slot) = authenticated.try_acquire_owned() else {
+        let message =
+            format!("too many observe connections (at most {MAX_CONNECTIONS}); try again later");
+        let _ = reply(&mut write, &refuse(&message)).await;
+        return;
+    };
     if reply(&mut write, &Response::default_ok()).await.is_err() {
         return;
     }
@@ -470,7 +496,11 @@ mod tests {
         let (client, server) = tokio::io::duplex(1 << 16);
         let hub = hub.clone();
         let task = tokio::spawn(async move {
-            serve(server, "test", &Token::new(TOKEN), &hub, limits()).await;
+            let slots = (
+                Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+                Arc::new(Semaphore::new(1)),
+            );
+            serve(server, "test", &Token::new(TOKEN), &hub, limits(), slots).await;
         });
         (client, task)
     }
@@ -500,6 +530,39 @@ mod tests {
             .expect("a line in time")
             .unwrap();
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    #[tokio::test]
+    async fn the_right_token_is_turned_away_when_every_authenticated_slot_is_taken() {
+        let hub = hub();
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let pending = Arc::new(Semaphore::new(1));
+        let full = Arc::new(Semaphore::new(0));
+        let slot = pending.clone().try_acquire_owned().unwrap();
+        let task = tokio::spawn(async move {
+            serve(
+                server,
+                "test",
+                &Token::new(TOKEN),
+                &hub,
+                limits(),
+                (slot, full),
+            )
+            .await;
+        });
+        client.write_all(auth_line(TOKEN).as_bytes()).await.unwrap();
+        let lines = lines_until_closed(client).await;
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0]["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("too many observe connections"),
+            "{lines:?}"
+        );
+        task.await.unwrap();
+        // its unauthenticated slot was given back on authentication
+        assert_eq!(pending.available_permits(), 1);
     }
 
     #[tokio::test]
