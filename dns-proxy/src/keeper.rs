@@ -23,7 +23,9 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -209,9 +211,14 @@ pub enum Outcome {
 pub struct Keeper {
     listener: OwnedFd,
     path: PathBuf,
+    /// (device, inode) of the socket file bound at `path`.
+    file: (u64, u64),
     held: Option<Held>,
     uid: u32,
 }
+
+/// How often an idle keeper checks that its socket file is still its own.
+const PATH_CHECK: Duration = Duration::from_secs(5);
 
 impl Keeper {
     /// Listens on `path` (mode 0600 from creation; a stale socket is
@@ -263,9 +270,11 @@ impl Keeper {
             .map_err(io_err("setting mode 0600 on"))?;
         listen(&listener, Backlog::new(16).unwrap_or(Backlog::MAXCONN))
             .map_err(|e| io_err("listening on")(e.into()))?;
+        let meta = std::fs::symlink_metadata(path).map_err(io_err("inspecting"))?;
         Ok(Keeper {
             listener,
             path: path.to_path_buf(),
+            file: (meta.dev(), meta.ino()),
             held: None,
             uid: nix::unistd::geteuid().as_raw(),
         })
@@ -280,11 +289,33 @@ impl Keeper {
         self.held.as_ref().map(|h| h.info)
     }
 
-    /// Serves connections one at a time until a `stop` request; then removes
-    /// the socket. Errors of single connections are logged, never fatal.
+    /// Whether `path` still names the socket this keeper listens on. When it
+    /// is gone or replaced (a state directory wiped), no agent can reach
+    /// this keeper, yet its sockets would keep the DNS port busy.
+    fn reachable(&self) -> bool {
+        std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.file_type().is_socket() && (m.dev(), m.ino()) == self.file)
+    }
+
+    /// Serves connections one at a time until a `stop` request (then removes
+    /// the socket), or until its socket file is gone or replaced (then exits
+    /// and closes what it holds). Errors of single connections are logged,
+    /// never fatal.
     pub fn serve(mut self) {
         let mut errors_in_a_row = 0u32;
         loop {
+            let mut ready = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+            let timeout = PollTimeout::try_from(PATH_CHECK).unwrap_or(PollTimeout::MAX);
+            if let Ok(0) = poll(&mut ready, timeout) {
+                if !self.reachable() {
+                    warn!(
+                        socket = %self.path.display(),
+                        "DNS socket keeper: its socket file is gone or replaced; exiting (no agent could reach it)"
+                    );
+                    return;
+                }
+                continue;
+            }
             let conn = match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
                 // SAFETY: accept4 returned a new descriptor we now own.
                 Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
@@ -894,5 +925,28 @@ mod tests {
         assert!(client.status().unwrap_err().is_unreachable());
         let keeper = Keeper::bind(&path).unwrap();
         assert_eq!(keeper.held(), None);
+    }
+
+    #[test]
+    fn a_keeper_whose_socket_file_is_removed_exits_and_lets_go_of_the_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dns-sockets.sock");
+        let keeper = Keeper::bind(&path).unwrap();
+        let server = std::thread::spawn(move || keeper.serve());
+        let client = Client::new(&path);
+        let (udp, tcp) = sockets();
+        let addr = tcp.local_addr().unwrap();
+        client.put(udp.as_fd(), tcp.as_fd()).unwrap();
+        drop((udp, tcp));
+        // the state directory is wiped: nobody can reach this keeper
+        std::fs::remove_file(&path).unwrap();
+        let deadline = std::time::Instant::now() + PATH_CHECK * 3;
+        while !server.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "keeper still running");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server.join().unwrap();
+        // what it held is closed: the TCP port can be listened on again
+        std::net::TcpListener::bind(addr).expect("the keeper still holds the port");
     }
 }

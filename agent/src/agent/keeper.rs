@@ -301,8 +301,7 @@ fn spawn(state_dir: &Path) -> io::Result<Child> {
     let log_path = state_dir.join(LOG_NAME);
     let log = OpenOptions::new()
         .create(true)
-        .write(true)
-        .truncate(true)
+        .append(true)
         .mode(0o600)
         .open(&log_path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", log_path.display())))?;
