@@ -243,6 +243,11 @@ impl PeerNames {
 #[derive(Default)]
 pub struct L7Shared {
     rules: ArcSwap<L7Rules>,
+    /// What the kernel still enforces while newer rules are on their way to
+    /// it (set by [`L7Shared::set_rules`], cleared by [`L7Shared::commit`]):
+    /// a port the kernel still redirects under these rules but the new ones
+    /// no longer list is judged by these, not let through.
+    previous: arc_swap::ArcSwapOption<L7Rules>,
     /// False until the first [`L7Shared::set_rules`]: connections the
     /// kernel redirects meanwhile (a predecessor's sets) are denied.
     loaded: std::sync::atomic::AtomicBool,
@@ -251,10 +256,21 @@ pub struct L7Shared {
 }
 
 impl L7Shared {
-    /// Publishes new rules to the proxy.
+    /// Publishes new rules to the proxy, before the kernel gets them (so no
+    /// port is redirected without its rules); until [`L7Shared::commit`],
+    /// the rules the kernel has still judge the ports only they list.
     pub fn set_rules(&self, rules: &NodeRules) {
-        self.rules.store(Arc::new(L7Rules::build(rules)));
+        let old = self.rules.swap(Arc::new(L7Rules::build(rules)));
+        // After a failed apply the kernel still has the oldest uncommitted.
+        if self.loaded.load(Ordering::Acquire) && self.previous.load().is_none() {
+            self.previous.store(Some(old));
+        }
         self.loaded.store(true, Ordering::Release);
+    }
+
+    /// The kernel has the rules of the last [`L7Shared::set_rules`].
+    pub fn commit(&self) {
+        self.previous.store(None);
     }
 
     pub fn set_events(&self, hub: Arc<EventHub>) {
@@ -273,11 +289,17 @@ impl L7Shared {
             )));
         }
         let rules = self.rules.load();
+        let previous = self.previous.load();
         let (local, peer) = match side {
             Side::Egress => (src, dst.ip()),
             Side::Ingress => (dst.ip(), src),
         };
-        let Some(table) = rules.table(local, side, dst.port()) else {
+        let table = rules.table(local, side, dst.port()).or_else(|| {
+            previous
+                .as_ref()
+                .and_then(|p| p.table(local, side, dst.port()))
+        });
+        let Some(table) = table else {
             return PortPolicy::AllowAll;
         };
         let names = if table.has_fqdn {
@@ -511,6 +533,37 @@ spec:
         let s = L7Shared::default();
         s.set_rules(&compiled.rules);
         s
+    }
+
+    #[test]
+    fn rules_the_kernel_still_has_judge_until_the_new_ones_are_committed() {
+        let s = shared();
+        s.commit();
+        let fe: IpAddr = "198.19.1.2".parse().unwrap();
+        let ext: SocketAddr = "198.18.100.10:80".parse().unwrap();
+        // The policy goes: the proxy learns first, the kernel may still
+        // redirect port 80 (the apply is on its way, or failed).
+        let mut empty = view();
+        empty.policies.clear();
+        s.set_rules(&compile(&empty, "n1").rules);
+        assert!(
+            matches!(s.lookup_side(fe, ext, Side::Egress), PortPolicy::Http(_)),
+            "the old rules must judge, not let through"
+        );
+        // A second change before the kernel took the first: still the rules
+        // the kernel has.
+        s.set_rules(&compile(&empty, "n1").rules);
+        assert!(matches!(
+            s.lookup_side(fe, ext, Side::Egress),
+            PortPolicy::Http(_)
+        ));
+        // Once the kernel has them, the port is no longer redirected: no
+        // rules left for it.
+        s.commit();
+        assert!(matches!(
+            s.lookup_side(fe, ext, Side::Egress),
+            PortPolicy::AllowAll
+        ));
     }
 
     #[test]

@@ -173,6 +173,7 @@ impl PolicyEngine {
         metrics::observe_policy_apply(start.elapsed());
         match result {
             Ok(()) => {
+                self.shared.l7.commit();
                 self.shared.rules.store(rules.clone());
                 info!(
                     endpoints = rules.endpoints.len(),
