@@ -49,6 +49,39 @@ impl Direction {
             Direction::Ingress => "ingress",
         }
     }
+
+    /// The packet field holding the local endpoint's address (the source
+    /// of its egress, the destination of its ingress).
+    fn local_field(self) -> &'static str {
+        match self {
+            Direction::Egress => "saddr",
+            Direction::Ingress => "daddr",
+        }
+    }
+
+    fn peer_field(self) -> &'static str {
+        match self {
+            Direction::Egress => "daddr",
+            Direction::Ingress => "saddr",
+        }
+    }
+}
+
+/// Jumps of isolated endpoints to their checks: the source's egress, then
+/// the destination's ingress (a packet between two local pods passes both).
+fn isolation_jumps(out: &mut String) {
+    for dir in [Direction::Egress, Direction::Ingress] {
+        for fam in [Family::V4, Family::V6] {
+            let _ = writeln!(
+                out,
+                "    {} {} @{} jump {}",
+                fam.nft_payload(),
+                dir.local_field(),
+                SetId::Isolated(dir, fam).name(),
+                check_chain(dir, fam)
+            );
+        }
+    }
 }
 
 impl Family {
@@ -363,10 +396,7 @@ fn check_rules(
     prefix_sets: &BTreeSet<SetId>,
 ) {
     let p = fam.nft_payload();
-    let (local, peer) = match dir {
-        Direction::Egress => ("saddr", "daddr"),
-        Direction::Ingress => ("daddr", "saddr"),
-    };
+    let (local, peer) = (dir.local_field(), dir.peer_field());
     let pair = format!("{p} {local} . {p} {peer}");
     let quad = format!("{pair} . meta l4proto . th dport");
     let mut sets: Vec<(SetId, String)> = vec![
@@ -486,22 +516,7 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
     // destination's ingress (a pod-to-pod packet on one node passes both).
     let _ = writeln!(out, "  chain {FORWARD_CHAIN} {{");
     let _ = writeln!(out, "    ct state established,related accept");
-    for dir in [Direction::Egress, Direction::Ingress] {
-        for fam in [Family::V4, Family::V6] {
-            let field = if dir == Direction::Egress {
-                "saddr"
-            } else {
-                "daddr"
-            };
-            let _ = writeln!(
-                out,
-                "    {} {field} @{} jump {}",
-                fam.nft_payload(),
-                SetId::Isolated(dir, fam).name(),
-                check_chain(dir, fam)
-            );
-        }
-    }
+    isolation_jumps(&mut out);
     let _ = writeln!(out, "  }}");
     // Input: a pod talking to its node is egress too. Redirected packets
     // (marked) go to their own chain; neighbour discovery and multicast are
@@ -542,22 +557,7 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
             SetId::DnsRedirect(fam).name(),
         );
     }
-    for dir in [Direction::Egress, Direction::Ingress] {
-        for fam in [Family::V4, Family::V6] {
-            let field = if dir == Direction::Egress {
-                "saddr"
-            } else {
-                "daddr"
-            };
-            let _ = writeln!(
-                out,
-                "    {} {field} @{} jump {}",
-                fam.nft_payload(),
-                SetId::Isolated(dir, fam).name(),
-                check_chain(dir, fam)
-            );
-        }
-    }
+    isolation_jumps(&mut out);
     let _ = writeln!(out, "    accept");
     let _ = writeln!(out, "  }}");
     for fam in [Family::V4, Family::V6] {
@@ -604,15 +604,11 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
                 Family::V6 => format!("ip6 to [::1]:{port}"),
             };
             for dir in [Direction::Egress, Direction::Ingress] {
-                let field = if dir == Direction::Egress {
-                    "saddr"
-                } else {
-                    "daddr"
-                };
                 let _ = writeln!(
                     out,
-                    "    meta l4proto tcp ct direction original {} {field} . tcp dport @{} meta mark set meta mark | {mark:#010x} tproxy {to} accept",
+                    "    meta l4proto tcp ct direction original {} {} . tcp dport @{} meta mark set meta mark | {mark:#010x} tproxy {to} accept",
                     fam.nft_payload(),
+                    dir.local_field(),
                     SetId::L7(dir, fam).name(),
                 );
             }
