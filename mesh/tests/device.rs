@@ -685,6 +685,35 @@ fn start_refuses_a_port_in_use_and_leaves_nothing() {
     );
 }
 
+/// A copy of the port held only briefly, as a child forked by another thread
+/// holds the agent's probe socket until it execs (seen in CI: the agent's DNS
+/// socket keeper spawned while the mesh bound its port), must not fail start.
+#[test]
+fn start_waits_out_a_port_held_for_a_moment() {
+    let node = Netns::new("n");
+    node.ip(&["addr", "add", "198.18.0.1/24", "dev", "lo"]);
+    let holder: UdpSocket = node.run(|| UdpSocket::bind(underlay(1)).expect("bind"));
+    let release = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(100));
+        drop(holder);
+    });
+    let mesh = Arc::new(Mesh::new(secret(1)));
+    let result = node.run(move || {
+        Device::start(
+            mesh,
+            DeviceConfig {
+                tun_name: "mw0".into(),
+                mtu: MTU,
+                listen: underlay(1),
+                workers: 2,
+            },
+        )
+    });
+    release.join().expect("release");
+    let device = result.expect("start after the port was released");
+    assert_eq!(device.local_addr(), underlay(1));
+}
+
 #[test]
 fn a_tun_deleted_under_a_running_device_neither_hangs_nor_spins() {
     let node = Netns::new("n");

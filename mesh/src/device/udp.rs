@@ -136,10 +136,30 @@ impl Udp {
     }
 }
 
+/// How long a bind keeps retrying "address in use" before it is believed.
+/// A child forked by another thread of this process (the agent spawns its
+/// DNS socket keeper while the mesh starts) holds a copy of every descriptor
+/// until it execs; for that moment our own closed probe still owns the port.
+const BIND_RETRY: Duration = Duration::from_millis(500);
+
 /// Binds `count` sockets to `listen` in one `SO_REUSEPORT` group. Refuses a
 /// port some other socket already holds (a second agent would otherwise
 /// silently share it), and resolves port 0 once for the whole group.
 pub(crate) fn bind_group(listen: SocketAddr, count: usize) -> io::Result<Vec<Udp>> {
+    let deadline = std::time::Instant::now() + BIND_RETRY;
+    loop {
+        match try_bind_group(listen, count) {
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn try_bind_group(listen: SocketAddr, count: usize) -> io::Result<Vec<Udp>> {
     if listen.port() != 0 {
         let probe = new_socket(listen, false)?;
         probe
