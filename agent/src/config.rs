@@ -19,6 +19,7 @@
 //! flowEvents: true                 # default; false: no flow-event producers at all (metrics stay)
 //! observeAddress: 198.18.0.1:4245  # optional; `observe` over TCP (off unless set)
 //! observeTokenFile: /etc/meshward/observe-token  # required with observeAddress
+//! cniAgentWait: 30s                # default; how long CNI ADD waits for the pod's policy (0s: not at all)
 //! ```
 //!
 //! Unknown keys are errors. Relative paths in the file are relative to the
@@ -51,6 +52,8 @@ const OVERHEAD_V6: u32 = 40 + 8 + 32;
 /// The smallest MTU the mesh interface may have (IPv6's minimum).
 const MIN_MTU: u32 = 1280;
 const MIN_KEY_ROTATION: Duration = Duration::from_secs(60);
+/// How long CNI ADD waits for the pod's policy unless `cniAgentWait` says.
+pub const DEFAULT_CNI_AGENT_WAIT: Duration = Duration::from_secs(30);
 
 /// `meshward agent` command-line arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -107,6 +110,9 @@ pub struct Config {
     pub flow_events: bool,
     /// `observe` over TCP with a token, when configured.
     pub observe_tcp: Option<ObserveTcp>,
+    /// Written into the conflist by `install-cni`: how long CNI ADD waits
+    /// for the agent to confirm the pod's policy is in the kernel.
+    pub cni_agent_wait: Duration,
 }
 
 /// `observeAddress` and `observeTokenFile`: flow events over TCP.
@@ -247,6 +253,7 @@ struct RawConfig {
     flow_events: Option<bool>,
     observe_address: Option<String>,
     observe_token_file: Option<PathBuf>,
+    cni_agent_wait: Option<String>,
 }
 
 impl Config {
@@ -622,7 +629,17 @@ impl Config {
             }
         };
 
+        let cni_agent_wait = duration("cniAgentWait", raw.cni_agent_wait, DEFAULT_CNI_AGENT_WAIT)?;
+        let most = Duration::from_secs(meshward_cni::spec::MAX_AGENT_WAIT_SECONDS);
+        if cni_agent_wait > most || cni_agent_wait.subsec_nanos() != 0 {
+            return Err(invalid(
+                "cniAgentWait",
+                format!("{cni_agent_wait:?} must be whole seconds within 0s..={most:?}"),
+            ));
+        }
+
         Ok(Config {
+            cni_agent_wait,
             policy,
             node_name,
             state_dir,
@@ -719,8 +736,21 @@ mod tests {
                 flow_event_buffer: 4096,
                 flow_events: true,
                 observe_tcp: None,
+                cni_agent_wait: Duration::from_secs(30),
             }
         );
+    }
+
+    #[test]
+    fn cni_agent_wait_is_whole_seconds_within_bounds() {
+        let c = parse(&format!("{MINIMAL}cniAgentWait: 0s\n")).unwrap();
+        assert!(c.cni_agent_wait.is_zero());
+        let c = parse(&format!("{MINIMAL}cniAgentWait: 2m\n")).unwrap();
+        assert_eq!(c.cni_agent_wait, Duration::from_secs(120));
+        for bad in ["3m", "1500ms", "soon"] {
+            let e = parse(&format!("{MINIMAL}cniAgentWait: {bad}\n")).unwrap_err();
+            assert!(e.to_string().contains("cniAgentWait"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -183,10 +183,30 @@ fn add(env: &Env, conf: &NetConf, version: Version) -> Result<serde_json::Value,
         ip: alloc.ip,
         default_route: link.default_route,
     };
-    notify::send(
-        &conf.agent_socket(),
-        &Event::add(&conf.name, &key, &attachment, &pod),
-    );
+    let event = Event::add(&conf.name, &key, &attachment, &pod);
+    let wait = conf.agent_wait();
+    if wait.is_zero() {
+        notify::send(&conf.agent_socket(), &event);
+    } else if let Err(why) = notify::confirm(&conf.agent_socket(), &event, wait) {
+        // No pod runs before its policy: undo this ADD (the agent forgets
+        // the address too), the runtime retries.
+        let _ = datapath::delete_host_link(&host_ifname);
+        if !existed {
+            let _ = store.release(&key);
+        }
+        notify::send(
+            &conf.agent_socket(),
+            &Event {
+                event: "del",
+                ..event
+            },
+        );
+        return Err(CniError::new(
+            ErrorCode::TryAgainLater,
+            "the pod's network policy is not in place yet",
+            why,
+        ));
+    }
     let result = CniResult::for_attachment(version, &attachment, conf.dns.as_ref(), prev);
     serde_json::to_value(result).map_err(|e| {
         CniError::new(

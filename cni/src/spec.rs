@@ -260,6 +260,12 @@ pub struct NetConf {
     pub state_dir: Option<PathBuf>,
     #[serde(default)]
     pub agent_socket: Option<PathBuf>,
+    /// Seconds ADD waits for the agent to confirm the pod's policy is in the
+    /// kernel (0, the default: notify and go on). With a wait, an agent that
+    /// is down or does not confirm in time fails ADD with code 11, so no pod
+    /// runs before its policy does.
+    #[serde(default)]
+    pub agent_wait_seconds: Option<u64>,
     #[serde(default)]
     pub dns: Option<Dns>,
     #[serde(default)]
@@ -273,6 +279,9 @@ pub struct NetConf {
 
 /// Default agent notification socket.
 pub const DEFAULT_AGENT_SOCKET: &str = "/run/meshward/agent.sock";
+/// Longest `agentWaitSeconds` accepted: kubelet gives a sandbox's ADD a few
+/// minutes; a wait must end well before that.
+pub const MAX_AGENT_WAIT_SECONDS: u64 = 120;
 /// Underlay MTU assumed when the configuration gives none.
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 /// WireGuard's worst-case overhead over IPv6 underlay: 40 (IPv6) + 8 (UDP)
@@ -319,6 +328,15 @@ impl NetConf {
                 format!("invalid network name {:?}", self.name),
                 "a network name starts with a letter or digit, followed by letters, digits, '_', '.' or '-'"
                     .into(),
+            ));
+        }
+        if let Some(wait) = self
+            .agent_wait_seconds
+            .filter(|&w| w > MAX_AGENT_WAIT_SECONDS)
+        {
+            return Err(invalid(
+                format!("agentWaitSeconds {wait} is too long"),
+                format!("at most {MAX_AGENT_WAIT_SECONDS} (the runtime times ADD out)"),
             ));
         }
         if let Some(cidr) = self.pod_cidr {
@@ -369,6 +387,11 @@ impl NetConf {
         self.state_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+    }
+
+    /// How long ADD waits for the agent's confirmation (zero: not at all).
+    pub fn agent_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.agent_wait_seconds.unwrap_or(0))
     }
 
     pub fn agent_socket(&self) -> PathBuf {
@@ -780,5 +803,21 @@ mod tests {
         assert_eq!(result.ips[1].interface, Some(2));
         let err = CniResult::from_prev(&serde_json::json!({"ips": "nope"})).unwrap_err();
         assert!(err.msg.contains("prevResult"), "{}", err.msg);
+    }
+
+    #[test]
+    fn agent_wait_defaults_to_none_and_is_bounded() {
+        let conf = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n"}"#).unwrap();
+        assert!(conf.agent_wait().is_zero());
+        let conf =
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","agentWaitSeconds":30}"#).unwrap();
+        assert_eq!(conf.agent_wait(), std::time::Duration::from_secs(30));
+        let err = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","agentWaitSeconds":121}"#)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidNetworkConfig);
+        assert!(err.msg.contains("agentWaitSeconds"), "{}", err.msg);
+        let err = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","agentWaitSeconds":-1}"#)
+            .unwrap_err();
+        assert!(err.msg.contains("agentWaitSeconds"), "{}", err.msg);
     }
 }

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::events::{EventHub, FlowEvent};
-use super::protocol::{Observe, Request, Response, MAX_LINE};
+use super::protocol::{CniEvent, Observe, Request, Response, MAX_LINE};
 use super::ControlRequest;
 
 /// A connection idle this long is closed.
@@ -172,10 +172,7 @@ async fn serve(
             stream_events(hub, &observe, reader, write).await;
             return;
         }
-        let response = match answer(&line, &tx).await {
-            Some(response) => response,
-            None => continue,
-        };
+        let response = answer(&line, &tx).await;
         if reply(&mut write, &response).await.is_err() {
             return;
         }
@@ -279,33 +276,39 @@ pub(super) async fn stream_events<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
-/// The answer to one line; `None` for lines that get none (CNI events).
-async fn answer(line: &[u8], tx: &mpsc::Sender<ControlRequest>) -> Option<Response> {
+/// The answer to one line.
+async fn answer(line: &[u8], tx: &mpsc::Sender<ControlRequest>) -> Response {
     let value: serde_json::Value = match serde_json::from_slice(line) {
         Ok(v) => v,
-        Err(e) => return Some(Response::error(format!("request is not JSON: {e}"))),
+        Err(e) => return Response::error(format!("request is not JSON: {e}")),
     };
-    if let Some(event) = value.get("event") {
-        debug!(%event, "pod event from meshward-cni");
-        return None;
-    }
-    let request: Request = match serde_json::from_value(value) {
-        Ok(r) => r,
-        Err(e) => {
-            return Some(Response::error(format!(
-                "bad request ({e}); want {{\"op\":\"status\"}} or {{\"op\":\"rotate\"}}"
-            )))
+    let request = if value.get("event").is_some() {
+        match serde_json::from_value::<CniEvent>(value) {
+            Ok(event) => {
+                debug!(?event, "pod event from meshward-cni");
+                Request::Cni(event)
+            }
+            Err(e) => return Response::error(format!("bad CNI event: {e}")),
+        }
+    } else {
+        match serde_json::from_value::<Request>(value) {
+            Ok(r) => r,
+            Err(e) => {
+                return Response::error(format!(
+                    "bad request ({e}); want {{\"op\":\"status\"}} or {{\"op\":\"rotate\"}}"
+                ))
+            }
         }
     };
     let (reply_tx, reply_rx) = oneshot::channel();
     if tx.send((request, reply_tx)).await.is_err() {
-        return Some(Response::error("the agent is shutting down"));
+        return Response::error("the agent is shutting down");
     }
-    Some(match tokio::time::timeout(ANSWER_WAIT, reply_rx).await {
+    match tokio::time::timeout(ANSWER_WAIT, reply_rx).await {
         Ok(Ok(response)) => response,
         Ok(Err(_)) => Response::error("the agent is shutting down"),
         Err(_) => Response::error("the agent did not answer in time"),
-    })
+    }
 }
 
 /// Writes one response line (bounded in time: a client that stops reading

@@ -38,6 +38,7 @@
 //! it finds.
 
 pub mod cache;
+mod cni_pods;
 mod control;
 pub mod events;
 mod health;
@@ -167,6 +168,9 @@ struct Agent {
     /// `observe` over TCP (`observeAddress`).
     observe_tcp: Option<observe_tcp::Server>,
     policy: Option<policy::PolicyEngine>,
+    /// Addresses from CNI ADD not yet in the Pod status, and the ADDs
+    /// waiting for their pod's policy.
+    cni_pods: cni_pods::CniPods,
     /// Flow events (`meshward observe`); none with `flowEvents: false`.
     events: Option<Arc<events::EventHub>>,
     /// Held for the agent's lifetime (`stateDir/agent.lock`).
@@ -374,6 +378,7 @@ impl Agent {
             control: None,
             observe_tcp: None,
             policy: None,
+            cni_pods: cni_pods::CniPods::default(),
             events: config
                 .flow_events
                 .then(|| events::EventHub::new(&config.node_name, config.flow_event_buffer)),
@@ -546,10 +551,16 @@ impl Agent {
                     debug!(generation = self.snapshot.generation(), "datastore snapshot");
                     self.reconcile().await;
                 }
-                Some((request, reply)) = requests.recv() => {
-                    let response = self.handle(request).await;
-                    let _ = reply.send(response);
-                }
+                Some((request, reply)) = requests.recv() => match request {
+                    Request::Cni(event) => {
+                        self.cni_pods.record(event, reply);
+                        self.reconcile_policy();
+                    }
+                    request => {
+                        let response = self.handle(request).await;
+                        let _ = reply.send(response);
+                    }
+                },
                 _ = resync.tick() => self.reconcile().await,
                 _ = policy_tick.tick() => {
                     if let Some(policy) = &self.policy {
@@ -627,12 +638,25 @@ impl Agent {
     /// Brings peers, routes, strict mode and the own Node in line with the
     /// current snapshot. Failures are logged and retried on the next pass.
     async fn reconcile(&mut self) {
-        if let Some(policy) = &mut self.policy {
-            policy.update(&self.snapshot, false);
-        }
+        self.reconcile_policy();
         if self.config.mesh {
             self.reconcile_mesh().await;
         }
+    }
+
+    /// Brings the kernel's policy in line with the snapshot plus the pod
+    /// addresses CNI ADD told (see `cni_pods`), then answers the ADDs whose
+    /// policy is in force.
+    fn reconcile_policy(&mut self) {
+        let node = &self.config.node_name;
+        let applied = match &mut self.policy {
+            Some(policy) => match self.cni_pods.overlay(&self.snapshot, node) {
+                Some(view) => policy.update(&view, false),
+                None => policy.update(&self.snapshot, false),
+            },
+            None => true,
+        };
+        self.cni_pods.settle(&self.snapshot, node, applied);
     }
 
     /// Peers, routes, strict mode and the own Node's annotations.
@@ -829,6 +853,8 @@ impl Agent {
             },
             // answered by the control socket itself
             Request::Observe(_) => Response::error("observe is served by the control socket"),
+            // taken by the run loop before it gets here
+            Request::Cni(_) => Response::error("CNI events are handled by the run loop"),
         }
     }
 

@@ -338,6 +338,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(Request::Rotate) => refuse(
             "rotate is not served over TCP (only observe): ask the control socket on the node",
         ),
+        // never deserialized (serde skips the variant); listed for the match
+        Ok(Request::Cni(_)) => refuse("CNI events are not served over TCP"),
         Err(e) => refuse(&format!(
             "bad request ({e}); only {{\"op\":\"observe\",...}} is served over TCP"
         )),

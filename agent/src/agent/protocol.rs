@@ -16,9 +16,10 @@
 //! TCP side serves nothing else): see `observe_tcp.rs`.
 //!
 //! A connection may carry several requests; each gets one response line, in
-//! order. Lines from `meshward-cni` (`{"event":"add",…}`, sent to the same
-//! socket when the CNI's `agentSocket` points here) are accepted and get no
-//! answer. The client half here is synchronous: `meshward keys rotate`,
+//! order. Lines from `meshward-cni` (`{"event":"add",…}` / `"del"`, sent to
+//! the same socket when the CNI's `agentSocket` points here) are answered
+//! `{"ok":true}` once the pod's policy is in the kernel (ADD with
+//! `agentWaitSeconds` waits for that line), or with an error. The client half here is synchronous: `meshward keys rotate`,
 //! `meshward status` and the lab use it.
 
 use std::collections::BTreeMap;
@@ -42,6 +43,25 @@ pub enum Request {
     /// Recent flow events; with `follow`, then every new one until the
     /// client closes the connection.
     Observe(Observe),
+    /// A line from `meshward-cni` (`{"event":…}`), never an `op`.
+    #[serde(skip)]
+    Cni(CniEvent),
+}
+
+/// What `meshward-cni` sends on ADD and DEL (its `notify::Event`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CniEvent {
+    /// `add` or `del`.
+    pub event: String,
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+    pub ip: std::net::IpAddr,
+    #[serde(default)]
+    pub pod_namespace: Option<String>,
+    #[serde(default)]
+    pub pod_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

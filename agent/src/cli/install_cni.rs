@@ -161,6 +161,8 @@ pub fn conflist(config: &Config, pod_cidr: Ipv4Net, chain: &[Chained]) -> Value 
         "mtu": config.mtu,
         "stateDir": config.state_dir.join("ipam"),
         "agentSocket": config.socket_path,
+        // ADD answers only once the pod's policy is in the kernel
+        "agentWaitSeconds": config.cni_agent_wait.as_secs(),
     });
     let plugins: Vec<Value> = std::iter::once(meshward)
         .chain(chain.iter().map(|c| c.entry()))

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -124,6 +125,42 @@ impl Cluster {
             namespaces: self.namespaces.values().map(|n| (**n).clone()).collect(),
             policies: self.policies.values().cloned().collect(),
         }
+    }
+
+    /// A pod of `namespace/name`, if the datastore has it.
+    pub fn pod(&self, pod: &PodRef) -> Option<&PodInfo> {
+        self.pods.get(pod).map(|p| &**p)
+    }
+
+    /// This view with addresses the CNI gave pods of `node` whose status
+    /// shows none yet (the Pod status follows the sandbox by a watch round
+    /// trip); pods elsewhere or with addresses of their own are untouched.
+    pub fn with_pod_ips<'a>(
+        &self,
+        node: &str,
+        ips: impl IntoIterator<Item = (&'a PodRef, &'a [IpAddr])>,
+    ) -> Cluster {
+        let mut cluster = self.clone();
+        for (pod_ref, addresses) in ips {
+            let Some(pod) = cluster.pods.get_mut(pod_ref) else {
+                continue;
+            };
+            if pod.node == node && pod.ips.is_empty() && !pod.host_network {
+                Arc::make_mut(pod).ips = addresses.to_vec();
+            }
+        }
+        cluster
+    }
+
+    /// A synced (or not) view holding only `pods`.
+    #[cfg(test)]
+    pub fn with_pods(pods: Vec<PodInfo>, synced: bool) -> Cluster {
+        let mut cluster = Cluster::default();
+        for pod in pods {
+            cluster.apply(Event::Upserted(Object::Pod(pod)));
+        }
+        cluster.synced = synced;
+        cluster
     }
 
     /// Applies one event.

@@ -1,0 +1,268 @@
+//! Pods the CNI plugin attached before their Pod status shows an address.
+//!
+//! Kubelet reports a pod's IP in its status only after the sandbox is up,
+//! and the agent sees that a watch round trip later: until then the pod runs
+//! with no policy of its own. `meshward-cni` therefore tells the agent the
+//! address at ADD (pod namespace/name from `CNI_ARGS`), the agent treats it
+//! as the pod's address until the status has one, and answers once the
+//! policy that selects the pod is in the kernel. With `agentWaitSeconds` the
+//! CNI waits for that answer, so a pod never runs before its policy (what
+//! Cilium does by waiting for the endpoint's regeneration).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use meshward_policy::PodRef;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use super::protocol::{CniEvent, Response};
+use crate::datastore::Cluster;
+
+/// An address whose pod never appears in the datastore is forgotten after
+/// this long (a pod deleted before the watch delivered it).
+const UNSEEN_FOR: Duration = Duration::from_secs(600);
+
+struct Attached {
+    container_id: String,
+    ifname: String,
+    ips: Vec<IpAddr>,
+    since: Instant,
+}
+
+struct Waiting {
+    pod: PodRef,
+    reply: oneshot::Sender<Response>,
+    since: Instant,
+}
+
+#[derive(Default)]
+pub(super) struct CniPods {
+    attached: BTreeMap<PodRef, Attached>,
+    waiting: Vec<Waiting>,
+}
+
+impl CniPods {
+    /// Records an ADD or DEL. Answers at once what needs no policy (DEL, a
+    /// sandbox without a Kubernetes pod, bad events); an ADD's answer waits
+    /// for [`CniPods::settle`].
+    pub fn record(&mut self, event: CniEvent, reply: oneshot::Sender<Response>) {
+        let (Some(namespace), Some(name)) = (event.pod_namespace, event.pod_name) else {
+            // podman and other runtimes without K8S_POD_*: no policy selects it
+            let _ = reply.send(Response::default_ok());
+            return;
+        };
+        let pod = PodRef { namespace, name };
+        match event.event.as_str() {
+            "add" => {
+                debug!(%pod, ip = %event.ip, container = %event.container_id, "CNI ADD");
+                self.attached.insert(
+                    pod.clone(),
+                    Attached {
+                        container_id: event.container_id,
+                        ifname: event.ifname,
+                        ips: vec![event.ip],
+                        since: Instant::now(),
+                    },
+                );
+                self.waiting.push(Waiting {
+                    pod,
+                    reply,
+                    since: Instant::now(),
+                });
+            }
+            "del" => {
+                // a DEL of an older sandbox leaves the current one's address
+                if self.attached.get(&pod).is_some_and(|a| {
+                    a.container_id == event.container_id && a.ifname == event.ifname
+                }) {
+                    debug!(%pod, "CNI DEL");
+                    self.attached.remove(&pod);
+                }
+                let _ = reply.send(Response::default_ok());
+            }
+            other => {
+                let _ = reply.send(Response::error(format!(
+                    "unknown CNI event {other:?} (want \"add\" or \"del\")"
+                )));
+            }
+        }
+    }
+
+    /// `cluster` with the attached addresses, when there are any to add.
+    pub fn overlay(&self, cluster: &Cluster, node: &str) -> Option<Cluster> {
+        if self.attached.is_empty() {
+            return None;
+        }
+        Some(cluster.with_pod_ips(
+            node,
+            self.attached.iter().map(|(pod, a)| (pod, a.ips.as_slice())),
+        ))
+    }
+
+    /// After a policy pass over `cluster` (+ the overlay): answers the ADDs
+    /// whose pod is known, once `applied` says the kernel holds the rules;
+    /// forgets addresses the Pod status now shows.
+    pub fn settle(&mut self, cluster: &Cluster, node: &str, applied: bool) {
+        let now = Instant::now();
+        let synced = cluster.synced();
+        self.attached.retain(|pod, a| match cluster.pod(pod) {
+            Some(info) => info.ips.is_empty(),
+            None => !synced || now.duration_since(a.since) < UNSEEN_FOR,
+        });
+        let mut still = Vec::new();
+        for w in self.waiting.drain(..) {
+            if w.reply.is_closed() {
+                continue;
+            }
+            match cluster.pod(&w.pod) {
+                Some(info) if info.node != node => {
+                    warn!(pod = %w.pod, on = %info.node, "CNI ADD for a pod scheduled elsewhere");
+                    let _ = w.reply.send(Response::error(format!(
+                        "pod {} is scheduled on node {:?}, not on {node}",
+                        w.pod, info.node
+                    )));
+                }
+                Some(_) if applied => {
+                    info!(pod = %w.pod, waited_ms = now.duration_since(w.since).as_millis() as u64, "CNI ADD: the pod's policy is in force");
+                    let _ = w.reply.send(Response::default_ok());
+                }
+                // not in the datastore yet, or the kernel refused: next pass
+                _ => still.push(w),
+            }
+        }
+        self.waiting = still;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshward_policy::PodInfo;
+    use tokio::sync::oneshot::error::TryRecvError;
+
+    fn pod(name: &str, node: &str, ips: &[&str]) -> PodInfo {
+        PodInfo {
+            namespace: "shop".into(),
+            name: name.into(),
+            node: node.into(),
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            labels: Default::default(),
+            ports: vec![],
+            host_network: false,
+        }
+    }
+
+    fn event(kind: &str, name: &str, container: &str, ip: &str) -> CniEvent {
+        CniEvent {
+            event: kind.into(),
+            container_id: container.into(),
+            ifname: "eth0".into(),
+            ip: ip.parse().unwrap(),
+            pod_namespace: Some("shop".into()),
+            pod_name: Some(name.into()),
+        }
+    }
+
+    fn pod_ref(name: &str) -> PodRef {
+        PodRef {
+            namespace: "shop".into(),
+            name: name.into(),
+        }
+    }
+
+    fn record(pods: &mut CniPods, e: CniEvent) -> oneshot::Receiver<Response> {
+        let (tx, rx) = oneshot::channel();
+        pods.record(e, tx);
+        rx
+    }
+
+    #[test]
+    fn an_add_is_answered_once_its_pod_is_known_and_the_kernel_has_the_rules() {
+        let mut pods = CniPods::default();
+        let mut answer = record(&mut pods, event("add", "web-1", "c1", "198.19.1.7"));
+        // the pod is not in the datastore yet: no answer, no overlay effect
+        let empty = Cluster::with_pods(vec![], true);
+        pods.settle(&empty, "node1", true);
+        assert!(matches!(answer.try_recv(), Err(TryRecvError::Empty)));
+
+        let known = Cluster::with_pods(vec![pod("web-1", "node1", &[])], true);
+        let view = pods.overlay(&known, "node1").expect("an overlay");
+        assert_eq!(
+            view.pod(&pod_ref("web-1")).unwrap().ips,
+            ["198.19.1.7".parse::<IpAddr>().unwrap()]
+        );
+        // the kernel refused the rules: still waiting
+        pods.settle(&known, "node1", false);
+        assert!(matches!(answer.try_recv(), Err(TryRecvError::Empty)));
+        pods.settle(&known, "node1", true);
+        assert!(answer.try_recv().unwrap().ok);
+
+        // once the status shows an address, the status wins and the CNI's is forgotten
+        let reported = Cluster::with_pods(vec![pod("web-1", "node1", &["198.19.1.9"])], true);
+        assert_eq!(
+            pods.overlay(&reported, "node1")
+                .unwrap()
+                .pod(&pod_ref("web-1"))
+                .unwrap()
+                .ips,
+            ["198.19.1.9".parse::<IpAddr>().unwrap()]
+        );
+        pods.settle(&reported, "node1", true);
+        assert!(pods.overlay(&known, "node1").is_none());
+    }
+
+    #[test]
+    fn addresses_apply_only_to_own_pods_and_a_foreign_pod_is_refused() {
+        let mut pods = CniPods::default();
+        let mut answer = record(&mut pods, event("add", "web-1", "c1", "198.19.1.7"));
+        let elsewhere = Cluster::with_pods(vec![pod("web-1", "node2", &[])], true);
+        let view = pods.overlay(&elsewhere, "node1").unwrap();
+        assert!(view.pod(&pod_ref("web-1")).unwrap().ips.is_empty());
+        pods.settle(&elsewhere, "node1", true);
+        let response = answer.try_recv().unwrap();
+        assert!(!response.ok);
+        assert!(response.error.unwrap().contains("node2"));
+    }
+
+    #[test]
+    fn a_del_of_an_older_sandbox_keeps_the_current_address() {
+        let mut pods = CniPods::default();
+        let _first = record(&mut pods, event("add", "web-1", "old", "198.19.1.7"));
+        let _second = record(&mut pods, event("add", "web-1", "new", "198.19.1.8"));
+        let mut del = record(&mut pods, event("del", "web-1", "old", "198.19.1.7"));
+        assert!(del.try_recv().unwrap().ok);
+        let known = Cluster::with_pods(vec![pod("web-1", "node1", &[])], true);
+        let view = pods.overlay(&known, "node1").unwrap();
+        assert_eq!(
+            view.pod(&pod_ref("web-1")).unwrap().ips,
+            ["198.19.1.8".parse::<IpAddr>().unwrap()]
+        );
+        drop(record(&mut pods, event("del", "web-1", "new", "198.19.1.8")));
+        assert!(pods.overlay(&known, "node1").is_none());
+    }
+
+    #[test]
+    fn events_without_a_pod_or_of_unknown_kinds_are_answered_at_once() {
+        let mut pods = CniPods::default();
+        let mut bare = event("add", "x", "c", "198.19.1.7");
+        bare.pod_name = None;
+        assert!(record(&mut pods, bare).try_recv().unwrap().ok);
+        let odd = record(&mut pods, event("check", "x", "c", "198.19.1.7"))
+            .try_recv()
+            .unwrap();
+        assert!(!odd.ok);
+        assert!(pods
+            .overlay(&Cluster::with_pods(vec![], true), "node1")
+            .is_none());
+    }
+
+    #[test]
+    fn a_caller_that_gave_up_is_dropped() {
+        let mut pods = CniPods::default();
+        drop(record(&mut pods, event("add", "web-1", "c1", "198.19.1.7")));
+        pods.settle(&Cluster::with_pods(vec![], true), "node1", true);
+        assert!(pods.waiting.is_empty());
+    }
+}
