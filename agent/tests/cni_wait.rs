@@ -187,6 +187,16 @@ fn a_new_pods_policy_is_in_force_when_cni_add_returns() {
         "{status}"
     );
 
+    // A restarted agent reads the address back from the CNI's allocations:
+    // the policy stays in force though the status still shows none.
+    lab.ok(&["agent", "restart", "node1"]);
+    let status = lab.agent_status("node1");
+    assert_eq!(status["policy"]["endpoints"].as_u64(), Some(1), "{status}");
+    assert!(
+        !sandbox.curl("http://198.18.100.11/"),
+        "the pod's policy was lost across an agent restart"
+    );
+
     // DEL: the agent forgets the address; the pod is no endpoint any more.
     let deleted = cni(&lab, "DEL", &sandbox, "web-1", 20);
     assert!(deleted.status.success(), "DEL failed: {deleted:?}");

@@ -90,6 +90,30 @@ impl CniPods {
         }
     }
 
+    /// Seeds the addresses of pods attached before this agent started, from
+    /// the CNI's allocation store (`stateDir/ipam/<network>.json`): a pod
+    /// whose status still shows no address keeps its policy across an agent
+    /// restart. Allocations without a Kubernetes pod are skipped.
+    pub fn restore(&mut self, allocations: &[meshward_cni::ipam::Allocation]) {
+        for a in allocations {
+            let (Some(namespace), Some(name)) = (&a.pod.namespace, &a.pod.name) else {
+                continue;
+            };
+            self.attached.insert(
+                PodRef {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                },
+                Attached {
+                    container_id: a.key.container_id.clone(),
+                    ifname: a.key.ifname.clone(),
+                    ips: vec![IpAddr::V4(a.ip)],
+                    since: Instant::now(),
+                },
+            );
+        }
+    }
+
     /// `cluster` with the attached addresses, when there are any to add.
     pub fn overlay(&self, cluster: &Cluster, node: &str) -> Option<Cluster> {
         if self.attached.is_empty() {
@@ -239,7 +263,10 @@ mod tests {
             view.pod(&pod_ref("web-1")).unwrap().ips,
             ["198.19.1.8".parse::<IpAddr>().unwrap()]
         );
-        drop(record(&mut pods, event("del", "web-1", "new", "198.19.1.8")));
+        drop(record(
+            &mut pods,
+            event("del", "web-1", "new", "198.19.1.8"),
+        ));
         assert!(pods.overlay(&known, "node1").is_none());
     }
 

@@ -416,7 +416,11 @@ impl Agent {
         )?;
         // the L7 proxy listens before any port is redirected to it
         l7::start(engine.l7(), &agent.config.policy).context("starting the L7 proxy")?;
-        if !engine.update(&agent.snapshot, true) {
+        agent.restore_cni_pods().await;
+        let view = agent
+            .cni_pods
+            .overlay(&agent.snapshot, &agent.config.node_name);
+        if !engine.update(view.as_ref().unwrap_or(&agent.snapshot), true) {
             bail!("applying the policy to the kernel failed (see above)");
         }
         engine
@@ -641,6 +645,29 @@ impl Agent {
         self.reconcile_policy();
         if self.config.mesh {
             self.reconcile_mesh().await;
+        }
+    }
+
+    /// Reads the pods the CNI attached on this node (`stateDir/ipam`, what
+    /// `install-cni` configures) so their addresses count before their Pod
+    /// status shows them. Nothing to read is fine; a bad store is logged.
+    async fn restore_cni_pods(&mut self) {
+        let dir = self.config.state_dir.join("ipam");
+        let network = crate::cli::install_cni::NETWORK;
+        if !dir.join(format!("{network}.json")).is_file() {
+            return;
+        }
+        let read = blocking("reading the CNI's allocations", move || {
+            meshward_cni::ipam::Store::open(&dir, network)?.list()
+        })
+        .await;
+        match read {
+            Ok(Ok(allocations)) => {
+                debug!(count = allocations.len(), "CNI allocations read");
+                self.cni_pods.restore(&allocations);
+            }
+            Ok(Err(e)) => warn!("reading the CNI's allocations: {e}"),
+            Err(e) => warn!("{e:#}"),
         }
     }
 
