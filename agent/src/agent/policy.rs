@@ -240,11 +240,15 @@ impl PolicyEngine {
     /// Saves the cache if it changed and forgets expired entries (the
     /// kernel's elements expire by themselves).
     pub fn tick(&self) {
-        let expired = self.shared.cache.lock().expire(SystemTime::now());
+        // the name index changes under the cache's lock, as in `learn`, so
+        // the two never disagree (a TTL-0 answer expiring as it is learned)
+        let mut cache = self.shared.cache.lock();
+        let expired = cache.expire(SystemTime::now());
+        for (name, ip) in &expired {
+            self.shared.l7.names.remove(name, *ip);
+        }
+        drop(cache);
         if !expired.is_empty() {
-            for (name, ip) in &expired {
-                self.shared.l7.names.remove(name, *ip);
-            }
             self.shared.dirty.store(true, Ordering::Relaxed);
         }
         save(&self.shared, &self.state_dir);
@@ -337,15 +341,20 @@ impl LearnHook for Learner {
 /// Cache, then kernel, before the answer is released.
 fn learn(shared: &Shared, learned: Learned) -> Result<(), String> {
     let now = SystemTime::now();
-    let update = shared.cache.lock().insert(&learned, now);
-    for (name, ip) in &update.evicted {
-        shared.l7.names.remove(name, *ip);
-    }
+    let update = {
+        // the name index follows the cache under its lock (see `tick`)
+        let mut cache = shared.cache.lock();
+        let update = cache.insert(&learned, now);
+        for (name, ip) in &update.evicted {
+            shared.l7.names.remove(name, *ip);
+        }
+        for e in &update.upserted {
+            shared.l7.names.add(&e.name, e.ip);
+        }
+        update
+    };
     if update.upserted.is_empty() {
         return Ok(());
-    }
-    for e in &update.upserted {
-        shared.l7.names.add(&e.name, e.ip);
     }
     shared.dirty.store(true, Ordering::Relaxed);
     // a full channel means a save is already due
