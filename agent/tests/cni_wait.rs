@@ -137,13 +137,20 @@ fn cni(lab: &TestLab, command: &str, sandbox: &Sandbox, pod: &str, wait: u64) ->
     }
 }
 
-fn error_object(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+/// The plugin failed with code 11 (try again later) and details saying `says`.
+fn assert_try_again(out: &Output, says: &str) {
+    assert!(!out.status.success());
+    let error: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "no CNI error object ({e}): {}",
             String::from_utf8_lossy(&out.stdout)
         )
-    })
+    });
+    assert_eq!(error["code"], 11, "{error}");
+    assert!(
+        error["details"].as_str().unwrap_or("").contains(says),
+        "{error}"
+    );
 }
 
 /// Addresses allocated on node1 (the IPAM file), as text.
@@ -213,16 +220,7 @@ fn an_add_the_agent_cannot_confirm_fails_and_leaves_nothing() {
     // No such Pod in the datastore: the agent never confirms.
     let sandbox = Sandbox::new("cx");
     let out = cni(&lab, "ADD", &sandbox, "ghost", 2);
-    assert!(!out.status.success());
-    let error = error_object(&out);
-    assert_eq!(error["code"], 11, "{error}");
-    assert!(
-        error["details"]
-            .as_str()
-            .unwrap_or("")
-            .contains("did not confirm"),
-        "{error}"
-    );
+    assert_try_again(&out, "did not confirm");
     assert!(
         !allocations(&lab).contains(&sandbox.name),
         "the address stayed allocated: {}",
@@ -243,16 +241,7 @@ fn an_add_the_agent_cannot_confirm_fails_and_leaves_nothing() {
     lab.ok(&["agent", "stop", "node1"]);
     let started = Instant::now();
     let out = cni(&lab, "ADD", &sandbox, "ghost", 20);
-    assert!(!out.status.success());
     assert!(started.elapsed() < Duration::from_secs(15));
-    let error = error_object(&out);
-    assert_eq!(error["code"], 11, "{error}");
-    assert!(
-        error["details"]
-            .as_str()
-            .unwrap_or("")
-            .contains("cannot reach the meshward agent"),
-        "{error}"
-    );
+    assert_try_again(&out, "cannot reach the meshward agent");
     assert!(!allocations(&lab).contains(&sandbox.name));
 }

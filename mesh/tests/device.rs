@@ -645,13 +645,10 @@ fn shutdown_is_prompt_and_frees_tun_and_port() {
     cluster.wait_up();
 }
 
-#[test]
-fn start_refuses_a_port_in_use_and_leaves_nothing() {
-    let node = Netns::new("n");
-    node.ip(&["addr", "add", "198.18.0.1/24", "dev", "lo"]);
-    let _holder: UdpSocket = node.run(|| UdpSocket::bind(underlay(1)).expect("bind"));
+/// `Device::start` in `node` on 198.18.0.1:PORT with a fresh mesh.
+fn start_on_underlay_1(node: &Netns) -> std::io::Result<Device> {
     let mesh = Arc::new(Mesh::new(secret(1)));
-    let result = node.run(move || {
+    node.run(move || {
         Device::start(
             mesh,
             DeviceConfig {
@@ -661,7 +658,15 @@ fn start_refuses_a_port_in_use_and_leaves_nothing() {
                 workers: 2,
             },
         )
-    });
+    })
+}
+
+#[test]
+fn start_refuses_a_port_in_use_and_leaves_nothing() {
+    let node = Netns::new("n");
+    node.ip(&["addr", "add", "198.18.0.1/24", "dev", "lo"]);
+    let _holder: UdpSocket = node.run(|| UdpSocket::bind(underlay(1)).expect("bind"));
+    let result = start_on_underlay_1(&node);
     let error = result.err().expect("start must fail");
     assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse, "{error}");
     assert!(
@@ -697,18 +702,7 @@ fn start_waits_out_a_port_held_for_a_moment() {
         thread::sleep(Duration::from_millis(100));
         drop(holder);
     });
-    let mesh = Arc::new(Mesh::new(secret(1)));
-    let result = node.run(move || {
-        Device::start(
-            mesh,
-            DeviceConfig {
-                tun_name: "mw0".into(),
-                mtu: MTU,
-                listen: underlay(1),
-                workers: 2,
-            },
-        )
-    });
+    let result = start_on_underlay_1(&node);
     release.join().expect("release");
     let device = result.expect("start after the port was released");
     assert_eq!(device.local_addr(), underlay(1));
