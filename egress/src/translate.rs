@@ -4,8 +4,11 @@
 //! IPv4 CIDR peers go to per-prefix-length hash sets (the network address
 //! as key; the rule masks the packet's address), with port ranges of up to
 //! [`EXPAND_PORTS_MAX`] ports expanded into single ports; exact peers with
-//! such ranges likewise go to the exact hash set. What is left for the
-//! interval sets: wider port ranges and IPv6 CIDR peers.
+//! such ranges likewise go to the exact hash set. Wider ranges of IPv4
+//! peers (exact or CIDR) are split into aligned port blocks: blocks of 64
+//! ports or more go to port-block hash sets (`SetId::PrefixBlock`, the rule
+//! masks the port too), smaller edge blocks become single ports. What is
+//! left for the interval sets: IPv6 CIDR peers and IPv6 port ranges.
 //!
 //! Interval (pipapo) sets refuse partially overlapping elements, so every
 //! interval set gets disjoint elements: CIDR peers with every protocol are
@@ -22,7 +25,7 @@ use ipnet::IpNet;
 use meshward_policy::{DirectionRules, NodeRules, PortMatch};
 
 use crate::layout::Shape;
-use crate::layout::{Direction, Family, SetId};
+use crate::layout::{Direction, Family, SetId, BLOCK_BITS};
 use crate::EgressError;
 
 /// One element of one set. Field order is the key order in the kernel.
@@ -266,6 +269,7 @@ fn add_direction(desired: &mut Desired, dir: Direction, local: IpAddr, rules: &D
                             continue; // admits nothing
                         }
                         let count = u32::from(last) - u32::from(first) + 1;
+                        let proto = protocol.number();
                         if let (Some((_, port_set)), true) = (hashed, count <= EXPAND_PORTS_MAX) {
                             let set = desired.entry(port_set).or_default();
                             for port in first..=last {
@@ -273,11 +277,45 @@ fn add_direction(desired: &mut Desired, dir: Direction, local: IpAddr, rules: &D
                                     Elem::Port {
                                         local,
                                         peer,
-                                        proto: protocol.number(),
+                                        proto,
                                         port,
                                     },
                                     None,
                                 );
+                            }
+                        } else if let (Some((_, port_set)), Family::V4) = (hashed, fam) {
+                            // Aligned blocks: the big ones in port-block
+                            // sets, the edges as single ports.
+                            let len = net.prefix_len();
+                            for (base, bits) in aligned_blocks(first, last) {
+                                if BLOCK_BITS.contains(&bits) {
+                                    desired
+                                        .entry(SetId::PrefixBlock(dir, fam, len, bits))
+                                        .or_default()
+                                        .insert(
+                                            Elem::Port {
+                                                local,
+                                                peer,
+                                                proto,
+                                                port: base,
+                                            },
+                                            None,
+                                        );
+                                } else {
+                                    let set = desired.entry(port_set).or_default();
+                                    let end = u32::from(base) + (1u32 << bits) - 1;
+                                    for port in u32::from(base)..=end {
+                                        set.insert(
+                                            Elem::Port {
+                                                local,
+                                                peer,
+                                                proto,
+                                                port: port as u16,
+                                            },
+                                            None,
+                                        );
+                                    }
+                                }
                             }
                         } else {
                             rects
@@ -312,6 +350,22 @@ fn add_direction(desired: &mut Desired, dir: Direction, local: IpAddr, rules: &D
             );
         }
     }
+}
+
+/// `first..=last` as the fewest aligned blocks: (base, log2 size), each
+/// base a multiple of its size. At most two blocks per size.
+pub(crate) fn aligned_blocks(first: u16, last: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (u32::from(first), u32::from(last));
+    while lo <= hi {
+        let mut bits = lo.trailing_zeros().min(16);
+        while lo + (1 << bits) - 1 > hi {
+            bits -= 1;
+        }
+        out.push((lo as u16, bits as u8));
+        lo += 1 << bits;
+    }
+    out
 }
 
 /// Checks an FQDN element's addresses and returns its family.
@@ -545,6 +599,10 @@ pub fn admits(
             return false;
         };
         let peer = net.trunc().addr();
+        let port = match set.port_bits() {
+            Some(bits) => port & crate::layout::block_mask(bits),
+            None => port,
+        };
         let key = match set.shape() {
             Shape::Quad => Elem::Port {
                 local,
@@ -646,6 +704,92 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn aligned_blocks_cover_exactly_the_range() {
+        assert_eq!(aligned_blocks(0, 65535), [(0, 16)]);
+        assert_eq!(aligned_blocks(1024, 1279), [(1024, 8)]);
+        assert_eq!(aligned_blocks(7, 7), [(7, 0)]);
+        assert_eq!(
+            aligned_blocks(1000, 1300),
+            [
+                (1000, 3),
+                (1008, 4),
+                (1024, 8),
+                (1280, 4),
+                (1296, 2),
+                (1300, 0)
+            ]
+        );
+        let mut rng = Rng(7);
+        for _ in 0..2000 {
+            let a = rng.below(65536) as u16;
+            let b = rng.below(65536) as u16;
+            let (first, last) = (a.min(b), a.max(b));
+            let blocks = aligned_blocks(first, last);
+            let mut next = u32::from(first);
+            for (base, bits) in &blocks {
+                assert_eq!(u32::from(*base), next, "{first}-{last}: {blocks:?}");
+                assert_eq!(base & !crate::layout::block_mask(*bits), 0, "unaligned");
+                next += 1 << bits;
+            }
+            assert_eq!(next, u32::from(last) + 1, "{first}-{last}: {blocks:?}");
+            // at most two blocks of each size
+            for bits in 0..=16u8 {
+                assert!(blocks.iter().filter(|b| b.1 == bits).count() <= 2);
+            }
+        }
+    }
+
+    #[test]
+    fn wide_ipv4_port_ranges_become_port_blocks_not_intervals() {
+        let local: IpAddr = "198.19.1.2".parse().unwrap();
+        let ports = PortMatch::Ports {
+            protocol: L4Protocol::Udp,
+            first: 1000,
+            last: 1300,
+        };
+        let rules = DirectionRules {
+            policies: vec![policy("p0")],
+            allow: vec![Allow {
+                nets: vec![
+                    "198.18.100.16/28".parse().unwrap(),
+                    "198.18.100.9/32".parse().unwrap(),
+                ],
+                ports: vec![ports],
+                policy: policy("p0"),
+            }],
+            fqdn: Vec::new(),
+            ..Default::default()
+        };
+        let mut d = Desired::new();
+        add_direction(&mut d, Direction::Egress, local, &rules);
+        let e = Direction::Egress;
+        let v4 = Family::V4;
+        assert!(!d.contains_key(&SetId::Range(e, v4)), "{:?}", d.keys());
+        assert_eq!(d[&SetId::PrefixBlock(e, v4, 28, 8)].len(), 1);
+        assert_eq!(d[&SetId::PrefixBlock(e, v4, 32, 8)].len(), 1);
+        // 1000..=1023 and 1280..=1300 as single ports
+        assert_eq!(d[&SetId::PrefixPort(e, v4, 28)].len(), 24 + 21);
+        assert_eq!(d[&SetId::Port(e, v4)].len(), 24 + 21);
+        let now = Instant::now();
+        for port in [999u16, 1000, 1023, 1024, 1200, 1279, 1280, 1300, 1301] {
+            for peer in ["198.18.100.17", "198.18.100.9", "198.18.100.40"] {
+                let peer: IpAddr = peer.parse().unwrap();
+                let want = (1000..=1300).contains(&port)
+                    && peer != "198.18.100.40".parse::<IpAddr>().unwrap();
+                assert_eq!(
+                    admits(&d, e, local, peer, 17, port, now),
+                    want,
+                    "{peer}:{port}"
+                );
+                assert!(
+                    !admits(&d, e, local, peer, 6, port, now),
+                    "TCP {peer}:{port}"
+                );
+            }
+        }
+    }
+
     /// xorshift64*: deterministic, no dependency.
     struct Rng(u64);
     impl Rng {
@@ -695,8 +839,10 @@ mod tests {
         let first = 75 + rng.below(20) as u16;
         let last = match rng.below(6) {
             0..=2 => first,
-            // Wider than EXPAND_PORTS_MAX: an interval element.
-            3 => first + 60 + rng.below(20) as u16,
+            // Wider than EXPAND_PORTS_MAX: port blocks (IPv4) or an
+            // interval element (IPv6); up to 375 ports, so aligned blocks
+            // of 64, 128 and 256 ports occur.
+            3 => first + 60 + rng.below(300) as u16,
             _ => first + rng.below(10) as u16,
         };
         PortMatch::Ports {
@@ -793,7 +939,13 @@ mod tests {
                 let peer = sample_peer(&mut rng, v6);
                 let local = if v6 { local6 } else { local4 };
                 let proto = [1u8, 6, 17, 132][rng.below(4) as usize];
-                let port = 70 + rng.below(40) as u16;
+                // mostly near the rules' first ports, sometimes anywhere up
+                // to the widest range's end (its port blocks)
+                let port = if rng.below(3) == 0 {
+                    70 + rng.below(420) as u16
+                } else {
+                    70 + rng.below(40) as u16
+                };
                 for (dir, rules) in [(Direction::Egress, &egress), (Direction::Ingress, &ingress)] {
                     let want = rules.allows(peer, proto, port).is_some();
                     let got = admits(&desired, dir, local, peer, proto, port, now);
@@ -821,6 +973,7 @@ mod tests {
             }
             Ipv4Addr::from(a)
         };
+        let mut port_blocks = 0;
         for round in 0..200 {
             let allow: Vec<Allow> = (0..1 + rng.below(8))
                 .map(|i| Allow {
@@ -852,7 +1005,8 @@ mod tests {
             let mut lengths = std::collections::BTreeSet::new();
             for (set, contents) in &desired {
                 if let Some((_, len)) = set.prefix() {
-                    assert!(len < 32, "{set:?}");
+                    // /32 only for port blocks (else exact keys)
+                    assert!(len < 32 || set.port_bits().is_some(), "{set:?}");
                     assert!(!contents.is_empty(), "{set:?} present but empty");
                     lengths.insert(len);
                     // Keys are network addresses of the set's length.
@@ -861,19 +1015,28 @@ mod tests {
                             panic!("{set:?} holds {e:?}");
                         };
                         assert_eq!(IpNet::new(*peer, len).unwrap().trunc().addr(), *peer);
+                        // and ports the bases of their blocks
+                        if let (Some(bits), Elem::Port { port, .. }) = (set.port_bits(), e) {
+                            assert_eq!(port & crate::layout::block_mask(bits), *port, "{set:?}");
+                        }
                     }
                 }
                 if set.interval() {
                     assert!(overlaps(contents).is_empty(), "round {round}: {set:?}");
                 }
             }
-            // Prefix sets never exceed two per length and direction.
-            let per_dir = desired.keys().filter(|s| s.prefix().is_some()).count();
+            port_blocks += desired.keys().filter(|s| s.port_bits().is_some()).count();
+            // Prefix sets never exceed two per length and direction, plus
+            // one per port-block size in use.
+            let per_dir = desired
+                .keys()
+                .filter(|s| s.prefix().is_some() && s.port_bits().is_none())
+                .count();
             assert!(per_dir <= 4 * lengths.len(), "{per_dir} {lengths:?}");
             for _ in 0..300 {
                 let peer = IpAddr::V4(near(&mut rng));
                 let proto = [1u8, 6, 17, 132][rng.below(4) as usize];
-                let port = 70 + rng.below(100) as u16;
+                let port = 70 + rng.below(420) as u16;
                 let want = rules.allows(peer, proto, port).is_some();
                 for dir in [Direction::Egress, Direction::Ingress] {
                     let got = admits(&desired, dir, local, peer, proto, port, now);
@@ -884,10 +1047,11 @@ mod tests {
                 }
             }
         }
+        assert!(port_blocks > 0, "no round exercised port blocks");
     }
 
     #[test]
-    fn cidr_peers_go_to_prefix_sets_and_wide_ranges_to_interval_sets() {
+    fn cidr_peers_go_to_prefix_sets_and_wide_ranges_to_port_blocks() {
         let p = |first, last| PortMatch::Ports {
             protocol: L4Protocol::Udp,
             first,
@@ -937,8 +1101,11 @@ mod tests {
             .all(|k| matches!(k, Elem::Port { peer, .. } if *peer == net24)));
         assert_eq!(d[&SetId::PrefixAny(e, v4, 16)].len(), 1);
         assert!(!d.contains_key(&SetId::PrefixAny(e, v4, 24)));
-        // 65 ports are too many: one interval element.
-        assert_eq!(d[&SetId::Range(e, v4)].len(), 1);
+        // 65 ports are too many to expand, but 2000-2064 has no aligned
+        // block of 64: all single ports of the /16 port set.
+        assert_eq!(d[&SetId::PrefixPort(e, v4, 16)].len(), 65);
+        assert!(d.keys().all(|s| s.port_bits().is_none()));
+        assert!(d[&SetId::Range(e, v4)].is_empty());
         assert!(d[&SetId::NetAny(e, v4)].is_empty());
         // IPv6 CIDR peers stay interval elements.
         assert_eq!(d[&SetId::NetAny(e, Family::V6)].len(), 1);
@@ -1007,6 +1174,7 @@ mod tests {
 
     #[test]
     fn overlapping_port_ranges_are_split_into_slabs() {
+        // IPv6 CIDR peers: the ones whose ranges stay interval elements.
         let p = |first, last| PortMatch::Ports {
             protocol: L4Protocol::Tcp,
             first,
@@ -1016,12 +1184,12 @@ mod tests {
             policies: vec![policy("p")],
             allow: vec![
                 Allow {
-                    nets: vec!["198.19.2.0/25".parse().unwrap()],
+                    nets: vec!["2001:db8::/121".parse().unwrap()],
                     ports: vec![p(80, 443)],
                     policy: policy("p"),
                 },
                 Allow {
-                    nets: vec!["198.19.2.128/25".parse().unwrap()],
+                    nets: vec!["2001:db8::80/121".parse().unwrap()],
                     ports: vec![p(400, 500)],
                     policy: policy("q"),
                 },
@@ -1030,11 +1198,11 @@ mod tests {
             l7: Vec::new(),
         };
         let d = desired_state(
-            &state_of(vec![endpoint("a", &["198.19.1.2"], Some(rules), None)]),
+            &state_of(vec![endpoint("a", &["fd00::2"], Some(rules), None)]),
             Instant::now(),
         )
         .unwrap();
-        let range = &d[&SetId::Range(Direction::Egress, Family::V4)];
+        let range = &d[&SetId::Range(Direction::Egress, Family::V6)];
         assert!(overlaps(range).is_empty());
         let got: Vec<((IpAddr, IpAddr), (u16, u16))> = range
             .keys()
@@ -1044,17 +1212,17 @@ mod tests {
             })
             .collect();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        // 80-399: first half; 400-443: the whole /24 (merged); 444-500: second half.
+        // 80-399: first half; 400-443: the whole /120 (merged); 444-500: second half.
         assert!(
-            got.contains(&((ip("198.19.2.0"), ip("198.19.2.127")), (80, 399))),
+            got.contains(&((ip("2001:db8::"), ip("2001:db8::7f")), (80, 399))),
             "{got:?}"
         );
         assert!(
-            got.contains(&((ip("198.19.2.0"), ip("198.19.2.255")), (400, 443))),
+            got.contains(&((ip("2001:db8::"), ip("2001:db8::ff")), (400, 443))),
             "{got:?}"
         );
         assert!(
-            got.contains(&((ip("198.19.2.128"), ip("198.19.2.255")), (444, 500))),
+            got.contains(&((ip("2001:db8::80"), ip("2001:db8::ff")), (444, 500))),
             "{got:?}"
         );
         assert_eq!(got.len(), 3);

@@ -33,6 +33,12 @@ fn policy_allows_exactly_what_it_says_and_counts_drops() {
     tcp_echo(lab.pod(1), "198.19.1.3:8081", LIFE);
     let sink = udp_sink(&lab.ext, &format!("{EXT2}:1500"));
     let sink_far = udp_sink(&lab.ext, &format!("{EXT2}:2500"));
+    // the range's edges: single ports (1000, 2000), the last port of a
+    // 64-port block (1983), and just past the range (2001)
+    let sink_edges: Vec<_> = [1000, 1983, 2000, 2001]
+        .iter()
+        .map(|port| udp_sink(&lab.ext, &format!("{EXT2}:{port}")))
+        .collect();
 
     // Strict mode first, as the agent does; the policy shares its table.
     lab.node
@@ -89,6 +95,17 @@ fn policy_allows_exactly_what_it_says_and_counts_drops() {
         !udp_passes(lab.pod(0), &sink_far, &format!("{EXT2}:2500")),
         "UDP out of range"
     );
+    for (sink, (port, inside)) in
+        sink_edges
+            .iter()
+            .zip([(1000, true), (1983, true), (2000, true), (2001, false)])
+    {
+        assert_eq!(
+            udp_passes(lab.pod(0), sink, &format!("{EXT2}:{port}")),
+            inside,
+            "UDP to {port}"
+        );
+    }
     assert!(!lab.pod(0).ping(EXT), "ICMP not allowed to external");
     assert!(tcp_works(lab.pod(0), "198.19.1.3:8080"), "a -> b:8080");
     assert!(
