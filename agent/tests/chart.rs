@@ -166,6 +166,30 @@ fn install_cni_installs_a_plugin_and_conflist_a_runtime_can_use() {
             ("CNI_PATH", dir.join("bin").display().to_string()),
         ]
     };
+    // The conflist makes ADD wait for the agent's word on the pod's policy:
+    // with no agent here, ADD fails (11, the runtime retries) and leaves no
+    // allocation; best effort (0) is what a pod gets without an agent.
+    assert_eq!(entry["agentWaitSeconds"], 30);
+    let mut add = host.command(&installed);
+    add.envs(env("ADD"));
+    let refused = run(
+        &mut add,
+        entry.to_string().as_bytes(),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert!(!refused.success(), "{refused}");
+    assert!(refused.stdout.contains("\"code\": 11"), "{refused}");
+    assert!(
+        refused.stdout.contains("cannot reach the meshward agent"),
+        "{refused}"
+    );
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("state/ipam/meshward.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["allocations"], json!([]), "{state}");
+    entry["agentWaitSeconds"] = json!(0);
     let mut add = host.command(&installed);
     add.envs(env("ADD"));
     let added = run(
@@ -176,7 +200,8 @@ fn install_cni_installs_a_plugin_and_conflist_a_runtime_can_use() {
     .unwrap();
     assert!(added.success(), "{added}");
     let result: Value = serde_json::from_str(&added.stdout).unwrap();
-    assert_eq!(result["ips"][0]["address"], "198.19.7.2/32", "{result}");
+    // round robin: the refused ADD had the first address
+    assert_eq!(result["ips"][0]["address"], "198.19.7.3/32", "{result}");
     let mtu = pod.must(&["cat", "/sys/class/net/eth0/mtu"]);
     assert_eq!(mtu.trim(), "1380");
     let mut del = host.command(&installed);
