@@ -24,7 +24,7 @@ pub mod rules;
 pub mod sni;
 mod sock;
 
-pub use proxy::{L7Proxy, ProxyConfig};
+pub use proxy::{spawn_threads, L7Proxy, ProxyConfig, ProxyThreads};
 pub use rules::{HttpRuleSet, RuleError};
 pub use sni::SniRuleSet;
 
