@@ -16,13 +16,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use futures::stream::{FuturesUnordered, StreamExt};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -590,10 +590,7 @@ impl Shared {
                     }
                 }
             };
-            return sender
-                .send_request(req)
-                .await
-                .map_err(UpstreamError::other);
+            return sender.send_request(req).await.map_err(UpstreamError::other);
         }
         // HTTP/1: one request at a time per client connection, so one
         // upstream connection. It is ready again once the previous
