@@ -10,13 +10,14 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::task::AtomicWaker;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -422,7 +423,9 @@ impl Shared {
         // The client connection, its HTTP/2 streams and its upstream
         // connections are all polled here, by this one task.
         let mut tasks = FuturesUnordered::new();
-        let mut drive = std::future::poll_fn(|cx| exec.drive(&mut tasks, conn.as_mut(), cx));
+        let waker = exec.waker();
+        let mut drive =
+            std::future::poll_fn(|cx| exec.drive(&mut tasks, conn.as_mut(), &waker, cx));
         let idle = cfg.idle_timeout;
         let idle_ms = idle.as_millis() as u64;
         loop {
@@ -795,30 +798,47 @@ type LocalFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// hyper's executor for one client connection: what hyper spawns (HTTP/2
 /// streams, request body pipes) and the upstream connections are polled
 /// by the connection's own task ([`LocalExec::drive`]), so a request and
-/// its response never hop between tasks or threads.
+/// its response never hop between tasks or threads. Wake-ups among them
+/// while the task runs are rounds of the same poll, not trips through the
+/// scheduler.
 #[derive(Clone, Default)]
-struct LocalExec(Arc<Mutex<LocalQueue>>);
+struct LocalExec(Arc<LocalState>);
 
 #[derive(Default)]
-struct LocalQueue {
-    spawned: Vec<LocalFuture>,
-    /// The driving task, while it is not being polled.
-    waker: Option<Waker>,
+struct LocalState {
+    spawned: Mutex<Vec<LocalFuture>>,
+    /// [`INSIDE`] while `drive` polls, [`WOKEN`] once woken meanwhile.
+    state: AtomicU8,
+    /// The task that drives, woken when a wake-up comes from outside.
+    task: AtomicWaker,
+}
+
+const INSIDE: u8 = 1;
+const WOKEN: u8 = 2;
+/// Rounds of one poll before the task yields to others.
+const MAX_ROUNDS: usize = 16;
+
+impl std::task::Wake for LocalState {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.state.fetch_or(WOKEN, Ordering::AcqRel) & INSIDE == 0 {
+            self.task.wake();
+        }
+    }
 }
 
 impl LocalExec {
-    fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
-        let mut q = lock(&self.0);
-        q.spawned.push(Box::pin(fut));
-        if let Some(w) = q.waker.take() {
-            w.wake();
-        }
+    /// The waker everything driven here is polled with.
+    fn waker(&self) -> Waker {
+        Waker::from(self.0.clone())
     }
 
-    fn adopt(&self, tasks: &mut FuturesUnordered<LocalFuture>) {
-        let mut q = lock(&self.0);
-        q.waker = None;
-        tasks.extend(q.spawned.drain(..));
+    fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        lock(&self.0.spawned).push(Box::pin(fut));
+        std::task::Wake::wake_by_ref(&self.0);
     }
 
     /// Polls `main` and everything spawned here until `main` completes.
@@ -826,26 +846,32 @@ impl LocalExec {
         &self,
         tasks: &mut FuturesUnordered<LocalFuture>,
         mut main: Pin<&mut F>,
+        waker: &Waker,
         cx: &mut Context<'_>,
     ) -> Poll<F::Output> {
-        // Two rounds: a response read by an upstream connection is written
-        // by `main` in the same wake-up, and a request `main` hands over
-        // is sent at once.
-        for _ in 0..2 {
-            self.adopt(tasks);
-            while let Poll::Ready(Some(())) = tasks.poll_next_unpin(cx) {}
-            if let Poll::Ready(out) = main.as_mut().poll(cx) {
+        self.0.task.register(cx.waker());
+        let mut inner = Context::from_waker(waker);
+        for _ in 0..MAX_ROUNDS {
+            self.0.state.store(INSIDE, Ordering::Release);
+            tasks.extend(lock(&self.0.spawned).drain(..));
+            while let Poll::Ready(Some(())) = tasks.poll_next_unpin(&mut inner) {}
+            if let Poll::Ready(out) = main.as_mut().poll(&mut inner) {
+                self.0.state.store(0, Ordering::Release);
                 return Poll::Ready(out);
             }
+            // Done unless something was woken during this round (an
+            // upstream response for `main`, a request for an upstream).
+            if self
+                .0
+                .state
+                .compare_exchange(INSIDE, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Poll::Pending;
+            }
         }
-        self.adopt(tasks);
-        while let Poll::Ready(Some(())) = tasks.poll_next_unpin(cx) {}
-        let mut q = lock(&self.0);
-        if q.spawned.is_empty() {
-            q.waker = Some(cx.waker().clone());
-        } else {
-            cx.waker().wake_by_ref();
-        }
+        self.0.state.store(0, Ordering::Release);
+        cx.waker().wake_by_ref();
         Poll::Pending
     }
 }
