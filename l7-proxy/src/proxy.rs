@@ -222,25 +222,30 @@ pub fn spawn_threads(
             Err(e) => skipped.push((config.listen, e)),
         }
     }
+    // Runtimes and registrations here, so that their errors are this
+    // call's; the threads only serve.
+    let mut ready = Vec::new();
+    for listeners in per_thread {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let proxies = {
+            let _in = runtime.enter();
+            listeners
+                .into_iter()
+                .map(|(std, config)| L7Proxy::from_std(std, config, policy.clone(), events.clone()))
+                .collect::<io::Result<Vec<_>>>()?
+        };
+        ready.push((runtime, proxies));
+    }
     let mut handles = Vec::new();
-    for (t, listeners) in per_thread.into_iter().enumerate() {
-        let (policy, events) = (policy.clone(), events.clone());
+    for (t, (runtime, proxies)) in ready.into_iter().enumerate() {
         let handle = std::thread::Builder::new()
             .name(format!("{name}-{t}"))
             .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a current-thread tokio runtime");
-                runtime.block_on(async move {
-                    let mut serving = Vec::new();
-                    for (std, config) in listeners {
-                        let proxy = L7Proxy::from_std(std, config, policy.clone(), events.clone())
-                            .expect("a bound listener registers with the runtime");
-                        serving.push(proxy.run());
-                    }
-                    futures::future::join_all(serving).await;
-                });
+                runtime.block_on(futures::future::join_all(
+                    proxies.into_iter().map(L7Proxy::run),
+                ));
             })?;
         handles.push(handle);
     }
