@@ -428,9 +428,9 @@ impl Shared {
         // The client connection, its HTTP/2 streams and its upstream
         // connections are all polled here, by this one task.
         let mut tasks = FuturesUnordered::new();
-        let waker = exec.waker();
+        let wakers = exec.wakers();
         let mut drive =
-            std::future::poll_fn(|cx| exec.drive(&mut tasks, conn.as_mut(), &waker, cx));
+            std::future::poll_fn(|cx| exec.drive(&mut tasks, conn.as_mut(), &wakers, cx));
         let idle = cfg.idle_timeout;
         let idle_ms = idle.as_millis() as u64;
         loop {
@@ -806,76 +806,109 @@ type LocalFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// its response never hop between tasks or threads. Wake-ups among them
 /// while the task runs are rounds of the same poll, not trips through the
 /// scheduler.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct LocalExec(Arc<LocalState>);
 
-#[derive(Default)]
 struct LocalState {
     spawned: Mutex<Vec<LocalFuture>>,
-    /// [`INSIDE`] while `drive` polls, [`WOKEN`] once woken meanwhile.
+    /// [`INSIDE`] while `drive` polls; [`MAIN`] / [`TASKS`]: the
+    /// connection / a spawned future was woken and is due a poll.
     state: AtomicU8,
     /// The task that drives, woken when a wake-up comes from outside.
     task: AtomicWaker,
 }
 
 const INSIDE: u8 = 1;
-const WOKEN: u8 = 2;
+const MAIN: u8 = 2;
+const TASKS: u8 = 4;
 /// Rounds of one poll before the task yields to others.
 const MAX_ROUNDS: usize = 16;
 
-impl std::task::Wake for LocalState {
+/// Wakes `drive` for one side ([`MAIN`] or [`TASKS`]).
+struct SideWaker(Arc<LocalState>, u8);
+
+impl std::task::Wake for SideWaker {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref()
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if self.state.fetch_or(WOKEN, Ordering::AcqRel) & INSIDE == 0 {
+        self.0.wake(self.1)
+    }
+}
+
+impl LocalState {
+    fn wake(&self, side: u8) {
+        if self.state.fetch_or(side, Ordering::AcqRel) & INSIDE == 0 {
             self.task.wake();
         }
     }
 }
 
+impl Default for LocalExec {
+    fn default() -> Self {
+        LocalExec(Arc::new(LocalState {
+            spawned: Mutex::new(Vec::new()),
+            // The first poll polls both.
+            state: AtomicU8::new(MAIN | TASKS),
+            task: AtomicWaker::new(),
+        }))
+    }
+}
+
 impl LocalExec {
-    /// The waker everything driven here is polled with.
-    fn waker(&self) -> Waker {
-        Waker::from(self.0.clone())
+    /// The wakers the connection and the spawned futures are polled with.
+    fn wakers(&self) -> (Waker, Waker) {
+        (
+            Waker::from(Arc::new(SideWaker(self.0.clone(), MAIN))),
+            Waker::from(Arc::new(SideWaker(self.0.clone(), TASKS))),
+        )
     }
 
     fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
         lock(&self.0.spawned).push(Box::pin(fut));
-        std::task::Wake::wake_by_ref(&self.0);
+        self.0.wake(TASKS);
     }
 
-    /// Polls `main` and everything spawned here until `main` completes.
+    /// Polls `main` and everything spawned here, each only when woken,
+    /// until `main` completes.
     fn drive<F: Future>(
         &self,
         tasks: &mut FuturesUnordered<LocalFuture>,
         mut main: Pin<&mut F>,
-        waker: &Waker,
+        wakers: &(Waker, Waker),
         cx: &mut Context<'_>,
     ) -> Poll<F::Output> {
+        let state = &self.0.state;
         self.0.task.register(cx.waker());
-        let mut inner = Context::from_waker(waker);
         for _ in 0..MAX_ROUNDS {
-            self.0.state.store(INSIDE, Ordering::Release);
-            tasks.extend(lock(&self.0.spawned).drain(..));
-            while let Poll::Ready(Some(())) = tasks.poll_next_unpin(&mut inner) {}
-            if let Poll::Ready(out) = main.as_mut().poll(&mut inner) {
-                self.0.state.store(0, Ordering::Release);
-                return Poll::Ready(out);
+            // Take what was woken; wake-ups during this round set it again
+            // (INSIDE: without waking the task) for another round.
+            let due = state.swap(INSIDE, Ordering::AcqRel);
+            if due & (MAIN | TASKS) == 0 {
+                if state
+                    .compare_exchange(INSIDE, 0, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return Poll::Pending;
+                }
+                continue;
             }
-            // Done unless something was woken during this round (an
-            // upstream response for `main`, a request for an upstream).
-            if self
-                .0
-                .state
-                .compare_exchange(INSIDE, 0, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                return Poll::Pending;
+            if due & TASKS != 0 {
+                tasks.extend(lock(&self.0.spawned).drain(..));
+                let mut inner = Context::from_waker(&wakers.1);
+                while let Poll::Ready(Some(())) = tasks.poll_next_unpin(&mut inner) {}
+            }
+            if due & MAIN != 0 {
+                let mut inner = Context::from_waker(&wakers.0);
+                if let Poll::Ready(out) = main.as_mut().poll(&mut inner) {
+                    state.store(0, Ordering::Release);
+                    return Poll::Ready(out);
+                }
             }
         }
-        self.0.state.store(0, Ordering::Release);
+        // Still busy: let other tasks run; what is due stays due.
+        state.fetch_and(!INSIDE, Ordering::AcqRel);
         cx.waker().wake_by_ref();
         Poll::Pending
     }
