@@ -2,8 +2,8 @@
 //! HTTP/2 (prior knowledge) with hyper, apply [`crate::decide`], forward
 //! allowed requests to the original destination over the client
 //! connection's own upstream connection, polled by the same task (no
-//! per-request hop between tasks), with bodies streamed both ways, pass upgrades (WebSocket)
-//! through once allowed, and check TLS server names.
+//! per-request hop between tasks), with bodies streamed both ways, pass
+//! upgrades (WebSocket) through once allowed, and check TLS server names.
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -489,6 +489,7 @@ pub fn start(shared: Arc<L7Shared>, settings: &PolicySettings) -> Result<()> {
     for handle in running.handles {
         std::thread::Builder::new()
             .name("mw-l7-watch".into())
+            .stack_size(64 * 1024)
             .spawn(move || {
                 // The threads serve forever: ending means a panic.
                 let _ = handle.join();
