@@ -151,6 +151,9 @@ pub struct PolicySettings {
     pub l7_header_timeout: Duration,
     /// A proxied connection idle this long is closed.
     pub l7_idle_timeout: Duration,
+    /// Threads of the L7 proxy (each its own runtime and listener); 0: one
+    /// per core.
+    pub l7_proxy_threads: usize,
 }
 
 /// `dnsSocketKeeper`: the process that holds the DNS proxy's listening
@@ -180,6 +183,7 @@ impl Default for PolicySettings {
             l7_max_header_bytes: 64 * 1024,
             l7_header_timeout: Duration::from_secs(10),
             l7_idle_timeout: Duration::from_secs(300),
+            l7_proxy_threads: 0,
         }
     }
 }
@@ -248,6 +252,8 @@ struct RawConfig {
     l7_header_timeout: Option<String>,
     #[serde(rename = "l7IdleTimeout")]
     l7_idle_timeout: Option<String>,
+    #[serde(rename = "l7ProxyThreads")]
+    l7_proxy_threads: Option<usize>,
     health_address: Option<String>,
     flow_event_buffer: Option<usize>,
     flow_events: Option<bool>,
@@ -524,8 +530,18 @@ impl Config {
                 format!("{l7_idle_timeout:?} is less than 1s"),
             ));
         }
+        let l7_proxy_threads = match raw.l7_proxy_threads {
+            Some(n) if !(1..=256).contains(&n) => {
+                return Err(invalid(
+                    "l7ProxyThreads",
+                    format!("{n} is outside 1..=256 (leave it out for one per core)"),
+                ));
+            }
+            n => n.unwrap_or(defaults.l7_proxy_threads),
+        };
         let policy = PolicySettings {
             l7_proxy_port,
+            l7_proxy_threads,
             l7_max_header_bytes,
             l7_header_timeout,
             l7_idle_timeout,
@@ -778,9 +794,11 @@ mod tests {
         let off = parse(&format!("{MINIMAL}dnsSocketKeeper: off\n")).unwrap();
         assert_eq!(off.policy.dns_socket_keeper, DnsKeeperMode::Off);
         let c = parse(&format!(
-            "{MINIMAL}l7ProxyPort: 16001\nl7MaxHeaderBytes: 16384\nl7HeaderTimeout: 2s\nl7IdleTimeout: 1m\n"
+            "{MINIMAL}l7ProxyPort: 16001\nl7MaxHeaderBytes: 16384\nl7HeaderTimeout: 2s\nl7IdleTimeout: 1m\nl7ProxyThreads: 3\n"
         ))
         .unwrap();
+        assert_eq!(c.policy.l7_proxy_threads, 3);
+        assert_eq!(parse(MINIMAL).unwrap().policy.l7_proxy_threads, 0);
         assert_eq!(
             (
                 c.policy.l7_proxy_port,
@@ -798,6 +816,7 @@ mod tests {
         for (text, want) in [
             ("dnsProxyPort: 0", "dnsProxyPort: must not be 0"),
             ("l7ProxyPort: 0", "l7ProxyPort: must not be 0"),
+            ("l7ProxyThreads: 0", "l7ProxyThreads: 0 is outside 1..=256"),
             (
                 "l7ProxyPort: 10053",
                 "l7ProxyPort: 10053 is dnsProxyPort too",

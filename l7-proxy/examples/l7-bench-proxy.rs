@@ -7,7 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use meshward_l7_proxy::{Direction, HttpRuleSet, L7Proxy, PortPolicy, ProxyConfig, Verdict};
+use meshward_l7_proxy::{
+    spawn_threads, Direction, HttpRuleSet, L7Proxy, PortPolicy, ProxyConfig, Verdict,
+};
 use meshward_policy::crd::{HeaderMatch, HttpRule};
 
 /// Destination port whose rules are the gRPC ones.
@@ -63,27 +65,41 @@ fn main() -> std::io::Result<()> {
             d.fetch_add(1, Ordering::Relaxed);
         }
     });
-    // MW_BENCH_PROXY_THREADS: tokio worker threads (default: one per core).
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("MW_BENCH_PROXY_THREADS")
+    // MW_BENCH_PROXY_THREADS: proxy threads (default: one per core);
+    // MW_BENCH_PROXY_RUNTIME=multi: one multi-thread tokio runtime with that
+    // many workers and one listener instead of a current-thread runtime and
+    // an SO_REUSEPORT listener per thread (the proxy's own way).
+    let threads = std::env::var("MW_BENCH_PROXY_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&n| n > 0)
-    {
-        builder.worker_threads(n);
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let config = ProxyConfig {
+        listen,
+        ..ProxyConfig::default()
+    };
+    if std::env::var("MW_BENCH_PROXY_RUNTIME").as_deref() == Ok("multi") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?;
+        return rt.block_on(async move {
+            let proxy = L7Proxy::bind(config, Arc::new(policy), events)?;
+            eprintln!(
+                "l7-bench-proxy listening on {} (multi-thread runtime, {threads} workers)",
+                proxy.local_addr()
+            );
+            proxy.run().await;
+            Ok(())
+        });
     }
-    let rt = builder.enable_all().build()?;
-    rt.block_on(async move {
-        let proxy = L7Proxy::bind(
-            ProxyConfig {
-                listen,
-                ..ProxyConfig::default()
-            },
-            Arc::new(policy),
-            events,
-        )?;
-        eprintln!("l7-bench-proxy listening on {}", proxy.local_addr());
-        proxy.run().await;
-        Ok(())
-    })
+    let running = spawn_threads(threads, vec![config], Arc::new(policy), events, "l7-bench")?;
+    eprintln!(
+        "l7-bench-proxy listening on {} ({threads} threads)",
+        running.listening[0]
+    );
+    for h in running.handles {
+        let _ = h.join();
+    }
+    Ok(())
 }

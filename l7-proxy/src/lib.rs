@@ -2,8 +2,9 @@
 //! pods are checked against CiliumNetworkPolicy-style `rules.http`, and TLS
 //! connections against allowed server names, without sidecars.
 //!
-//! nftables TPROXYs the selected connections to one listener
-//! ([`L7Proxy::bind`]); the accepted socket's local address is the original
+//! nftables TPROXYs the selected connections to the proxy's listeners
+//! ([`L7Proxy::bind`] for one, [`spawn_threads`] for one per thread, as the
+//! agent runs it); the accepted socket's local address is the original
 //! destination, to which allowed requests are forwarded. The agent supplies
 //! the rules through [`PolicySource`] and receives every decision as an
 //! [`L7Event`].
@@ -24,7 +25,7 @@ pub mod rules;
 pub mod sni;
 mod sock;
 
-pub use proxy::{L7Proxy, ProxyConfig};
+pub use proxy::{spawn_threads, L7Proxy, ProxyConfig, ProxyThreads};
 pub use rules::{HttpRuleSet, RuleError};
 pub use sni::SniRuleSet;
 

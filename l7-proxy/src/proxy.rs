@@ -1,28 +1,30 @@
 //! The async shell: accept TPROXYed connections, serve HTTP/1.1 and
 //! HTTP/2 (prior knowledge) with hyper, apply [`crate::decide`], forward
-//! allowed requests over pooled upstream connections to the original
-//! destination with bodies streamed both ways, pass upgrades (WebSocket)
-//! through once allowed, and check TLS server names.
+//! allowed requests to the original destination over the client
+//! connection's own upstream connection, polled by the same task (no
+//! per-request hop between tasks), with bodies streamed both ways, pass
+//! upgrades (WebSocket) through once allowed, and check TLS server names.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::task::AtomicWaker;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -51,11 +53,10 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// Upstream connect timeout (default 5 s).
     pub connect_timeout: Duration,
-    /// Pooled upstream connections unused for this long are dropped
-    /// (default 30 s).
-    pub upstream_idle_timeout: Duration,
-    /// Upstream HTTP/1 connections kept per destination (default 256).
-    pub max_pooled_per_upstream: usize,
+    /// Set SO_REUSEPORT on the listener, so that several proxies (one per
+    /// thread) share the address and the kernel spreads connections over
+    /// them (default off).
+    pub reuse_port: bool,
     /// SO_MARK on upstream sockets (so nftables can skip the proxy's own
     /// traffic); default none.
     pub upstream_mark: Option<u32>,
@@ -79,8 +80,7 @@ impl Default for ProxyConfig {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
-            upstream_idle_timeout: Duration::from_secs(30),
-            max_pooled_per_upstream: 256,
+            reuse_port: false,
             upstream_mark: None,
             transparent_upstream: false,
             tls_hello_timeout: Duration::from_secs(10),
@@ -93,7 +93,6 @@ struct Shared {
     config: ProxyConfig,
     policy: Arc<dyn PolicySource>,
     events: EventSink,
-    pool: Pool,
     local: SocketAddr,
     epoch: Instant,
 }
@@ -112,7 +111,18 @@ impl L7Proxy {
         policy: Arc<dyn PolicySource>,
         events: EventSink,
     ) -> io::Result<Self> {
-        let std = sock::listener(config.listen, config.transparent)?;
+        let std = sock::listener(config.listen, config.transparent, config.reuse_port)?;
+        Self::from_std(std, config, policy, events)
+    }
+
+    /// A proxy on a listener bound by [`sock::listener`] (inside a tokio
+    /// runtime).
+    fn from_std(
+        std: std::net::TcpListener,
+        config: ProxyConfig,
+        policy: Arc<dyn PolicySource>,
+        events: EventSink,
+    ) -> io::Result<Self> {
         let listener = TcpListener::from_std(std)?;
         let local = listener.local_addr()?;
         Ok(L7Proxy {
@@ -121,7 +131,6 @@ impl L7Proxy {
                 config,
                 policy,
                 events,
-                pool: Pool::default(),
                 local,
                 epoch: Instant::now(),
             }),
@@ -158,6 +167,93 @@ impl L7Proxy {
             }
         }
     }
+}
+
+/// Proxy threads started by [`spawn_threads`].
+pub struct ProxyThreads {
+    /// One per thread; a thread ends only by panicking.
+    pub handles: Vec<std::thread::JoinHandle<()>>,
+    /// The address each served config listens on (port 0 resolved).
+    pub listening: Vec<SocketAddr>,
+    /// Configs (after the first) that could not be bound, with the error.
+    pub skipped: Vec<(SocketAddr, io::Error)>,
+}
+
+/// Serves every config of `configs` (one listener each) on `threads`
+/// threads (at least one), each with its own current-thread tokio runtime
+/// and its own listening sockets: with more than one thread they share the
+/// address through SO_REUSEPORT, the kernel spreads connections over them,
+/// and a connection is served by one thread from accept to close (no locks
+/// or wake-ups between threads per request). Every socket is bound before
+/// this returns: a failure on the first config is the error; a later
+/// config that cannot be bound is left out (`skipped`).
+pub fn spawn_threads(
+    threads: usize,
+    configs: Vec<ProxyConfig>,
+    policy: Arc<dyn PolicySource>,
+    events: EventSink,
+    name: &str,
+) -> io::Result<ProxyThreads> {
+    let threads = threads.max(1);
+    let mut per_thread: Vec<Vec<(std::net::TcpListener, ProxyConfig)>> =
+        (0..threads).map(|_| Vec::new()).collect();
+    let mut listening = Vec::new();
+    let mut skipped = Vec::new();
+    for (index, mut config) in configs.into_iter().enumerate() {
+        config.reuse_port |= threads > 1;
+        let bound = (|| {
+            let first = sock::listener(config.listen, config.transparent, config.reuse_port)?;
+            // Port 0: the others take the port the first one got.
+            let addr = first.local_addr()?;
+            let mut all = vec![first];
+            for _ in 1..threads {
+                all.push(sock::listener(addr, config.transparent, true)?);
+            }
+            Ok::<_, io::Error>((addr, all))
+        })();
+        match bound {
+            Ok((addr, all)) => {
+                listening.push(addr);
+                for (t, l) in all.into_iter().enumerate() {
+                    per_thread[t].push((l, config.clone()));
+                }
+            }
+            Err(e) if index == 0 => return Err(e),
+            Err(e) => skipped.push((config.listen, e)),
+        }
+    }
+    // Runtimes and registrations here, so that their errors are this
+    // call's; the threads only serve.
+    let mut ready = Vec::new();
+    for listeners in per_thread {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let proxies = {
+            let _in = runtime.enter();
+            listeners
+                .into_iter()
+                .map(|(std, config)| L7Proxy::from_std(std, config, policy.clone(), events.clone()))
+                .collect::<io::Result<Vec<_>>>()?
+        };
+        ready.push((runtime, proxies));
+    }
+    let mut handles = Vec::new();
+    for (t, (runtime, proxies)) in ready.into_iter().enumerate() {
+        let handle = std::thread::Builder::new()
+            .name(format!("{name}-{t}"))
+            .spawn(move || {
+                runtime.block_on(futures::future::join_all(
+                    proxies.into_iter().map(L7Proxy::run),
+                ));
+            })?;
+        handles.push(handle);
+    }
+    Ok(ProxyThreads {
+        handles,
+        listening,
+        skipped,
+    })
 }
 
 impl Shared {
@@ -295,6 +391,9 @@ impl Shared {
             scanner: scanner.clone(),
         });
         let shared = self.clone();
+        let exec = LocalExec::default();
+        let upstreams = Arc::new(Upstreams::default());
+        let (svc_exec, svc_up) = (exec.clone(), upstreams.clone());
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let shared = shared.clone();
             let framing = if req.version() < Version::HTTP_2 {
@@ -302,9 +401,18 @@ impl Shared {
             } else {
                 None
             };
-            async move { Ok::<_, Infallible>(shared.request(req, peer, dst, framing).await) }
+            let (exec, up) = (svc_exec.clone(), svc_up.clone());
+            async move {
+                let route = Route {
+                    peer,
+                    dst,
+                    exec: &exec,
+                    up: &up,
+                };
+                Ok::<_, Infallible>(shared.request(req, &route, framing).await)
+            }
         });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(exec.clone());
         builder
             .http1()
             .timer(TokioTimer::new())
@@ -317,11 +425,17 @@ impl Shared {
             .max_concurrent_streams(cfg.max_concurrent_streams);
         let conn = builder.serve_connection_with_upgrades(io, svc);
         tokio::pin!(conn);
+        // The client connection, its HTTP/2 streams and its upstream
+        // connections are all polled here, by this one task.
+        let mut tasks = FuturesUnordered::new();
+        let wakers = exec.wakers();
+        let mut drive =
+            std::future::poll_fn(|cx| exec.drive(&mut tasks, conn.as_mut(), &wakers, cx));
         let idle = cfg.idle_timeout;
         let idle_ms = idle.as_millis() as u64;
         loop {
             tokio::select! {
-                r = conn.as_mut() => {
+                r = &mut drive => {
                     if let Err(e) = r {
                         debug!(%peer, %dst, error = %e, "l7 client connection ended");
                     }
@@ -341,10 +455,10 @@ impl Shared {
     async fn request(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
-        dst: SocketAddr,
+        route: &Route<'_>,
         framing: Option<BadRequest>,
     ) -> Response<RespBody> {
+        let (peer, dst) = (route.peer, route.dst);
         let (mut parts, body) = req.into_parts();
         let egress = self.policy.lookup(peer.ip(), dst, Direction::Egress);
         let ingress = self.policy.lookup(peer.ip(), dst, Direction::Ingress);
@@ -411,7 +525,7 @@ impl Shared {
         let result = if upgrade {
             self.forward_upgrade(req, peer, dst).await
         } else {
-            self.forward(req, peer, dst).await
+            self.forward(req, route).await
         };
         match result {
             Ok(mut resp) => {
@@ -454,80 +568,67 @@ impl Shared {
         .map_err(|e| UpstreamError::connect(e.to_string()))
     }
 
+    /// Sends an allowed request on the client connection's own upstream
+    /// connection (dialled on first use, again when it closed), whose
+    /// future runs on the client connection's task.
     async fn forward(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
-        dst: SocketAddr,
+        route: &Route<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let h2 = req.version() == Version::HTTP_2;
-        let key = (self.source(peer).map(|s| s.ip()), dst, h2);
-        let now = Instant::now();
-        let max_idle = self.config.upstream_idle_timeout;
-        if h2 {
-            let mut sender = match self.pool.take_h2(key) {
-                Some(s) => s,
-                None => {
-                    // One dial at a time per destination: requests arriving
-                    // meanwhile (a client's burst of streams) wait for it and
-                    // share the connection instead of each opening one. A
-                    // waiter that waits longer than a connect dials itself.
-                    let dial = self.pool.h2_dial_lock(key);
-                    let _dialing = tokio::time::timeout(self.config.connect_timeout, dial.lock())
-                        .await
-                        .ok();
-                    match self.pool.take_h2(key) {
-                        Some(s) => s,
-                        None => {
-                            let io = self.connect(peer, dst).await?;
-                            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                                .timer(TokioTimer::new())
-                                .handshake(io)
-                                .await
-                                .map_err(UpstreamError::other)?;
-                            tokio::spawn(conn);
-                            self.pool.put(
-                                key,
-                                Sender::H2(sender.clone()),
-                                now,
-                                self.config.max_pooled_per_upstream,
-                            );
-                            sender
-                        }
+        if req.version() == Version::HTTP_2 {
+            let mut sender = {
+                // Streams arriving while the connection is dialled wait for
+                // it and share it.
+                let mut slot = route.up.h2.lock().await;
+                match slot.as_ref().filter(|s| !s.is_closed()) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let io = self.connect(route.peer, route.dst).await?;
+                        let (sender, conn) = http2::Builder::new(route.exec.clone())
+                            .timer(TokioTimer::new())
+                            .handshake(io)
+                            .await
+                            .map_err(UpstreamError::other)?;
+                        route.exec.spawn(async move {
+                            let _ = conn.await;
+                        });
+                        *slot = Some(sender.clone());
+                        sender
                     }
                 }
             };
-            let fut = sender.send_request(req);
-            self.pool.put(
-                key,
-                Sender::H2(sender),
-                now,
-                self.config.max_pooled_per_upstream,
-            );
-            return fut.await.map_err(UpstreamError::other);
+            return sender.send_request(req).await.map_err(UpstreamError::other);
         }
-        let mut sender = match self.pool.take_h1(key, now, max_idle) {
-            Some(s) => s,
-            None => {
-                let io = self.connect(peer, dst).await?;
-                let (sender, conn) = http1::Builder::new()
-                    .handshake(io)
-                    .await
-                    .map_err(UpstreamError::other)?;
-                tokio::spawn(conn);
-                sender
-            }
+        // HTTP/1: one request at a time per client connection, so one
+        // upstream connection. It is ready again once the previous
+        // response was read to its end.
+        let kept = lock(&route.up.h1).take();
+        let mut sender = match kept {
+            Some(mut s) if !s.is_closed() => match s.ready().await {
+                Ok(()) => s,
+                Err(_) => self.dial_h1(route).await?,
+            },
+            _ => self.dial_h1(route).await?,
         };
         let fut = sender.send_request(req);
-        // Back into the pool at once: it is taken again only once its
-        // response has been read to the end (is_ready).
-        self.pool.put(
-            key,
-            Sender::H1(sender),
-            now,
-            self.config.max_pooled_per_upstream,
-        );
+        *lock(&route.up.h1) = Some(sender);
         fut.await.map_err(UpstreamError::other)
+    }
+
+    async fn dial_h1(
+        &self,
+        route: &Route<'_>,
+    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let io = self.connect(route.peer, route.dst).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::other)?;
+        route.exec.spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
     }
 
     /// An upgrade (WebSocket, h2c is not offered upstream) on a connection
@@ -679,82 +780,146 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool, h2: bool) {
     }
 }
 
-enum Sender {
-    H1(http1::SendRequest<Incoming>),
-    H2(http2::SendRequest<Incoming>),
+/// Where one client connection's allowed requests go, and how.
+struct Route<'a> {
+    peer: SocketAddr,
+    dst: SocketAddr,
+    exec: &'a LocalExec,
+    up: &'a Upstreams,
 }
 
-/// (source address when transparent, destination, h2).
-type PoolKey = (Option<std::net::IpAddr>, SocketAddr, bool);
-
-/// Upstream connections by [`PoolKey`]. HTTP/2: one
-/// shared connection. HTTP/1: a stack of connections, each taken when it
-/// is ready for another request.
+/// A client connection's upstream connections (the destination of a
+/// transparently intercepted connection is fixed, so each client
+/// connection has its own; they close with it).
 #[derive(Default)]
-struct Pool {
-    conns: Mutex<HashMap<PoolKey, Vec<(Sender, Instant)>>>,
-    /// Held while an HTTP/2 connection to the key is being dialled.
-    h2_dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+struct Upstreams {
+    h1: Mutex<Option<http1::SendRequest<Incoming>>>,
+    /// Held while the HTTP/2 connection is dialled.
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
 }
 
-impl Pool {
-    fn h2_dial_lock(&self, key: PoolKey) -> Arc<tokio::sync::Mutex<()>> {
-        lock(&self.h2_dialing).entry(key).or_default().clone()
+type LocalFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// hyper's executor for one client connection: what hyper spawns (HTTP/2
+/// streams, request body pipes) and the upstream connections are polled
+/// by the connection's own task ([`LocalExec::drive`]), so a request and
+/// its response never hop between tasks or threads. Wake-ups among them
+/// while the task runs are rounds of the same poll, not trips through the
+/// scheduler.
+#[derive(Clone)]
+struct LocalExec(Arc<LocalState>);
+
+struct LocalState {
+    spawned: Mutex<Vec<LocalFuture>>,
+    /// [`INSIDE`] while `drive` polls; [`MAIN`] / [`TASKS`]: the
+    /// connection / a spawned future was woken and is due a poll.
+    state: AtomicU8,
+    /// The task that drives, woken when a wake-up comes from outside.
+    task: AtomicWaker,
+}
+
+const INSIDE: u8 = 1;
+const MAIN: u8 = 2;
+const TASKS: u8 = 4;
+/// Rounds of one poll before the task yields to others.
+const MAX_ROUNDS: usize = 16;
+
+/// Wakes `drive` for one side ([`MAIN`] or [`TASKS`]).
+struct SideWaker(Arc<LocalState>, u8);
+
+impl std::task::Wake for SideWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
     }
 
-    fn take_h2(&self, key: PoolKey) -> Option<http2::SendRequest<Incoming>> {
-        let mut map = lock(&self.conns);
-        let list = map.get_mut(&key)?;
-        list.retain(|(s, _)| match s {
-            Sender::H2(s) => !s.is_closed(),
-            Sender::H1(_) => false,
-        });
-        match list.last() {
-            Some((Sender::H2(s), _)) => Some(s.clone()),
-            _ => None,
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.wake(self.1)
+    }
+}
+
+impl LocalState {
+    fn wake(&self, side: u8) {
+        if self.state.fetch_or(side, Ordering::AcqRel) & INSIDE == 0 {
+            self.task.wake();
         }
     }
+}
 
-    fn take_h1(
+impl Default for LocalExec {
+    fn default() -> Self {
+        LocalExec(Arc::new(LocalState {
+            spawned: Mutex::new(Vec::new()),
+            // The first poll polls both.
+            state: AtomicU8::new(MAIN | TASKS),
+            task: AtomicWaker::new(),
+        }))
+    }
+}
+
+impl LocalExec {
+    /// The wakers the connection and the spawned futures are polled with.
+    fn wakers(&self) -> (Waker, Waker) {
+        (
+            Waker::from(Arc::new(SideWaker(self.0.clone(), MAIN))),
+            Waker::from(Arc::new(SideWaker(self.0.clone(), TASKS))),
+        )
+    }
+
+    fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        lock(&self.0.spawned).push(Box::pin(fut));
+        self.0.wake(TASKS);
+    }
+
+    /// Polls `main` and everything spawned here, each only when woken,
+    /// until `main` completes.
+    fn drive<F: Future>(
         &self,
-        key: PoolKey,
-        now: Instant,
-        max_idle: Duration,
-    ) -> Option<http1::SendRequest<Incoming>> {
-        let mut map = lock(&self.conns);
-        let list = map.get_mut(&key)?;
-        list.retain(|(s, used)| match s {
-            Sender::H1(s) => {
-                let stale = s.is_ready() && now.duration_since(*used) > max_idle;
-                !s.is_closed() && !stale
+        tasks: &mut FuturesUnordered<LocalFuture>,
+        mut main: Pin<&mut F>,
+        wakers: &(Waker, Waker),
+        cx: &mut Context<'_>,
+    ) -> Poll<F::Output> {
+        let state = &self.0.state;
+        self.0.task.register(cx.waker());
+        for _ in 0..MAX_ROUNDS {
+            // Take what was woken; wake-ups during this round set it again
+            // (INSIDE: without waking the task) for another round.
+            let due = state.swap(INSIDE, Ordering::AcqRel);
+            if due & (MAIN | TASKS) == 0 {
+                if state
+                    .compare_exchange(INSIDE, 0, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return Poll::Pending;
+                }
+                continue;
             }
-            Sender::H2(_) => false,
-        });
-        let i = list.iter().rposition(|(s, _)| match s {
-            Sender::H1(s) => s.is_ready(),
-            Sender::H2(_) => false,
-        })?;
-        match list.swap_remove(i).0 {
-            Sender::H1(s) => Some(s),
-            Sender::H2(_) => None,
-        }
-    }
-
-    fn put(&self, key: PoolKey, sender: Sender, now: Instant, max: usize) {
-        let mut map = lock(&self.conns);
-        let list = map.entry(key).or_default();
-        match sender {
-            Sender::H2(s) => {
-                // One shared connection: keep the newest.
-                list.clear();
-                list.push((Sender::H2(s), now));
+            if due & TASKS != 0 {
+                tasks.extend(lock(&self.0.spawned).drain(..));
+                let mut inner = Context::from_waker(&wakers.1);
+                while let Poll::Ready(Some(())) = tasks.poll_next_unpin(&mut inner) {}
             }
-            Sender::H1(s) => {
-                if list.len() < max {
-                    list.push((Sender::H1(s), now));
+            if due & MAIN != 0 {
+                let mut inner = Context::from_waker(&wakers.0);
+                if let Poll::Ready(out) = main.as_mut().poll(&mut inner) {
+                    state.store(0, Ordering::Release);
+                    return Poll::Ready(out);
                 }
             }
         }
+        // Still busy: let other tasks run; what is due stays due.
+        state.fetch_and(!INSIDE, Ordering::AcqRel);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.spawn(fut)
     }
 }
 

@@ -180,6 +180,28 @@ impl HttpRuleSet {
         })
     }
 
+    /// The rules of `sets`, in order: the same set [`HttpRuleSet::new`]
+    /// gives for their rules concatenated, without compiling anything again
+    /// (the compiled expressions are shared).
+    pub fn union<'a>(sets: impl IntoIterator<Item = &'a HttpRuleSet>) -> Self {
+        let rules: Vec<CompiledRule> = sets
+            .into_iter()
+            .flat_map(|s| s.rules.iter().cloned())
+            .collect();
+        let mut names: Vec<&str> = Vec::new();
+        for r in &rules {
+            if !names.contains(&&*r.policy) {
+                names.push(&r.policy);
+            }
+        }
+        let policies = names.join(", ").into();
+        HttpRuleSet {
+            rules,
+            policies,
+            deny_all: false,
+        }
+    }
+
     /// A set that denies every request, naming `policies` in denials (for
     /// a port with L7 rules where no rule covers the peer: fail closed).
     pub fn deny_all(policies: &str) -> Self {
@@ -400,6 +422,33 @@ mod tests {
         assert_eq!(s.check(&v), RuleVerdict::Denied("P1, P2".into()));
         let v = RequestView { path: "/b", ..v };
         assert_eq!(s.check(&v), RuleVerdict::Allowed(Some("P2".into())));
+    }
+
+    #[test]
+    fn union_is_new_over_the_rules_concatenated() {
+        let (a, b, c) = (rule("GET", "/a"), rule("GET", "/b"), rule("POST", "/c"));
+        let p1 = HttpRuleSet::new([(&a, "P1"), (&b, "P2")]).unwrap();
+        let p2 = HttpRuleSet::new([(&c, "P3"), (&a, "P1")]).unwrap();
+        let u = HttpRuleSet::union([&p1, &p2]);
+        let whole = HttpRuleSet::new([(&a, "P1"), (&b, "P2"), (&c, "P3"), (&a, "P1")]).unwrap();
+        let map = HeaderMap::new();
+        for (method, path) in [("GET", "/a"), ("GET", "/b"), ("POST", "/c"), ("GET", "/c")] {
+            let v = RequestView {
+                method,
+                path,
+                host: None,
+                headers: &map,
+            };
+            assert_eq!(u.check(&v), whole.check(&v), "{method} {path}");
+        }
+        let v = RequestView {
+            method: "PUT",
+            path: "/a",
+            host: None,
+            headers: &map,
+        };
+        assert_eq!(u.check(&v), RuleVerdict::Denied("P1, P2, P3".into()));
+        assert!(HttpRuleSet::union([]).is_empty());
     }
 
     #[test]

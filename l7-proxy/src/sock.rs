@@ -12,9 +12,16 @@ use tokio::net::{TcpSocket, TcpStream};
 /// A listening socket on `addr`; with `transparent`, IP_TRANSPARENT is set
 /// so TPROXY can hand it connections addressed elsewhere (then an accepted
 /// socket's local address is the client's original destination).
-pub(crate) fn listener(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
+pub(crate) fn listener(
+    addr: SocketAddr,
+    transparent: bool,
+    reuse_port: bool,
+) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
     if transparent {
         match addr {
             SocketAddr::V4(_) => sock.set_ip_transparent_v4(true)?,
@@ -28,9 +35,14 @@ pub(crate) fn listener(addr: SocketAddr, transparent: bool) -> io::Result<std::n
 }
 
 /// Connects to `dst` within `timeout`, with SO_MARK `mark` when given and,
-/// with `client`, from the client's address (IP_TRANSPARENT; a port other
-/// than the client's own, so the onward connection never has the 5-tuple
-/// of the intercepted one).
+/// with `client`, from the client's address (IP_TRANSPARENT).
+///
+/// The source port is never the client's own: the onward connection must
+/// not have the 5-tuple of the intercepted one (conntrack would take both
+/// for one flow). `bind(ip, 0)` hands out a port no other socket on that
+/// address holds, so when it returns the client's port, that socket is
+/// kept bound while a second bind gets another port (or fails when none is
+/// free: then no connection is made).
 pub(crate) async fn connect(
     dst: SocketAddr,
     client: Option<SocketAddr>,
@@ -38,21 +50,36 @@ pub(crate) async fn connect(
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let client = client.map(unmap).filter(|c| c.is_ipv4() == dst.is_ipv4());
-    let mut attempts = 0;
-    let sock = loop {
-        let sock = match dst {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        let Some(client) = client else { break sock };
+    let new = || match dst {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    };
+    let bound = |client: SocketAddr| -> io::Result<TcpSocket> {
+        let sock = new()?;
         match client {
             SocketAddr::V4(_) => SockRef::from(&sock).set_ip_transparent_v4(true)?,
             SocketAddr::V6(_) => SockRef::from(&sock).set_ip_transparent_v6(true)?,
         }
         sock.bind(SocketAddr::new(client.ip(), 0))?;
-        attempts += 1;
-        if sock.local_addr()?.port() != client.port() || attempts >= 4 {
-            break sock;
+        Ok(sock)
+    };
+    let sock = match client {
+        None => new()?,
+        Some(client) => {
+            let first = bound(client)?;
+            if first.local_addr()?.port() != client.port() {
+                first
+            } else {
+                // `first` holds the client's port until the second bind.
+                let second = bound(client).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("no source port for {client} other than its own: {e}"),
+                    )
+                })?;
+                drop(first);
+                second
+            }
         }
     };
     if let Some(mark) = mark {

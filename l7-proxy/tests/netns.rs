@@ -697,6 +697,22 @@ fn keep_alive_reuses_upstream_connections() {
         conns <= 5,
         "{conns} upstream connections for 100 requests:\n{ss}"
     );
+    // Nothing is kept for clients that are gone: a client connection's
+    // upstream connections close with it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, ss) = lab
+            .server
+            .exec(&["ss", "-Htn", "state", "established", "sport", "= :8080"]);
+        if ss.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "upstream connections outlive their clients:\n{ss}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

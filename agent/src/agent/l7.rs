@@ -18,9 +18,12 @@
 //!   semantics as for the kernel's sets) matches them. The policy engine
 //!   keeps an address → names index beside its cache ([`PeerNames`]),
 //!   updated on every learn, eviction and expiry.
-//! - The proxy runs on its own thread and (current-thread) tokio runtime,
-//!   as the DNS proxy does (a busy reconcile never delays a request); a proxy that cannot start, panics or stops
-//!   aborts the process (fail loud; the supervisor restarts the agent).
+//! - The proxy runs on threads of its own (`l7ProxyThreads`, default one
+//!   per core), each a current-thread tokio runtime with its own
+//!   SO_REUSEPORT listeners, as the DNS proxy runs apart (a busy reconcile
+//!   never delays a request); a proxy that cannot start fails the start, one
+//!   that panics or stops aborts the process (fail loud; the supervisor
+//!   restarts the agent).
 //! - Onward connections originate on the node (output hook), so they pass
 //!   no prerouting rule and are not redirected again. They leave from the
 //!   client's address (IP_TRANSPARENT bind, `transparent_upstream`), so a
@@ -36,10 +39,10 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use meshward_l7_proxy::{
-    Direction, EventSink, HttpRuleSet, L7Event, L7Protocol, L7Proxy, PolicySource, PortPolicy,
-    ProxyConfig, SniRuleSet, Verdict as L7Verdict,
+    Direction, EventSink, HttpRuleSet, L7Event, L7Protocol, PolicySource, PortPolicy, ProxyConfig,
+    SniRuleSet, Verdict as L7Verdict,
 };
-use meshward_policy::{DirectionRules, Fqdn, L7Applies, NodeRules};
+use meshward_policy::{DirectionRules, Fqdn, L7Applies, L7Rule, NodeRules};
 use parking_lot::Mutex;
 use tracing::{error, info, warn};
 
@@ -86,11 +89,41 @@ struct PortTable {
     rules: Arc<DirectionRules>,
     port: u16,
     has_fqdn: bool,
-    /// Matching entry indices → the proxy's policy.
+    /// The compiled HTTP rules of each entry on this port (by index into
+    /// `rules.l7`), compiled when the table is built (by the policy engine,
+    /// not the proxy).
+    compiled: HashMap<usize, Result<Arc<HttpRuleSet>, String>>,
+    /// Matching entry indices → the proxy's policy (unions of `compiled`).
     memo: Mutex<HashMap<Vec<usize>, PortPolicy>>,
 }
 
 impl PortTable {
+    fn new(rules: Arc<DirectionRules>, port: u16) -> PortTable {
+        let mut compiled = HashMap::new();
+        for (i, entry) in rules.l7.iter().enumerate() {
+            if entry.port != port {
+                continue;
+            }
+            if let L7Rule::Http(list) = &entry.rule {
+                let policy = entry.policy.to_string();
+                let set = HttpRuleSet::new(list.iter().map(|r| (r, policy.as_str())))
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string());
+                compiled.insert(i, set);
+            }
+        }
+        PortTable {
+            has_fqdn: rules
+                .l7
+                .iter()
+                .any(|a| a.port == port && !a.fqdns.is_empty()),
+            rules,
+            port,
+            compiled,
+            memo: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn policy(&self, peer: IpAddr, names: &[Fqdn]) -> PortPolicy {
         let matching = self.rules.l7_matching(peer, names, self.port);
         if let Some(p) = self.memo.lock().get(&matching) {
@@ -119,20 +152,26 @@ impl PortTable {
                 PortPolicy::Http(Arc::new(HttpRuleSet::deny_all(&all_policies())))
             }
             L7Applies::AllowAll(_) => PortPolicy::AllowAll,
-            L7Applies::Http(list) => {
-                let named: Vec<_> = list.iter().map(|(r, p)| (*r, p.to_string())).collect();
-                match HttpRuleSet::new(named.iter().map(|(r, p)| (*r, p.as_str()))) {
-                    Ok(set) => PortPolicy::Http(Arc::new(set)),
-                    Err(e) => {
-                        // The CRD validation checks the same fields; deny
-                        // rather than widen.
-                        error!(
-                            "an HTTP rule cannot be compiled, denying on port {}: {e}",
-                            self.port
-                        );
-                        PortPolicy::Http(Arc::new(HttpRuleSet::deny_all(&all_policies())))
+            L7Applies::Http(_) => {
+                let mut sets = Vec::new();
+                for i in matching {
+                    match self.compiled.get(i) {
+                        Some(Ok(set)) => sets.push(set.as_ref()),
+                        Some(Err(e)) => {
+                            // The CRD validation checks the same fields; deny
+                            // rather than widen.
+                            error!(
+                                "an HTTP rule cannot be compiled, denying on port {}: {e}",
+                                self.port
+                            );
+                            return PortPolicy::Http(Arc::new(HttpRuleSet::deny_all(
+                                &all_policies(),
+                            )));
+                        }
+                        None => {}
                     }
                 }
+                PortPolicy::Http(Arc::new(HttpRuleSet::union(sets)))
             }
             L7Applies::Sni(list) => PortPolicy::Sni(Arc::new(SniRuleSet::new(
                 list.into_iter().map(|(s, p)| (s.clone(), p.to_string())),
@@ -155,8 +194,22 @@ pub struct L7Rules {
 
 impl L7Rules {
     /// Builds the tables of `rules` (tables are shared by endpoints that
-    /// share their `DirectionRules`).
-    pub fn build(rules: &NodeRules) -> L7Rules {
+    /// share their `DirectionRules`). A table whose rules and port are
+    /// those of one in `previous` is that table, compiled rules and memo
+    /// included: a change elsewhere compiles nothing again here, and
+    /// nothing is ever compiled on the proxy's threads.
+    pub fn build(rules: &NodeRules, previous: Option<&L7Rules>) -> L7Rules {
+        let mut old: HashMap<u16, Vec<&Arc<PortTable>>> = HashMap::new();
+        for table in previous
+            .iter()
+            .flat_map(|p| p.by_endpoint.values())
+            .flat_map(|t| t.values())
+        {
+            let same = old.entry(table.port).or_default();
+            if !same.iter().any(|t| Arc::ptr_eq(t, table)) {
+                same.push(table);
+            }
+        }
         let mut shared: HashMap<(usize, u16), Arc<PortTable>> = HashMap::new();
         let mut by_endpoint = HashMap::new();
         for ep in rules.endpoints.values() {
@@ -170,12 +223,14 @@ impl L7Rules {
                 for port in ports {
                     let key = (Arc::as_ptr(dir) as usize, port);
                     let table = shared.entry(key).or_insert_with(|| {
-                        Arc::new(PortTable {
-                            rules: dir.clone(),
-                            port,
-                            has_fqdn: dir.l7.iter().any(|a| a.port == port && !a.fqdns.is_empty()),
-                            memo: Mutex::new(HashMap::new()),
-                        })
+                        let kept = old.get(&port).and_then(|same| {
+                            same.iter()
+                                .find(|t| Arc::ptr_eq(&t.rules, dir) || *t.rules == **dir)
+                        });
+                        match kept {
+                            Some(t) => Arc::clone(t),
+                            None => Arc::new(PortTable::new(dir.clone(), port)),
+                        }
                     });
                     tables.insert(port, table.clone());
                 }
@@ -260,7 +315,8 @@ impl L7Shared {
     /// port is redirected without its rules); until [`L7Shared::commit`],
     /// the rules the kernel has still judge the ports only they list.
     pub fn set_rules(&self, rules: &NodeRules) {
-        let old = self.rules.swap(Arc::new(L7Rules::build(rules)));
+        let built = L7Rules::build(rules, Some(&self.rules.load()));
+        let old = self.rules.swap(Arc::new(built));
         // After a failed apply the kernel still has the oldest uncommitted.
         if self.loaded.load(Ordering::Acquire) && self.previous.load().is_none() {
             self.previous.store(Some(old));
@@ -399,8 +455,11 @@ impl PolicySource for Source {
     }
 }
 
-/// Starts the proxy on its own thread, listening on 127.0.0.1:port (and
-/// [::1]:port when the node has IPv6 loopback); returns once it listens.
+/// Starts the proxy on `l7ProxyThreads` threads (default one per core;
+/// each its own current-thread runtime and SO_REUSEPORT listeners),
+/// listening on 127.0.0.1:port (and [::1]:port when the node has IPv6
+/// loopback); returns once they listen. A proxy thread that ends (a panic)
+/// aborts the process.
 pub fn start(shared: Arc<L7Shared>, settings: &PolicySettings) -> Result<()> {
     let config = ProxyConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], settings.l7_proxy_port)),
@@ -414,72 +473,33 @@ pub fn start(shared: Arc<L7Shared>, settings: &PolicySettings) -> Result<()> {
         listen: SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), settings.l7_proxy_port),
         ..config.clone()
     };
-    let (ready, bound) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+    let threads = match settings.l7_proxy_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     let addr = config.listen;
-    std::thread::Builder::new()
-        .name("mw-l7-proxy".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready.send(Err(format!("cannot start a runtime: {e}")));
-                    return;
-                }
-            };
-            let serve = std::panic::AssertUnwindSafe(|| runtime.block_on(async move {
-                let source: Arc<dyn PolicySource> = Arc::new(Source(shared.clone()));
-                let sink_shared = shared.clone();
-                let sink: EventSink = Arc::new(move |e| sink_shared.event(e));
-                let v4 = match L7Proxy::bind(config, source.clone(), sink.clone()) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = ready.send(Err(format!("binding {addr}: {e}")));
-                        return false;
-                    }
-                };
-                let v6 = match L7Proxy::bind(v6, source, sink) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        warn!("the L7 proxy does not listen on [::1] ({e}): IPv6 L7 ports get no proxy");
-                        None
-                    }
-                };
-                let _ = ready.send(Ok(()));
-                let v6_task = tokio::spawn(async move {
-                    if let Some(p) = v6 {
-                        p.run().await
-                    }
-                });
-                v4.run().await;
-                let _ = v6_task.await;
-                true
-            }));
-            // A bind failure is reported to the caller; anything else (a
-            // panic, `run` returning) fails closed and loudly.
-            match std::panic::catch_unwind(serve) {
-                Ok(false) => {}
-                Ok(true) => {
-                    error!("the L7 proxy stopped");
-                    std::process::abort();
-                }
-                Err(_) => {
-                    error!("the L7 proxy panicked");
-                    std::process::abort();
-                }
-            }
-        })
-        .context("starting the L7 proxy thread")?;
-    match bound.recv() {
-        Ok(Ok(())) => {
-            info!(%addr, "L7 proxy serving");
-            Ok(())
-        }
-        Ok(Err(e)) => anyhow::bail!("the L7 proxy cannot start: {e}"),
-        Err(_) => anyhow::bail!("the L7 proxy thread ended before it listened"),
+    let source: Arc<dyn PolicySource> = Arc::new(Source(shared.clone()));
+    let sink: EventSink = Arc::new(move |e| shared.event(e));
+    let running =
+        meshward_l7_proxy::spawn_threads(threads, vec![config, v6], source, sink, "mw-l7-proxy")
+            .with_context(|| format!("the L7 proxy cannot start: binding {addr}"))?;
+    for (addr, e) in &running.skipped {
+        warn!("the L7 proxy does not listen on {addr} ({e}): IPv6 L7 ports get no proxy");
     }
+    for handle in running.handles {
+        std::thread::Builder::new()
+            .name("mw-l7-watch".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                // The threads serve forever: ending means a panic.
+                let _ = handle.join();
+                error!("an L7 proxy thread stopped");
+                std::process::abort();
+            })
+            .context("starting the L7 proxy watcher")?;
+    }
+    info!(%addr, threads, "L7 proxy serving");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -564,6 +584,38 @@ spec:
             s.lookup_side(fe, ext, Side::Egress),
             PortPolicy::AllowAll
         ));
+    }
+
+    #[test]
+    fn unchanged_rules_keep_their_compiled_sets() {
+        let s = shared();
+        s.commit();
+        let fe: IpAddr = "198.19.1.2".parse().unwrap();
+        let ext: SocketAddr = "198.18.100.10:80".parse().unwrap();
+        let PortPolicy::Http(before) = s.lookup_side(fe, ext, Side::Egress) else {
+            panic!("frontend has HTTP rules on port 80");
+        };
+        // Another change (here: the same rules compiled again, new Arcs):
+        // the table, its compiled rules and memo are kept, so the proxy
+        // builds nothing for this port again.
+        let compiled = compile(&view(), "n1");
+        s.set_rules(&compiled.rules);
+        s.commit();
+        let PortPolicy::Http(after) = s.lookup_side(fe, ext, Side::Egress) else {
+            panic!("frontend has HTTP rules on port 80");
+        };
+        assert!(Arc::ptr_eq(&before, &after));
+        // Changed rules: a new table.
+        let mut other = view();
+        other.policies.clear();
+        s.set_rules(&compile(&other, "n1").rules);
+        s.commit();
+        s.set_rules(&compiled.rules);
+        s.commit();
+        let PortPolicy::Http(rebuilt) = s.lookup_side(fe, ext, Side::Egress) else {
+            panic!("frontend has HTTP rules on port 80");
+        };
+        assert!(!Arc::ptr_eq(&before, &rebuilt));
     }
 
     #[test]
