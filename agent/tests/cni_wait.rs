@@ -12,17 +12,19 @@ use common::*;
 use serde_json::{json, Value};
 
 /// The pod has labels and a node but no address in its status, as when
-/// kubelet has not reported the sandbox yet. Its egress is isolated: only
-/// 198.18.100.10:80.
+/// kubelet has not reported the sandbox yet.
 const LOCKED_POD: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
 apiVersion: v1
 kind: Pod
 metadata: {name: web-1, namespace: shop, labels: {app: locked}}
 spec: {nodeName: node1, containers: [{name: main, image: busybox}]}
+"#;
+
+/// Its egress is isolated: only 198.18.100.10:80.
+const LOCKED_POLICY: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -163,18 +165,30 @@ fn allocations(lab: &TestLab) -> String {
 fn a_new_pods_policy_is_in_force_when_cni_add_returns() {
     let lab = TestLab::new("cw");
     lab.up(1, 0);
-    apply(&lab, "locked.yaml", LOCKED_POD);
+    apply(&lab, "locked-policy.yaml", LOCKED_POLICY);
     lab.wait_status("node1", "the policy loaded", Duration::from_secs(20), |s| {
         s["policy"]["policiesLoaded"].as_u64() >= Some(1)
     });
 
+    // The agent's datastore gets the Pod only 2 s after ADD started (a
+    // watch lagging behind kubelet): ADD must wait for it and its policy.
     let sandbox = Sandbox::new("cw");
-    let added = cni(&lab, "ADD", &sandbox, "web-1", 20);
+    let started = Instant::now();
+    let added = std::thread::scope(|scope| {
+        let add = scope.spawn(|| cni(&lab, "ADD", &sandbox, "web-1", 20));
+        std::thread::sleep(Duration::from_secs(2));
+        apply(&lab, "locked-pod.yaml", LOCKED_POD);
+        add.join().expect("ADD thread")
+    });
     assert!(
         added.status.success(),
         "ADD failed: {}{}",
         String::from_utf8_lossy(&added.stdout),
         String::from_utf8_lossy(&added.stderr)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "ADD returned before the agent knew the pod"
     );
     // The very first connection after ADD already meets the policy, though
     // the Pod's status never shows an address.

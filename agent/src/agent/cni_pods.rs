@@ -23,6 +23,8 @@ use crate::datastore::Cluster;
 /// An address whose pod never appears in the datastore is forgotten after
 /// this long (a pod deleted before the watch delivered it).
 const UNSEEN_FOR: Duration = Duration::from_secs(600);
+/// The interface Kubernetes runtimes give a pod's own network (`CNI_IFNAME`).
+const POD_IFNAME: &str = "eth0";
 
 struct Attached {
     container_id: String,
@@ -54,6 +56,11 @@ impl CniPods {
             return;
         };
         let pod = PodRef { namespace, name };
+        if event.ifname != POD_IFNAME {
+            // a secondary interface (Multus): the pod's address is eth0's
+            let _ = reply.send(Response::default_ok());
+            return;
+        }
         match event.event.as_str() {
             "add" => {
                 debug!(%pod, ip = %event.ip, container = %event.container_id, "CNI ADD");
@@ -95,22 +102,23 @@ impl CniPods {
     /// whose status still shows no address keeps its policy across an agent
     /// restart. Allocations without a Kubernetes pod are skipped.
     pub fn restore(&mut self, allocations: &[meshward_cni::ipam::Allocation]) {
-        for a in allocations {
+        for a in allocations.iter().filter(|a| a.key.ifname == POD_IFNAME) {
             let (Some(namespace), Some(name)) = (&a.pod.namespace, &a.pod.name) else {
                 continue;
             };
-            self.attached.insert(
-                PodRef {
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                },
-                Attached {
-                    container_id: a.key.container_id.clone(),
-                    ifname: a.key.ifname.clone(),
-                    ips: vec![IpAddr::V4(a.ip)],
-                    since: Instant::now(),
-                },
-            );
+            let pod = PodRef {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            };
+            // Several sandboxes of one pod (an old one not DELed yet): all
+            // their addresses are the pod's until the runtime releases them.
+            let entry = self.attached.entry(pod).or_insert_with(|| Attached {
+                container_id: a.key.container_id.clone(),
+                ifname: a.key.ifname.clone(),
+                ips: Vec::new(),
+                since: Instant::now(),
+            });
+            entry.ips.push(IpAddr::V4(a.ip));
         }
     }
 
@@ -131,8 +139,10 @@ impl CniPods {
     pub fn settle(&mut self, cluster: &Cluster, node: &str, applied: bool) {
         let now = Instant::now();
         let synced = cluster.synced();
+        // The status wins once it shows the CNI's address (an address it
+        // showed before came from an earlier sandbox).
         self.attached.retain(|pod, a| match cluster.pod(pod) {
-            Some(info) => info.ips.is_empty(),
+            Some(info) => !a.ips.iter().any(|ip| info.ips.contains(ip)),
             None => !synced || now.duration_since(a.since) < UNSEEN_FOR,
         });
         let mut still = Vec::new();
@@ -141,6 +151,8 @@ impl CniPods {
                 continue;
             }
             match cluster.pod(&w.pod) {
+                // not bound to a node yet as far as the watch knows: wait
+                Some(info) if info.node.is_empty() => still.push(w),
                 Some(info) if info.node != node => {
                     warn!(pod = %w.pod, on = %info.node, "CNI ADD for a pod scheduled elsewhere");
                     let _ = w.reply.send(Response::error(format!(
@@ -223,16 +235,19 @@ mod tests {
         pods.settle(&known, "node1", true);
         assert!(answer.try_recv().unwrap().ok);
 
-        // once the status shows an address, the status wins and the CNI's is forgotten
-        let reported = Cluster::with_pods(vec![pod("web-1", "node1", &["198.19.1.9"])], true);
+        // a status still showing an earlier sandbox's address: the CNI's wins
+        let stale = Cluster::with_pods(vec![pod("web-1", "node1", &["198.19.1.9"])], true);
+        pods.settle(&stale, "node1", true);
         assert_eq!(
-            pods.overlay(&reported, "node1")
+            pods.overlay(&stale, "node1")
                 .unwrap()
                 .pod(&pod_ref("web-1"))
                 .unwrap()
                 .ips,
-            ["198.19.1.9".parse::<IpAddr>().unwrap()]
+            ["198.19.1.7".parse::<IpAddr>().unwrap()]
         );
+        // once the status shows the CNI's address, the overlay is forgotten
+        let reported = Cluster::with_pods(vec![pod("web-1", "node1", &["198.19.1.7"])], true);
         pods.settle(&reported, "node1", true);
         assert!(pods.overlay(&known, "node1").is_none());
     }
@@ -283,6 +298,56 @@ mod tests {
         assert!(pods
             .overlay(&Cluster::with_pods(vec![], true), "node1")
             .is_none());
+    }
+
+    #[test]
+    fn a_pod_not_yet_bound_keeps_its_add_waiting_and_other_interfaces_are_ignored() {
+        let mut pods = CniPods::default();
+        let mut answer = record(&mut pods, event("add", "web-1", "c1", "198.19.1.7"));
+        let unbound = Cluster::with_pods(vec![pod("web-1", "", &[])], true);
+        pods.settle(&unbound, "node1", true);
+        assert!(matches!(answer.try_recv(), Err(TryRecvError::Empty)));
+        let bound = Cluster::with_pods(vec![pod("web-1", "node1", &[])], true);
+        pods.settle(&bound, "node1", true);
+        assert!(answer.try_recv().unwrap().ok);
+
+        let mut net1 = event("add", "web-1", "c1", "10.1.0.7");
+        net1.ifname = "net1".into();
+        assert!(record(&mut pods, net1).try_recv().unwrap().ok);
+        let view = pods.overlay(&bound, "node1").unwrap();
+        assert_eq!(
+            view.pod(&pod_ref("web-1")).unwrap().ips,
+            ["198.19.1.7".parse::<IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn restored_allocations_of_one_pod_are_all_its_addresses() {
+        use meshward_cni::ipam::{Allocation, AttachmentKey, PodMeta};
+        let alloc = |container: &str, ifname: &str, ip: [u8; 4]| Allocation {
+            ip: ip.into(),
+            key: AttachmentKey::new(container, ifname),
+            host_ifname: "mw0000".into(),
+            pod: PodMeta {
+                namespace: Some("shop".into()),
+                name: Some("web-1".into()),
+            },
+        };
+        let mut pods = CniPods::default();
+        pods.restore(&[
+            alloc("old", "eth0", [198, 19, 1, 9]),
+            alloc("new", "eth0", [198, 19, 1, 7]),
+            alloc("new", "net1", [198, 19, 1, 8]),
+        ]);
+        let known = Cluster::with_pods(vec![pod("web-1", "node1", &[])], true);
+        let view = pods.overlay(&known, "node1").unwrap();
+        assert_eq!(
+            view.pod(&pod_ref("web-1")).unwrap().ips,
+            [
+                "198.19.1.9".parse::<IpAddr>().unwrap(),
+                "198.19.1.7".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

@@ -31,6 +31,10 @@ use super::ControlRequest;
 const IDLE: Duration = Duration::from_secs(30);
 /// Longest a request waits for the main loop (a rotation fsyncs and publishes).
 const ANSWER_WAIT: Duration = Duration::from_secs(30);
+/// A CNI ADD waits for its pod's policy as long as the plugin may
+/// (`agentWaitSeconds`); the plugin's own deadline ends it sooner.
+const CNI_ANSWER_WAIT: Duration =
+    Duration::from_secs(meshward_cni::spec::MAX_AGENT_WAIT_SECONDS + 5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -300,11 +304,15 @@ async fn answer(line: &[u8], tx: &mpsc::Sender<ControlRequest>) -> Response {
             }
         }
     };
+    let wait = match request {
+        Request::Cni(_) => CNI_ANSWER_WAIT,
+        _ => ANSWER_WAIT,
+    };
     let (reply_tx, reply_rx) = oneshot::channel();
     if tx.send((request, reply_tx)).await.is_err() {
         return Response::error("the agent is shutting down");
     }
-    match tokio::time::timeout(ANSWER_WAIT, reply_rx).await {
+    match tokio::time::timeout(wait, reply_rx).await {
         Ok(Ok(response)) => response,
         Ok(Err(_)) => Response::error("the agent is shutting down"),
         Err(_) => Response::error("the agent did not answer in time"),

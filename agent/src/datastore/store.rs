@@ -132,9 +132,10 @@ impl Cluster {
         self.pods.get(pod).map(|p| &**p)
     }
 
-    /// This view with addresses the CNI gave pods of `node` whose status
-    /// shows none yet (the Pod status follows the sandbox by a watch round
-    /// trip); pods elsewhere or with addresses of their own are untouched.
+    /// This view with the addresses the CNI gave pods of `node` in place of
+    /// what their status shows (nothing yet, or an earlier sandbox's
+    /// address: the status follows the sandbox by a watch round trip); pods
+    /// elsewhere are untouched.
     pub fn with_pod_ips<'a>(
         &self,
         node: &str,
@@ -145,7 +146,7 @@ impl Cluster {
             let Some(pod) = cluster.pods.get_mut(pod_ref) else {
                 continue;
             };
-            if pod.node == node && pod.ips.is_empty() && !pod.host_network {
+            if pod.node == node && pod.ips != addresses && !pod.host_network {
                 Arc::make_mut(pod).ips = addresses.to_vec();
             }
         }

@@ -140,7 +140,7 @@ impl Udp {
 /// A child forked by another thread of this process (the agent spawns its
 /// DNS socket keeper while the mesh starts) holds a copy of every descriptor
 /// until it execs; for that moment our own closed probe still owns the port.
-const BIND_RETRY: Duration = Duration::from_millis(500);
+const BIND_RETRY: Duration = Duration::from_secs(2);
 
 /// Binds `count` sockets to `listen` in one `SO_REUSEPORT` group. Refuses a
 /// port some other socket already holds (a second agent would otherwise
