@@ -47,6 +47,10 @@ use crate::datastore::Cluster;
 
 /// Expired entries are swept (and a failed save retried) this often.
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Headroom on learned entries' expiry: answers within it confirm an
+/// entry without a kernel update (see `CacheConfig::refresh_slack`).
+const FQDN_REFRESH_SLACK: Duration = Duration::from_secs(1);
+
 /// A learned answer is on disk this soon after it reached the kernel, so
 /// a restart (even after kill -9) finds it.
 const SAVE_DEBOUNCE: Duration = Duration::from_millis(10);
@@ -92,6 +96,9 @@ impl PolicyEngine {
             ttl_floor: settings.fqdn_min_ttl,
             per_name_cap: settings.fqdn_max_ips_per_name,
             global_cap: settings.fqdn_max_entries,
+            // a name answered again and again (every pod's resolver
+            // asking) is re-programmed at most once a second, not per answer
+            refresh_slack: FQDN_REFRESH_SLACK,
         };
         let (cache, report) = FqdnCache::load(&state_dir, cache_config, SystemTime::now())
             .context("loading the learned-name cache")?;
