@@ -53,6 +53,8 @@ use meshward_policy::Fqdn;
 const MAX_MESSAGE: usize = 65_535;
 /// Reply sockets kept (one per server address a client asked).
 const MAX_REPLY_SOCKETS: usize = 4096;
+/// Most datagrams, and most connections, [`DnsProxy::drain`] takes.
+pub const MAX_DRAINED: usize = 65_536;
 
 /// Tunables of the proxy shell.
 #[derive(Clone, Debug)]
@@ -254,7 +256,6 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
     async fn udp_loop(self, sock: UdpSocket) -> io::Result<()> {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let mut errors_in_a_row = 0u32;
-        let inner = &self.inner;
         let finish: Arc<dyn Finish> = self.inner.clone();
         loop {
             let (n, client, orig) = match sock
@@ -275,38 +276,104 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                     continue;
                 }
             };
-            let Some(server) = orig else {
-                // Sent to the listener itself, not redirected: no server.
-                bump(&inner.stats.queries_dropped);
-                continue;
-            };
-            let ctx = QueryContext {
-                client: client.ip(),
-                server,
-                transport: Transport::Udp,
-            };
-            let query = &buf[..n];
-            match handle_query(&inner.policy, inner.config.deny_rcode, ctx, query) {
-                QueryOutcome::Forward(pending) => {
-                    let Some(slot) = inner.upstreams.slot() else {
-                        bump(&inner.stats.queries_overload);
-                        continue;
-                    };
-                    bump(&inner.stats.queries_allowed);
-                    let query_state = InFlight {
-                        pending,
-                        client,
-                        _slot: slot,
-                    };
-                    inner.upstreams.start(query_state, query, &finish);
+            self.udp_query(&buf[..n], client, orig, &finish);
+        }
+    }
+
+    /// One datagram from the UDP listener, handled inline: answered at
+    /// once, sent upstream (finished later by the upstream socket's task)
+    /// or dropped.
+    fn udp_query(
+        &self,
+        query: &[u8],
+        client: SocketAddr,
+        orig: Option<SocketAddr>,
+        finish: &Arc<dyn Finish>,
+    ) {
+        let inner = &self.inner;
+        let Some(server) = orig else {
+            // Sent to the listener itself, not redirected: no server.
+            bump(&inner.stats.queries_dropped);
+            return;
+        };
+        let ctx = QueryContext {
+            client: client.ip(),
+            server,
+            transport: Transport::Udp,
+        };
+        match handle_query(&inner.policy, inner.config.deny_rcode, ctx, query) {
+            QueryOutcome::Forward(pending) => {
+                let Some(slot) = inner.upstreams.slot() else {
+                    bump(&inner.stats.queries_overload);
+                    return;
+                };
+                bump(&inner.stats.queries_allowed);
+                let query_state = InFlight {
+                    pending,
+                    client,
+                    _slot: slot,
+                };
+                inner.upstreams.start(query_state, query, finish);
+            }
+            QueryOutcome::Answer { reply, why } => {
+                self.count_local(why);
+                inner.reply_udp(server, client, &reply);
+            }
+            QueryOutcome::Drop(_) => bump(&inner.stats.queries_dropped),
+        }
+    }
+
+    /// Answers what queued on listeners that are being replaced (sockets
+    /// on an old address after `dnsProxyPort` changed, say): every
+    /// datagram waiting in the UDP socket is handled as [`DnsProxy::serve`]
+    /// would, every connection waiting in the TCP backlog is accepted and
+    /// served on a task of its own; then the listeners close. At most
+    /// [`MAX_DRAINED`] of each (the kernel should no longer send there).
+    /// Returns how many datagrams and connections it took. Call it inside
+    /// the proxy's runtime (it spawns tasks).
+    pub fn drain(&self, listeners: Listeners) -> (usize, usize) {
+        let finish: Arc<dyn Finish> = self.inner.clone();
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut datagrams = 0;
+        while datagrams < MAX_DRAINED {
+            match sock::recv_orig_dst(&listeners.udp, &mut buf) {
+                Ok((n, client, orig)) => {
+                    datagrams += 1;
+                    self.udp_query(&buf[..n], client, orig, &finish);
                 }
-                QueryOutcome::Answer { reply, why } => {
-                    self.count_local(why);
-                    inner.reply_udp(server, client, &reply);
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    warn!(error = %e, "draining a replaced DNS UDP listener");
+                    break;
                 }
-                QueryOutcome::Drop(_) => bump(&inner.stats.queries_dropped),
             }
         }
+        let mut connections = 0;
+        while connections < MAX_DRAINED {
+            let stream = match listeners.tcp.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    warn!(error = %e, "draining a replaced DNS TCP listener");
+                    break;
+                }
+            };
+            connections += 1;
+            let stream = match stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "a drained DNS TCP connection");
+                    continue;
+                }
+            };
+            self.spawn_tcp_connection(stream);
+        }
+        (datagrams, connections)
     }
 
     fn count_local(&self, why: LocalAnswer) {
@@ -387,19 +454,24 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                     continue;
                 }
             };
-            let Ok(permit) = self.inner.tcp_slots.clone().try_acquire_owned() else {
-                bump(&self.inner.stats.queries_overload);
-                continue;
-            };
-            bump(&self.inner.stats.tcp_connections);
-            let this = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = this.tcp_connection(stream).await {
-                    debug!(error = %e, "DNS TCP connection");
-                }
-                drop(permit);
-            });
+            self.spawn_tcp_connection(stream);
         }
+    }
+
+    /// Serves one client connection on a task (unless too many are open).
+    fn spawn_tcp_connection(&self, stream: TcpStream) {
+        let Ok(permit) = self.inner.tcp_slots.clone().try_acquire_owned() else {
+            bump(&self.inner.stats.queries_overload);
+            return;
+        };
+        bump(&self.inner.stats.tcp_connections);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.tcp_connection(stream).await {
+                debug!(error = %e, "DNS TCP connection");
+            }
+            drop(permit);
+        });
     }
 
     async fn tcp_connection(&self, mut client: TcpStream) -> io::Result<()> {

@@ -198,11 +198,18 @@ impl PolicyEngine {
 
     /// Starts the DNS proxy on its own thread, listening on 127.0.0.1:port
     /// (where nftables TPROXYs the redirected pods' DNS).
-    pub fn start_dns_proxy(&mut self, settings: &PolicySettings) -> Result<()> {
+    pub async fn start_dns_proxy(&mut self, settings: &PolicySettings) -> Result<()> {
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), settings.dns_proxy_port);
-        // from the socket keeper when it held them while no agent ran
-        let listeners =
-            super::keeper::listeners(addr, settings.dns_socket_keeper, &self.state_dir)?;
+        // from the socket keeper when it held them while no agent ran; its
+        // answers can take seconds: not on the agent's runtime
+        let (mode, state_dir) = (settings.dns_socket_keeper, self.state_dir.clone());
+        let super::keeper::Taken {
+            listeners,
+            replaced,
+        } = super::blocking("fetching the DNS sockets", move || {
+            super::keeper::listeners(addr, mode, &state_dir)
+        })
+        .await??;
         let config = ProxyConfig {
             deny_rcode: if settings.dns_deny_nxdomain {
                 DenyRcode::NxDomain
@@ -228,7 +235,17 @@ impl PolicyEngine {
                         std::process::abort();
                     }
                 };
-                if let Err(e) = runtime.block_on(proxy.serve(listeners)) {
+                let served = runtime.block_on(async {
+                    if let Some(old) = replaced {
+                        let (datagrams, connections) = proxy.drain(old);
+                        info!(
+                            datagrams,
+                            connections, "answered the DNS queries queued on the old port"
+                        );
+                    }
+                    proxy.serve(listeners).await
+                });
+                if let Err(e) = served {
                     // Fail closed and loudly: the supervisor restarts us.
                     error!("the DNS proxy stopped: {e}");
                     std::process::abort();
