@@ -46,13 +46,16 @@ use crate::core::{
 use crate::learn::Learned;
 use crate::sock;
 use crate::stats::{bump, Stats};
-use crate::upstream::{Exchange, Finish, InFlight, UdpUpstreams};
+use crate::upstream::{Exchange, Finish, InFlight, Outbox, Target, UdpUpstreams};
 use meshward_policy::Fqdn;
 
 /// Largest DNS message (UDP payload or TCP frame).
 const MAX_MESSAGE: usize = 65_535;
 /// Reply sockets kept (one per server address a client asked).
 const MAX_REPLY_SOCKETS: usize = 4096;
+/// Datagrams read from the listener per wake-up before the replies and
+/// queries they caused go out.
+const RECV_BURST: usize = 32;
 /// Most datagrams, and most connections, [`DnsProxy::drain`] takes.
 pub const MAX_DRAINED: usize = 65_536;
 
@@ -257,6 +260,7 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let mut errors_in_a_row = 0u32;
         let finish: Arc<dyn Finish> = self.inner.clone();
+        let mut out = Outbox::default();
         loop {
             let (n, client, orig) = match sock
                 .async_io(Interest::READABLE, || sock::recv_orig_dst(&sock, &mut buf))
@@ -276,7 +280,20 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                     continue;
                 }
             };
-            self.udp_query(&buf[..n], client, orig, &finish);
+            self.udp_query(&buf[..n], client, orig, &finish, &mut out);
+            // What else queued: handled before the replies and queries
+            // go out, in batches.
+            for _ in 1..RECV_BURST {
+                match sock.try_io(Interest::READABLE, || sock::recv_orig_dst(&sock, &mut buf)) {
+                    Ok((n, client, orig)) => {
+                        self.udp_query(&buf[..n], client, orig, &finish, &mut out)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    // WouldBlock: all taken; an error: the next await sees it
+                    Err(_) => break,
+                }
+            }
+            out.flush(&finish, &self.inner.stats);
         }
     }
 
@@ -289,6 +306,7 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         client: SocketAddr,
         orig: Option<SocketAddr>,
         finish: &Arc<dyn Finish>,
+        out: &mut Outbox,
     ) {
         let inner = &self.inner;
         let Some(server) = orig else {
@@ -313,11 +331,11 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                     client,
                     _slot: slot,
                 };
-                inner.upstreams.start(query_state, query, finish);
+                inner.upstreams.start(query_state, query, finish, out);
             }
             QueryOutcome::Answer { reply, why } => {
                 self.count_local(why);
-                inner.reply_udp(server, client, &reply);
+                inner.reply_udp(server, client, &reply, out);
             }
             QueryOutcome::Drop(_) => bump(&inner.stats.queries_dropped),
         }
@@ -333,13 +351,17 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
     /// the proxy's runtime (it spawns tasks).
     pub fn drain(&self, listeners: Listeners) -> (usize, usize) {
         let finish: Arc<dyn Finish> = self.inner.clone();
+        let mut out = Outbox::default();
         let mut buf = vec![0u8; MAX_MESSAGE];
         let mut datagrams = 0;
         while datagrams < MAX_DRAINED {
             match sock::recv_orig_dst(&listeners.udp, &mut buf) {
                 Ok((n, client, orig)) => {
                     datagrams += 1;
-                    self.udp_query(&buf[..n], client, orig, &finish);
+                    self.udp_query(&buf[..n], client, orig, &finish, &mut out);
+                    if out.len() >= RECV_BURST {
+                        out.flush(&finish, &self.inner.stats);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -349,6 +371,7 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 }
             }
         }
+        out.flush(&finish, &self.inner.stats);
         let mut connections = 0;
         while connections < MAX_DRAINED {
             let stream = match listeners.tcp.accept() {
@@ -692,9 +715,20 @@ impl<P: DnsPolicy, H: LearnHook> Inner<P, H> {
         took
     }
 
-    /// Sends `reply` to `client` from `server`'s address, without waiting
-    /// (a full socket buffer: on a task).
-    fn reply_udp(&self, server: SocketAddr, client: SocketAddr, reply: &[u8]) {
+    /// Queues `reply` to `client` from `server`'s address in `out`.
+    fn reply_udp(&self, server: SocketAddr, client: SocketAddr, reply: &[u8], out: &mut Outbox) {
+        match self.reply_socket(server) {
+            Ok(sock) => out.push(Target::Reply { sock, client }, reply),
+            Err(e) => {
+                warn!(%server, error = %e, "cannot bind a reply socket to the server's address");
+                bump(&self.stats.client_send_errors);
+            }
+        }
+    }
+
+    /// Sends `reply` to `client` from `server`'s address now, without
+    /// waiting (a full socket buffer: on a task).
+    fn reply_udp_now(&self, server: SocketAddr, client: SocketAddr, reply: &[u8]) {
         let sock = match self.reply_socket(server) {
             Ok(s) => s,
             Err(e) => {
@@ -739,20 +773,20 @@ impl<P: DnsPolicy, H: LearnHook> Inner<P, H> {
 /// The UDP path's end: an upstream socket's receive task hands over each
 /// answer (or timeout, or failure) here.
 impl<P: DnsPolicy, H: LearnHook> Finish for Inner<P, H> {
-    fn finish(self: Arc<Self>, query: InFlight, outcome: Exchange<'_>) {
+    fn finish(self: Arc<Self>, query: InFlight, outcome: Exchange<'_>, out: &mut Outbox) {
         let pending = &query.pending;
         let answer = match outcome {
             Exchange::Answer(a) => a,
             Exchange::Timeout => {
                 bump(&self.stats.upstream_timeouts);
                 let reply = pending.servfail();
-                return self.reply_udp(pending.server(), query.client, &reply);
+                return self.reply_udp(pending.server(), query.client, &reply, out);
             }
             Exchange::Failed(e) => {
                 debug!(server = %pending.server(), error = %e, "UDP exchange with upstream");
                 bump(&self.stats.upstream_errors);
                 let reply = pending.servfail();
-                return self.reply_udp(pending.server(), query.client, &reply);
+                return self.reply_udp(pending.server(), query.client, &reply, out);
             }
         };
         self.count_relayed(answer.truncated, answer.unparsed);
@@ -770,14 +804,14 @@ impl<P: DnsPolicy, H: LearnHook> Finish for Inner<P, H> {
                         let pending = &query.pending;
                         let took = this.wait_hold(fut, start, pending.name()).await;
                         this.observe(pending, &bytes, seen.as_ref(), Some(took));
-                        this.reply_udp(pending.server(), query.client, &bytes);
+                        this.reply_udp_now(pending.server(), query.client, &bytes);
                     });
                     return;
                 }
             },
         };
         self.observe(pending, answer.bytes, seen.as_ref(), hold);
-        self.reply_udp(pending.server(), query.client, answer.bytes);
+        self.reply_udp(pending.server(), query.client, answer.bytes, out);
     }
 }
 

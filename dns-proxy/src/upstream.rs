@@ -36,6 +36,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use std::os::fd::{AsRawFd, RawFd};
+
+use socket2::SockAddr;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
@@ -43,7 +46,9 @@ use tokio::time::Instant;
 
 use crate::core::{PendingQuery, ResponseOutcome};
 use crate::learn::Learned;
+use crate::sock;
 use crate::stats::{bump, Stats};
+use tracing::debug;
 
 /// Queries a socket serves before it is replaced by one on a new port.
 pub(crate) const QUERIES_PER_SOCKET: u32 = 1000;
@@ -100,7 +105,7 @@ impl Drop for Slot {
 /// on the socket's receive task: must not block; what has to wait (a
 /// learn hook still programming) goes to a task of its own.
 pub(crate) trait Finish: Send + Sync + 'static {
-    fn finish(self: Arc<Self>, query: InFlight, outcome: Exchange<'_>);
+    fn finish(self: Arc<Self>, query: InFlight, outcome: Exchange<'_>, out: &mut Outbox);
 }
 
 struct Waiter {
@@ -118,7 +123,7 @@ struct Table {
     next_seq: u64,
 }
 
-struct PooledSocket {
+pub(crate) struct PooledSocket {
     sock: UdpSocket,
     table: Mutex<Table>,
     /// Wakes the receive task when a deadline is queued on an empty queue.
@@ -204,30 +209,21 @@ impl UdpUpstreams {
         s
     }
 
-    /// Sends `query` (the client's bytes) to the query's server and leaves
-    /// it in flight: `finish` gets its answer, or its timeout or failure,
-    /// later on a socket's receive task. A failure to send is finished at
-    /// once (before this returns).
-    pub(crate) fn start(&self, query: InFlight, bytes: &[u8], finish: &Arc<dyn Finish>) {
+    /// Queues `query` (the client's bytes) in `out` for the query's server
+    /// and leaves it in flight: `finish` gets its answer, or its timeout or
+    /// failure, later on a socket's receive task. A query that cannot be
+    /// registered is finished at once.
+    pub(crate) fn start(
+        &self,
+        query: InFlight,
+        bytes: &[u8],
+        finish: &Arc<dyn Finish>,
+        out: &mut Outbox,
+    ) {
         let id = query.pending.id();
-        let sock = match self.register(query, finish) {
-            Ok(s) => s,
-            Err((query, e)) => return finish.clone().finish(query, Exchange::Failed(e)),
-        };
-        match sock.sock.try_send(bytes) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The socket's send buffer is full: wait for room on a
-                // task (rare; the query stays registered meanwhile).
-                let bytes = bytes.to_vec();
-                let finish = finish.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = sock.sock.send(&bytes).await {
-                        fail_one(&sock, id, e, &finish);
-                    }
-                });
-            }
-            Err(e) => fail_one(&sock, id, e, finish),
+        match self.register(query, finish) {
+            Ok(sock) => out.push(Target::Upstream { sock, id }, bytes),
+            Err((query, e)) => finish.clone().finish(query, Exchange::Failed(e), out),
         }
     }
 
@@ -249,10 +245,12 @@ impl UdpUpstreams {
             }
             keep
         });
+        // The first socket where the ID is free: the others stand by for
+        // reused IDs and take over as it retires, and one socket carrying
+        // the load makes the sends and receives of a burst one batch.
         let free = socks
             .iter()
-            .filter(|s| !s.table().waiters.contains_key(&id))
-            .min_by_key(|s| s.uses.load(Relaxed))
+            .find(|s| !s.table().waiters.contains_key(&id))
             .cloned();
         let sock = match free {
             Some(s) if socks.len() >= SOCKETS_PER_SERVER => s,
@@ -325,10 +323,16 @@ impl UdpUpstreams {
 }
 
 /// Fails the query with this ID on `sock` (sending it failed).
-fn fail_one(sock: &PooledSocket, id: u16, e: io::Error, finish: &Arc<dyn Finish>) {
+fn fail_one(
+    sock: &PooledSocket,
+    id: u16,
+    e: io::Error,
+    finish: &Arc<dyn Finish>,
+    out: &mut Outbox,
+) {
     let waiter = sock.table().waiters.remove(&id);
     if let Some(w) = waiter {
-        finish.clone().finish(w.query, Exchange::Failed(e));
+        finish.clone().finish(w.query, Exchange::Failed(e), out);
     }
 }
 
@@ -346,6 +350,7 @@ async fn receive(
     let late = (timeout / TIMEOUT_SLACK_DIVISOR).max(Duration::from_millis(1));
     let sleep = tokio::time::sleep(idle_tick);
     tokio::pin!(sleep);
+    let mut out = Outbox::default();
     loop {
         tokio::select! {
             biased;
@@ -354,7 +359,8 @@ async fn receive(
                     Ok(r) => r,
                     Err(e) => {
                         // The socket is unusable: fail what waits and stop.
-                        fail_all(&sock, &finish, e.kind(), &e.to_string());
+                        fail_all(&sock, &finish, e.kind(), &e.to_string(), &mut out);
+                        out.flush(&finish, &stats);
                         sock.retire();
                         return;
                     }
@@ -363,7 +369,7 @@ async fn receive(
                     // An ICMP error (e.g. port unreachable) reported on the
                     // connected socket: every query on it asked that server.
                     if let Ok(Some(e)) = sock.sock.take_error() {
-                        fail_all(&sock, &finish, e.kind(), &e.to_string());
+                        fail_all(&sock, &finish, e.kind(), &e.to_string(), &mut out);
                     }
                     let _ = sock.sock.try_io(Interest::ERROR, || {
                         Err::<(), _>(io::ErrorKind::WouldBlock.into())
@@ -371,21 +377,22 @@ async fn receive(
                 }
                 for _ in 0..RECV_BURST {
                     match sock.sock.try_recv(&mut buf) {
-                        Ok(n) => dispatch(&sock, &stats, &finish, &buf[..n]),
+                        Ok(n) => dispatch(&sock, &stats, &finish, &buf[..n], &mut out),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => {
-                            fail_all(&sock, &finish, e.kind(), &e.to_string());
+                            fail_all(&sock, &finish, e.kind(), &e.to_string(), &mut out);
                             break;
                         }
                     }
                 }
             }
             () = &mut sleep => {
-                expire(&sock, &finish);
+                expire(&sock, &finish, &mut out);
             }
             () = sock.wake.notified() => {}
         }
+        out.flush(&finish, &stats);
         let (front, empty) = {
             let table = sock.table();
             (
@@ -422,7 +429,7 @@ async fn receive(
 }
 
 /// Finishes the queries whose deadline passed with a timeout.
-fn expire(sock: &PooledSocket, finish: &Arc<dyn Finish>) {
+fn expire(sock: &PooledSocket, finish: &Arc<dyn Finish>, out: &mut Outbox) {
     let now = Instant::now();
     let mut expired = Vec::new();
     {
@@ -440,11 +447,17 @@ fn expire(sock: &PooledSocket, finish: &Arc<dyn Finish>) {
         }
     }
     for query in expired {
-        finish.clone().finish(query, Exchange::Timeout);
+        finish.clone().finish(query, Exchange::Timeout, out);
     }
 }
 
-fn fail_all(sock: &PooledSocket, finish: &Arc<dyn Finish>, kind: io::ErrorKind, why: &str) {
+fn fail_all(
+    sock: &PooledSocket,
+    finish: &Arc<dyn Finish>,
+    kind: io::ErrorKind,
+    why: &str,
+    out: &mut Outbox,
+) {
     let waiters: Vec<Waiter> = {
         let mut table = sock.table();
         table.deadlines.clear();
@@ -453,11 +466,17 @@ fn fail_all(sock: &PooledSocket, finish: &Arc<dyn Finish>, kind: io::ErrorKind, 
     for w in waiters {
         finish
             .clone()
-            .finish(w.query, Exchange::Failed(io::Error::new(kind, why)));
+            .finish(w.query, Exchange::Failed(io::Error::new(kind, why)), out);
     }
 }
 
-fn dispatch(sock: &PooledSocket, stats: &Stats, finish: &Arc<dyn Finish>, msg: &[u8]) {
+fn dispatch(
+    sock: &PooledSocket,
+    stats: &Stats,
+    finish: &Arc<dyn Finish>,
+    msg: &[u8],
+    out: &mut Outbox,
+) {
     let Some(id) = msg.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
         bump(&stats.responses_mismatched);
         return;
@@ -494,7 +513,149 @@ fn dispatch(sock: &PooledSocket, stats: &Stats, finish: &Arc<dyn Finish>, msg: &
                     truncated,
                     unparsed,
                 }),
+                out,
             );
+        }
+    }
+}
+
+/// Where an outgoing datagram goes.
+pub(crate) enum Target {
+    /// A reply to a client, from a server's address.
+    Reply {
+        sock: Arc<UdpSocket>,
+        client: SocketAddr,
+    },
+    /// A query to its server on a pooled (connected) socket.
+    Upstream { sock: Arc<PooledSocket>, id: u16 },
+}
+
+impl Target {
+    fn fd(&self) -> RawFd {
+        match self {
+            Target::Reply { sock, .. } => sock.as_raw_fd(),
+            Target::Upstream { sock, .. } => sock.sock.as_raw_fd(),
+        }
+    }
+}
+
+/// Datagrams collected while handling a burst of received ones, sent
+/// together: one `sendmmsg` per run of datagrams for the same socket
+/// (every reply to one server's clients; every query to one pooled
+/// socket), so a burst of N costs a few system calls and wake-ups of the
+/// receivers, not N.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    data: Vec<u8>,
+    msgs: Vec<(Target, std::ops::Range<usize>)>,
+}
+
+/// Most datagrams per `sendmmsg`.
+const SEND_BATCH: usize = 64;
+
+impl Outbox {
+    /// Datagrams queued.
+    pub(crate) fn len(&self) -> usize {
+        self.msgs.len()
+    }
+
+    pub(crate) fn push(&mut self, target: Target, bytes: &[u8]) {
+        let start = self.data.len();
+        self.data.extend_from_slice(bytes);
+        self.msgs.push((target, start..self.data.len()));
+    }
+
+    /// Sends everything queued. A query that cannot be sent fails
+    /// (SERVFAIL, queued and sent in turn); a full socket buffer leaves the
+    /// rest to a task that waits for room.
+    pub(crate) fn flush(&mut self, finish: &Arc<dyn Finish>, stats: &Arc<Stats>) {
+        // failing a query queues its SERVFAIL: a second round sends those
+        for _ in 0..3 {
+            if self.msgs.is_empty() {
+                return;
+            }
+            let msgs = std::mem::take(&mut self.msgs);
+            let data = std::mem::take(&mut self.data);
+            let mut failed = Vec::new();
+            let mut i = 0;
+            while i < msgs.len() {
+                let fd = msgs[i].0.fd();
+                let mut end = i + 1;
+                while end < msgs.len() && end - i < SEND_BATCH && msgs[end].0.fd() == fd {
+                    end += 1;
+                }
+                let addrs: Vec<Option<SockAddr>> = msgs[i..end]
+                    .iter()
+                    .map(|(t, _)| match t {
+                        Target::Reply { client, .. } => Some(SockAddr::from(*client)),
+                        Target::Upstream { .. } => None,
+                    })
+                    .collect();
+                let batch: Vec<(&[u8], Option<&SockAddr>)> = msgs[i..end]
+                    .iter()
+                    .zip(&addrs)
+                    .map(|((_, range), addr)| (&data[range.clone()], addr.as_ref()))
+                    .collect();
+                match sock::send_many(fd, &batch) {
+                    Ok(n) if n > 0 => i += n,
+                    Ok(_) => i = end,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // no room now: the rest of this run waits on a task
+                        for (target, range) in &msgs[i..end] {
+                            send_later(target, data[range.clone()].to_vec(), finish, stats);
+                        }
+                        i = end;
+                    }
+                    Err(e) => {
+                        failed.push((i, e));
+                        i += 1;
+                    }
+                }
+            }
+            for (at, e) in failed {
+                match &msgs[at].0 {
+                    Target::Reply { client, .. } => {
+                        debug!(%client, error = %e, "sending the reply");
+                        bump(&stats.client_send_errors);
+                    }
+                    Target::Upstream { sock, id } => fail_one(sock, *id, e, finish, self),
+                }
+            }
+            // keep the buffer's room for the next burst
+            let mut data = data;
+            data.clear();
+            if self.data.is_empty() {
+                self.data = data;
+            }
+        }
+        // still failing after three rounds: give up on what is left
+        self.msgs.clear();
+        self.data.clear();
+    }
+}
+
+/// Sends one datagram once its socket has room (on a task).
+fn send_later(target: &Target, bytes: Vec<u8>, finish: &Arc<dyn Finish>, stats: &Arc<Stats>) {
+    match target {
+        Target::Reply { sock, client } => {
+            let (sock, client) = (sock.clone(), *client);
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                if let Err(e) = sock.send_to(&bytes, client).await {
+                    debug!(%client, error = %e, "sending the reply");
+                    bump(&stats.client_send_errors);
+                }
+            });
+        }
+        Target::Upstream { sock, id } => {
+            let (sock, id, finish, stats) = (sock.clone(), *id, finish.clone(), stats.clone());
+            tokio::spawn(async move {
+                if let Err(e) = sock.sock.send(&bytes).await {
+                    let mut out = Outbox::default();
+                    fail_one(&sock, id, e, &finish, &mut out);
+                    out.flush(&finish, &stats);
+                }
+            });
         }
     }
 }
