@@ -392,6 +392,11 @@ async fn receive(
             }
             () = sock.wake.notified() => {}
         }
+        // Answers arriving without pause must not starve the deadlines.
+        let due = sleep.deadline() <= Instant::now();
+        if due && !sleep.is_elapsed() {
+            expire(&sock, &finish, &mut out);
+        }
         out.flush(&finish, &stats);
         let (front, empty) = {
             let table = sock.table();
@@ -422,7 +427,7 @@ async fn receive(
             Some(d) => d.max(now + late),
             None => now + idle_tick,
         };
-        if sleep.is_elapsed() || next < sleep.deadline() {
+        if due || sleep.is_elapsed() || next < sleep.deadline() {
             sleep.as_mut().reset(next);
         }
     }
