@@ -137,10 +137,10 @@ pub(crate) struct PooledSocket {
 }
 
 impl PooledSocket {
-    fn takes_queries(&self) -> bool {
+    fn takes_queries(&self, now: Instant) -> bool {
         !self.retired.load(Relaxed)
             && self.uses.load(Relaxed) < QUERIES_PER_SOCKET
-            && self.born.elapsed() < SOCKET_LIFETIME
+            && now.saturating_duration_since(self.born) < SOCKET_LIFETIME
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -235,10 +235,11 @@ impl UdpUpstreams {
     ) -> Result<Arc<PooledSocket>, (InFlight, io::Error)> {
         let server = self.server(query.pending.server());
         let id = query.pending.id();
+        let now = Instant::now();
         let mut socks = server.lock();
         // Retire what has served its share (it finishes its queries alone).
         socks.retain(|s| {
-            let keep = s.takes_queries();
+            let keep = s.takes_queries(now);
             if !keep {
                 s.retired.store(true, Relaxed);
                 s.wake.notify_one();
@@ -271,7 +272,6 @@ impl UdpUpstreams {
         };
         // Still under the server's lock: no other query can take this ID
         // on this socket meanwhile.
-        let now = Instant::now();
         let was_idle = {
             let mut table = sock.table();
             let seq = table.next_seq;
