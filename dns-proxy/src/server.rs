@@ -11,8 +11,13 @@
 //!   checked, held for the learn hook, relayed; or SERVFAIL at the
 //!   timeout). No task, channel or timer per query: a task only for an
 //!   answer whose learn hook has to wait (the kernel being programmed).
+//!   Both ends work in bursts: every datagram queued (up to a bound) is
+//!   handled before the queries and replies it caused go out, one
+//!   `sendmmsg` per socket (`upstream::Outbox`).
 //!   Replies reach the client from the server's own address and port
 //!   through a transparent socket bound to it (one per server, kept).
+//! - [`DnsProxy::drain`]: what queued on listeners being replaced is
+//!   answered before they close.
 //! - TCP: an accepted connection's local address is the original
 //!   destination; the proxy opens one upstream connection per client
 //!   connection and answers queries in order (RFC 7766 framing, several
