@@ -11,9 +11,9 @@
 //!   checked, held for the learn hook, relayed; or SERVFAIL at the
 //!   timeout). No task, channel or timer per query: a task only for an
 //!   answer whose learn hook has to wait (the kernel being programmed).
-//!   Both ends work in bursts: every datagram queued (up to a bound) is
-//!   handled before the queries and replies it caused go out, one
-//!   `sendmmsg` per socket (`upstream::Outbox`).
+//!   An upstream socket's receive task handles every answer queued (up to
+//!   a bound) before the replies go out, one `sendmmsg` per reply socket
+//!   (`upstream::Outbox`); the listener sends each query at once.
 //!   Replies reach the client from the server's own address and port
 //!   through a transparent socket bound to it (one per server, kept).
 //! - [`DnsProxy::drain`]: what queued on listeners being replaced is
@@ -58,8 +58,7 @@ use meshward_policy::Fqdn;
 const MAX_MESSAGE: usize = 65_535;
 /// Reply sockets kept (one per server address a client asked).
 const MAX_REPLY_SOCKETS: usize = 4096;
-/// Datagrams read from the listener per wake-up before the replies and
-/// queries they caused go out.
+/// The listener's datagrams per `Outbox` in `drain` (a batch per flush).
 const RECV_BURST: usize = 32;
 /// Most datagrams, and most connections, [`DnsProxy::drain`] takes.
 pub const MAX_DRAINED: usize = 65_536;
@@ -286,18 +285,9 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 }
             };
             self.udp_query(&buf[..n], client, orig, &finish, &mut out);
-            // What else queued: handled before the replies and queries
-            // go out, in batches.
-            for _ in 1..RECV_BURST {
-                match sock.try_io(Interest::READABLE, || sock::recv_orig_dst(&sock, &mut buf)) {
-                    Ok((n, client, orig)) => {
-                        self.udp_query(&buf[..n], client, orig, &finish, &mut out)
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    // WouldBlock: all taken; an error: the next await sees it
-                    Err(_) => break,
-                }
-            }
+            // Each query goes out at once: reading what else queued first
+            // (a batch per sendmmsg) was measured slower, the held-back
+            // queries leaving the server idle meanwhile.
             out.flush(&finish, &self.inner.stats);
         }
     }

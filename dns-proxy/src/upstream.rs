@@ -246,12 +246,10 @@ impl UdpUpstreams {
             }
             keep
         });
-        // The first socket where the ID is free: the others stand by for
-        // reused IDs and take over as it retires, and one socket carrying
-        // the load makes the sends and receives of a burst one batch.
         let free = socks
             .iter()
-            .find(|s| !s.table().waiters.contains_key(&id))
+            .filter(|s| !s.table().waiters.contains_key(&id))
+            .min_by_key(|s| s.uses.load(Relaxed))
             .cloned();
         let sock = match free {
             Some(s) if socks.len() >= SOCKETS_PER_SERVER => s,
