@@ -47,9 +47,6 @@ use crate::datastore::Cluster;
 
 /// Expired entries are swept (and a failed save retried) this often.
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
-/// Worker threads of the DNS proxy's runtime (at most; fewer cores, fewer).
-const DNS_PROXY_WORKERS: usize = 2;
-
 /// Headroom on learned entries' expiry: answers within it confirm an
 /// entry without a kernel update (see `CacheConfig::refresh_slack`).
 const FQDN_REFRESH_SLACK: Duration = Duration::from_secs(1);
@@ -228,16 +225,10 @@ impl PolicyEngine {
         std::thread::Builder::new()
             .name("mw-dns-proxy".into())
             .spawn(move || {
-                // Two workers (one where there is one core): the listener
-                // and the upstream sockets' receive tasks run side by side,
-                // and a learn hook programming the kernel holds up one
-                // worker, not every query.
-                let workers = std::thread::available_parallelism()
-                    .map_or(1, |n| n.get())
-                    .min(DNS_PROXY_WORKERS);
-                let runtime = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(workers)
-                    .thread_name("mw-dns-proxy")
+                // One thread: two workers were measured slower (more CPU per
+                // query, cross-thread wake-ups) on two cores shared with the
+                // resolver and the pods (bench/README.md, dns-proxy).
+                let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                 {
