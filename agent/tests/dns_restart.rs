@@ -256,12 +256,27 @@ fn queries_sent_while_the_agent_is_down_are_answered_by_the_next_one() {
         Some("hello from 198.18.100.15\n")
     );
 
-    // dnsProxyPort changes: the agent binds new sockets and the keeper
-    // gets those; a kill -9 after that is covered on the new port
+    // dnsProxyPort changes while the agent is down: the query that waited
+    // on the old port (in the keeper's sockets) is answered by the next
+    // agent, which binds new sockets, drains the old ones and hands the
+    // new ones to the keeper; a kill -9 after that is covered on the new
+    // port
+    lab.ok(&["agent", "stop", "node1", "--kill"]);
     let config = lab.agent_config("node1");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, format!("{text}dnsProxyPort: 10054\n")).unwrap();
-    lab.ok(&["agent", "restart", "node1"]);
+    let dig = dig_in_background(&lab, "api.example.test", &[]);
+    thread::sleep(Duration::from_millis(500));
+    lab.ok(&["agent", "start", "node1"]);
+    let (out, _) = finish(dig);
+    assert!(
+        answered(&out, "198.18.100.10"),
+        "the query queued on the old port got no answer: {out}\nagent log:\n{}",
+        lab.log_tail("node1")
+    );
+    assert!(lab
+        .log_tail("node1")
+        .contains("answered the DNS queries queued on the old port"));
     eventually(
         "the keeper to hold the sockets on the new port",
         Duration::from_secs(20),

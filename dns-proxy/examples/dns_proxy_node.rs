@@ -85,7 +85,10 @@ async fn run(args: Args) {
             Decision::Allow
         }
     };
-    let cache = Arc::new(Mutex::new(FqdnCache::new(CacheConfig::default())));
+    let cache = Arc::new(Mutex::new(FqdnCache::new(CacheConfig {
+        refresh_slack: Duration::from_secs(1),
+        ..CacheConfig::default()
+    })));
     let delay = args.program_delay;
     let hook = move |learned: Learned| {
         let update = cache.lock().unwrap().insert(&learned, SystemTime::now());

@@ -1,8 +1,14 @@
 //! The learned-name cache: name → address → expiry, sans-IO apart from its
 //! snapshot file. The clock is always passed in.
 //!
-//! - An entry's expiry is `now + max(ttl, ttl_floor)`; a new answer never
-//!   shortens it (an address allowed until T stays allowed until T).
+//! - An entry's expiry is `now + max(ttl, ttl_floor) + refresh_slack`; a
+//!   new answer never shortens it (an address allowed until T stays allowed
+//!   until T). An answer that would end no later than the entry already
+//!   does is a confirmation: nothing is reported to program. The slack is
+//!   headroom, so a busy name (the same answer every few milliseconds) is
+//!   re-programmed at most once per `refresh_slack` instead of on every
+//!   answer, and its kernel element never expires before the latest
+//!   answer's TTL ends (it may outlive it by at most the slack).
 //! - Caps: at most `per_name_cap` addresses per name and `global_cap`
 //!   (name, address) entries in all; beyond them the least recently seen
 //!   entry is evicted (seen = inserted or confirmed by an answer).
@@ -42,6 +48,9 @@ pub struct CacheConfig {
     pub per_name_cap: usize,
     /// Most (name, address) entries in all.
     pub global_cap: usize,
+    /// Headroom added to every expiry (0: exactly the TTL). Answers within
+    /// it confirm an entry without re-programming it.
+    pub refresh_slack: Duration,
 }
 
 impl Default for CacheConfig {
@@ -50,6 +59,7 @@ impl Default for CacheConfig {
             ttl_floor: Duration::ZERO,
             per_name_cap: 1000,
             global_cap: 200_000,
+            refresh_slack: Duration::ZERO,
         }
     }
 }
@@ -207,24 +217,37 @@ impl FqdnCache {
         let life = ttl.max(self.config.ttl_floor);
         let expires_ms =
             to_ms(now).saturating_add(u64::try_from(life.as_millis()).unwrap_or(u64::MAX));
-        self.put(name, ip, expires_ms, update);
+        let slack_ms = u64::try_from(self.config.refresh_slack.as_millis()).unwrap_or(u64::MAX);
+        self.put(name, ip, expires_ms, slack_ms, update);
     }
 
-    fn put(&mut self, name: &Fqdn, ip: IpAddr, expires_ms: u64, update: &mut CacheUpdate) {
+    /// Records `ip` for `name` until at least `expires_ms`; when that needs
+    /// a later expiry than the entry has, it gets `expires_ms + slack_ms`.
+    fn put(
+        &mut self,
+        name: &Fqdn,
+        ip: IpAddr,
+        expires_ms: u64,
+        slack_ms: u64,
+        update: &mut CacheUpdate,
+    ) {
         if self.config.per_name_cap == 0 || self.config.global_cap == 0 {
             return;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
         let entry = self.names.entry(name.clone()).or_default();
-        let mut expires = expires_ms;
+        let mut expires = expires_ms.saturating_add(slack_ms);
         let mut changed = true;
         if let Some(old_seq) = entry.ips.insert(ip, seq) {
             entry.order.remove(&old_seq);
             if let Some(old) = self.slots.remove(&old_seq) {
                 self.by_expiry.remove(&(old.expires_ms, old_seq));
-                changed = expires > old.expires_ms;
-                expires = expires.max(old.expires_ms);
+                if expires_ms <= old.expires_ms {
+                    // confirmed: what the kernel has lasts long enough
+                    changed = false;
+                    expires = old.expires_ms;
+                }
             }
         }
         entry.order.insert(seq);
@@ -398,7 +421,7 @@ impl FqdnCache {
             // Never more life than the entry had when it was saved.
             let had = e.expires_unix_ms.saturating_sub(snapshot.saved_at_unix_ms);
             let expires = e.expires_unix_ms.min(now_ms.saturating_add(had));
-            cache.put(&name, e.ip, expires, &mut update);
+            cache.put(&name, e.ip, expires, 0, &mut update);
         }
         report.evicted = update.evicted.len();
         report.restored = cache.len();
@@ -530,6 +553,41 @@ mod tests {
             }]
         );
         assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn refresh_slack_is_headroom_and_spares_reprogramming() {
+        let mut c = FqdnCache::new(CacheConfig {
+            refresh_slack: Duration::from_secs(2),
+            ..CacheConfig::default()
+        });
+        let ms = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        let u = c.insert(&learned(&["a.test"], &[(1, 100)]), ms(0));
+        assert_eq!(u.upserted[0].expires, ms(102_000), "TTL plus the slack");
+        // The same answer again and again within the slack: nothing to
+        // program, the expiry stays where the kernel has it.
+        for at in [1, 500, 1_999, 2_000] {
+            let u = c.insert(&learned(&["a.test"], &[(1, 100)]), ms(at));
+            assert!(u.is_empty(), "at {at} ms: {u:?}");
+            assert_eq!(c.lookup(&n("a.test"), ms(at)), vec![(ip(1), ms(102_000))]);
+        }
+        // Past it: programmed again, with new headroom; never earlier than
+        // the latest answer's TTL.
+        let u = c.insert(&learned(&["a.test"], &[(1, 100)]), ms(2_001));
+        assert_eq!(u.upserted.len(), 1);
+        assert_eq!(u.upserted[0].expires, ms(104_001));
+        // A longer TTL moves it at once.
+        let u = c.insert(&learned(&["a.test"], &[(1, 300)]), ms(2_002));
+        assert_eq!(u.upserted[0].expires, ms(304_002));
+        // Without a slack every later expiry is reported (the old behaviour).
+        let mut c = FqdnCache::new(CacheConfig::default());
+        c.insert(&learned(&["a.test"], &[(1, 100)]), ms(0));
+        assert_eq!(
+            c.insert(&learned(&["a.test"], &[(1, 100)]), ms(1))
+                .upserted
+                .len(),
+            1
+        );
     }
 
     #[test]

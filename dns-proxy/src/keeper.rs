@@ -20,7 +20,7 @@
 //! `UDP_INO`/`TCP_INO` are the sockets' inode numbers: the agent compares
 //! them with its own to see whether the keeper holds what it serves.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
@@ -31,9 +31,9 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    accept4, bind, connect, getsockname, getsockopt, listen, recvmsg, sendmsg, setsockopt, socket,
-    sockopt, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
-    SockType, SockaddrLike, SockaddrStorage, UnixAddr,
+    accept4, bind, connect, getsockname, getsockopt, listen, sendmsg, setsockopt, socket, sockopt,
+    AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, SockaddrLike,
+    SockaddrStorage, UnixAddr,
 };
 use nix::sys::stat::{fstat, umask, Mode};
 use nix::sys::time::TimeVal;
@@ -493,36 +493,66 @@ pub fn send_message(fd: &OwnedFd, text: &str, fds: &[RawFd]) -> io::Result<()> {
 }
 
 /// Receives one message and the descriptors attached to it (owned, close
-/// on exec). A message or descriptor list that did not fit is an error
-/// (what did arrive is closed).
+/// on exec). A message or descriptor list that did not fit is an error,
+/// and every descriptor that did arrive is closed: the control data is
+/// walked by hand, because nix refuses to parse it once the kernel set
+/// MSG_CTRUNC, which left those descriptors open in this process. (The
+/// kernel itself closes the ones beyond the buffer.)
 pub fn recv_message(fd: &OwnedFd) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    const FD_SIZE: usize = std::mem::size_of::<RawFd>();
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let (n, fds, flags) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            fd.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
-        let mut fds = Vec::new();
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(raw) = c {
-                    // SAFETY: the kernel installed these descriptors for us.
-                    fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * FD_SIZE) as u32) } as usize;
+    // u64 words: the control buffer must be aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid (no name, no iovec, no control).
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = control.as_mut_ptr().cast();
+    hdr.msg_controllen = space as _;
+    let n = loop {
+        // SAFETY: hdr points at live buffers of the sizes it states.
+        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel wrote hdr.msg_controllen bytes of well-formed
+    // control messages into `control` (CMSG_NXTHDR stays inside them); each
+    // SCM_RIGHTS payload holds descriptors it installed for us, which we
+    // now own.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&hdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let header = data as usize - c as usize;
+                let count = ((*c).cmsg_len as usize).saturating_sub(header) / FD_SIZE;
+                for i in 0..count {
+                    let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(raw));
                 }
             }
+            c = libc::CMSG_NXTHDR(&hdr, c);
         }
-        (msg.bytes, fds, msg.flags)
-    };
-    if flags.contains(MsgFlags::MSG_CTRUNC) {
+    }
+    if hdr.msg_flags & libc::MSG_CTRUNC != 0 {
         return Err(io::Error::other(format!(
-            "more than {MAX_FDS} descriptors in one message"
+            "more than {MAX_FDS} descriptors in one message (the {} received closed)",
+            fds.len()
         )));
     }
-    if flags.contains(MsgFlags::MSG_TRUNC) {
+    if hdr.msg_flags & libc::MSG_TRUNC != 0 {
         return Err(io::Error::other(format!(
             "message longer than {MAX_MESSAGE} bytes"
         )));
@@ -889,6 +919,49 @@ mod tests {
         assert!(keeper.held().is_some());
         let (outcome, reply, _) = ask(&mut keeper, b"mwdk1 stop", &[]);
         assert_eq!((outcome, reply), (Outcome::Stop, Reply::Ok));
+    }
+
+    #[test]
+    fn descriptors_beyond_the_limit_are_all_closed() {
+        // The read end of a pipe, sent more times than a message may carry:
+        // once every copy is closed, writing gets EPIPE.
+        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let (client, server) = pair();
+        let many: Vec<RawFd> = (0..MAX_FDS + 3).map(|_| read_end.as_raw_fd()).collect();
+        sendmsg::<()>(
+            client.as_raw_fd(),
+            &[IoSlice::new(b"mwdk1 put")],
+            &[ControlMessage::ScmRights(&many)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        drop(read_end);
+        let err = recv_message(&server).unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
+        assert_eq!(
+            nix::unistd::write(&write_end, b"x"),
+            Err(Errno::EPIPE),
+            "a received descriptor of the pipe's read end is still open"
+        );
+        // Within the limit they arrive, and the pipe is open while held.
+        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let (client, server) = pair();
+        let two = [read_end.as_raw_fd(), read_end.as_raw_fd()];
+        sendmsg::<()>(
+            client.as_raw_fd(),
+            &[IoSlice::new(b"mwdk1 put")],
+            &[ControlMessage::ScmRights(&two)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        drop(read_end);
+        let (message, fds) = recv_message(&server).unwrap();
+        assert_eq!((message.as_slice(), fds.len()), (&b"mwdk1 put"[..], 2));
+        assert_eq!(nix::unistd::write(&write_end, b"x"), Ok(1));
+        drop(fds);
+        assert_eq!(nix::unistd::write(&write_end, b"x"), Err(Errno::EPIPE));
     }
 
     #[test]

@@ -2,11 +2,22 @@
 //! listeners, upstream exchanges, hold-until-programmed, counters.
 //!
 //! - UDP: one listener socket (IP_TRANSPARENT, IP_RECVORIGDSTADDR) receives
-//!   every redirected datagram with its original destination. Each allowed
-//!   query goes upstream over a pooled socket connected to that destination
-//!   (`upstream.rs`: only the server can answer, ports rotate).
+//!   every redirected datagram with its original destination, and the
+//!   listener's task handles each query inline (the policy decision is
+//!   synchronous): denied ones are answered at once, allowed ones sent
+//!   upstream over a pooled socket connected to that destination
+//!   (`upstream.rs`: only the server can answer, ports rotate) and left in
+//!   that socket's table; the socket's receive task finishes them (answer
+//!   checked, held for the learn hook, relayed; or SERVFAIL at the
+//!   timeout). No task, channel or timer per query: a task only for an
+//!   answer whose learn hook has to wait (the kernel being programmed).
+//!   An upstream socket's receive task handles every answer queued (up to
+//!   a bound) before the replies go out, one `sendmmsg` per reply socket
+//!   (`upstream::Outbox`); the listener sends each query at once.
 //!   Replies reach the client from the server's own address and port
 //!   through a transparent socket bound to it (one per server, kept).
+//! - [`DnsProxy::drain`]: what queued on listeners being replaced is
+//!   answered before they close.
 //! - TCP: an accepted connection's local address is the original
 //!   destination; the proxy opens one upstream connection per client
 //!   connection and answers queries in order (RFC 7766 framing, several
@@ -25,9 +36,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use std::pin::Pin;
 use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
@@ -38,13 +51,17 @@ use crate::core::{
 use crate::learn::Learned;
 use crate::sock;
 use crate::stats::{bump, Stats};
-use crate::upstream::{Exchange, UdpUpstreams};
+use crate::upstream::{Exchange, Finish, InFlight, Outbox, Target, UdpUpstreams};
 use meshward_policy::Fqdn;
 
 /// Largest DNS message (UDP payload or TCP frame).
 const MAX_MESSAGE: usize = 65_535;
 /// Reply sockets kept (one per server address a client asked).
 const MAX_REPLY_SOCKETS: usize = 4096;
+/// The listener's datagrams per `Outbox` in `drain` (a batch per flush).
+const RECV_BURST: usize = 32;
+/// Most datagrams, and most connections, [`DnsProxy::drain`] takes.
+pub const MAX_DRAINED: usize = 65_536;
 
 /// Tunables of the proxy shell.
 #[derive(Clone, Debug)]
@@ -176,7 +193,6 @@ struct Inner<P, H> {
     hook: Arc<H>,
     stats: Arc<Stats>,
     upstreams: UdpUpstreams,
-    udp_slots: Arc<Semaphore>,
     tcp_slots: Arc<Semaphore>,
     reply_sockets: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
     observer: OnceLock<Arc<dyn DnsObserver>>,
@@ -197,17 +213,20 @@ impl<P, H> Clone for DnsProxy<P, H> {
 
 impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
     pub fn new(config: ProxyConfig, policy: P, hook: H) -> Self {
-        let udp_slots = Arc::new(Semaphore::new(config.max_udp_in_flight));
         let tcp_slots = Arc::new(Semaphore::new(config.max_tcp_connections));
         let stats = Arc::new(Stats::default());
+        let upstreams = UdpUpstreams::new(
+            stats.clone(),
+            config.upstream_timeout,
+            config.max_udp_in_flight,
+        );
         DnsProxy {
             inner: Arc::new(Inner {
                 config,
                 policy,
                 hook: Arc::new(hook),
-                upstreams: UdpUpstreams::new(stats.clone()),
+                upstreams,
                 stats,
-                udp_slots,
                 tcp_slots,
                 reply_sockets: Mutex::new(HashMap::new()),
                 observer: OnceLock::new(),
@@ -244,6 +263,8 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
     async fn udp_loop(self, sock: UdpSocket) -> io::Result<()> {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let mut errors_in_a_row = 0u32;
+        let finish: Arc<dyn Finish> = self.inner.clone();
+        let mut out = Outbox::default();
         loop {
             let (n, client, orig) = match sock
                 .async_io(Interest::READABLE, || sock::recv_orig_dst(&sock, &mut buf))
@@ -263,45 +284,114 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                     continue;
                 }
             };
-            let Some(server) = orig else {
-                // Sent to the listener itself, not redirected: no server.
-                bump(&self.inner.stats.queries_dropped);
-                continue;
-            };
-            let ctx = QueryContext {
-                client: client.ip(),
-                server,
-                transport: Transport::Udp,
-            };
-            let outcome = handle_query(
-                &self.inner.policy,
-                self.inner.config.deny_rcode,
-                ctx,
-                &buf[..n],
-            );
-            match outcome {
-                QueryOutcome::Forward(pending) => {
-                    let Ok(permit) = self.inner.udp_slots.clone().try_acquire_owned() else {
-                        bump(&self.inner.stats.queries_overload);
-                        continue;
-                    };
-                    bump(&self.inner.stats.queries_allowed);
-                    let query = buf[..n].to_vec();
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        let reply = this.udp_exchange(pending, &query).await;
-                        this.reply_udp(server, client, &reply).await;
-                        drop(permit);
-                    });
+            self.udp_query(&buf[..n], client, orig, &finish, &mut out);
+            // Each query goes out at once: reading what else queued first
+            // (a batch per sendmmsg) was measured slower, the held-back
+            // queries leaving the server idle meanwhile.
+            out.flush(&finish, &self.inner.stats);
+        }
+    }
+
+    /// One datagram from the UDP listener, handled inline: answered at
+    /// once, sent upstream (finished later by the upstream socket's task)
+    /// or dropped.
+    fn udp_query(
+        &self,
+        query: &[u8],
+        client: SocketAddr,
+        orig: Option<SocketAddr>,
+        finish: &Arc<dyn Finish>,
+        out: &mut Outbox,
+    ) {
+        let inner = &self.inner;
+        let Some(server) = orig else {
+            // Sent to the listener itself, not redirected: no server.
+            bump(&inner.stats.queries_dropped);
+            return;
+        };
+        let ctx = QueryContext {
+            client: client.ip(),
+            server,
+            transport: Transport::Udp,
+        };
+        match handle_query(&inner.policy, inner.config.deny_rcode, ctx, query) {
+            QueryOutcome::Forward(pending) => {
+                let Some(slot) = inner.upstreams.slot() else {
+                    bump(&inner.stats.queries_overload);
+                    return;
+                };
+                bump(&inner.stats.queries_allowed);
+                let query_state = InFlight {
+                    pending,
+                    client,
+                    _slot: slot,
+                };
+                inner.upstreams.start(query_state, query, finish, out);
+            }
+            QueryOutcome::Answer { reply, why } => {
+                self.count_local(why);
+                inner.reply_udp(server, client, &reply, out);
+            }
+            QueryOutcome::Drop(_) => bump(&inner.stats.queries_dropped),
+        }
+    }
+
+    /// Answers what queued on listeners that are being replaced (sockets
+    /// on an old address after `dnsProxyPort` changed, say): every
+    /// datagram waiting in the UDP socket is handled as [`DnsProxy::serve`]
+    /// would, every connection waiting in the TCP backlog is accepted and
+    /// served on a task of its own; then the listeners close. At most
+    /// [`MAX_DRAINED`] of each (the kernel should no longer send there).
+    /// Returns how many datagrams and connections it took. Call it inside
+    /// the proxy's runtime (it spawns tasks).
+    pub fn drain(&self, listeners: Listeners) -> (usize, usize) {
+        let finish: Arc<dyn Finish> = self.inner.clone();
+        let mut out = Outbox::default();
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut datagrams = 0;
+        while datagrams < MAX_DRAINED {
+            match sock::recv_orig_dst(&listeners.udp, &mut buf) {
+                Ok((n, client, orig)) => {
+                    datagrams += 1;
+                    self.udp_query(&buf[..n], client, orig, &finish, &mut out);
+                    if out.len() >= RECV_BURST {
+                        out.flush(&finish, &self.inner.stats);
+                    }
                 }
-                QueryOutcome::Answer { reply, why } => {
-                    self.count_local(why);
-                    let this = self.clone();
-                    tokio::spawn(async move { this.reply_udp(server, client, &reply).await });
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    warn!(error = %e, "draining a replaced DNS UDP listener");
+                    break;
                 }
-                QueryOutcome::Drop(_) => bump(&self.inner.stats.queries_dropped),
             }
         }
+        out.flush(&finish, &self.inner.stats);
+        let mut connections = 0;
+        while connections < MAX_DRAINED {
+            let stream = match listeners.tcp.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    warn!(error = %e, "draining a replaced DNS TCP listener");
+                    break;
+                }
+            };
+            connections += 1;
+            let stream = match stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "a drained DNS TCP connection");
+                    continue;
+                }
+            };
+            self.spawn_tcp_connection(stream);
+        }
+        (datagrams, connections)
     }
 
     fn count_local(&self, why: LocalAnswer) {
@@ -313,37 +403,8 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         });
     }
 
-    /// Sends the query upstream (pooled socket); the answer (after the
-    /// hold) or SERVFAIL.
-    async fn udp_exchange(&self, pending: Box<PendingQuery>, query: &[u8]) -> Vec<u8> {
-        let pending = Arc::<PendingQuery>::from(pending);
-        let timeout = self.inner.config.upstream_timeout;
-        match self
-            .inner
-            .upstreams
-            .exchange(&pending, query, timeout)
-            .await
-        {
-            Exchange::Answer(a) => {
-                self.relay(&pending, &a.bytes, a.learned, a.truncated, a.unparsed)
-                    .await;
-                a.bytes
-            }
-            Exchange::Timeout => {
-                bump(&self.inner.stats.upstream_timeouts);
-                pending.servfail()
-            }
-            Exchange::Failed(e) => {
-                debug!(server = %pending.server(), error = %e, "UDP exchange with upstream");
-                bump(&self.inner.stats.upstream_errors);
-                pending.servfail()
-            }
-        }
-    }
-
-    /// Counts an answer and holds it for the learn hook.
     /// Counts an answer about to be relayed, holds it for the learn hook
-    /// and tells the observer.
+    /// and tells the observer (TCP: the connection's task waits).
     async fn relay(
         &self,
         pending: &PendingQuery,
@@ -352,32 +413,17 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         truncated: bool,
         unparsed: bool,
     ) {
-        let s = &self.inner.stats;
-        bump(&s.responses_relayed);
-        if truncated {
-            bump(&s.responses_truncated);
-        }
-        if unparsed {
-            bump(&s.responses_unparsed);
-        }
-        let observer = self.inner.observer.get();
-        let mut seen = None;
-        let mut hold = None;
-        if let Some(learned) = learned {
-            // a copy only when someone watches
-            seen = observer.map(|_| learned.clone());
-            hold = Some(self.hold(learned).await);
-        }
-        if let Some(observer) = observer {
-            observer.relayed(&Relayed {
-                query: pending.context(),
-                name: pending.name(),
-                qtype: pending.qtype(),
-                rcode: bytes.get(3).map_or(0, |b| b & 0x0f),
-                learned: seen.as_ref(),
-                hold,
-            });
-        }
+        let inner = &self.inner;
+        inner.count_relayed(truncated, unparsed);
+        let seen = inner.seen(&learned);
+        let hold = match learned {
+            None => None,
+            Some(learned) => Some(match inner.begin_hold(learned, pending.name()) {
+                Hold::Done(took) => took,
+                Hold::Waiting(fut, start) => inner.wait_hold(fut, start, pending.name()).await,
+            }),
+        };
+        inner.observe(pending, bytes, seen.as_ref(), hold);
     }
 
     /// The answer if `bytes` is one (after holding it for the hook), `None`
@@ -407,81 +453,6 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         }
     }
 
-    /// Runs the learn hook and waits for it, at most the hold bound.
-    /// Returns how long the answer was held.
-    async fn hold(&self, learned: Learned) -> Duration {
-        let start = Instant::now();
-        let hook = self.inner.hook.clone();
-        let qname = learned.qname.clone();
-        let mut fut = Box::pin(async move { hook.learn(learned).await });
-        // Most calls find nothing new to program and finish at once: no
-        // task needed then.
-        let first = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()));
-        let result = match first {
-            Poll::Ready(r) => Some(r),
-            Poll::Pending => {
-                let task = tokio::spawn(fut);
-                match tokio::time::timeout(self.inner.config.hold_timeout, task).await {
-                    Ok(Ok(r)) => Some(r),
-                    Ok(Err(join)) => {
-                        warn!(name = %qname, error = %join, "learn hook panicked");
-                        bump(&self.inner.stats.learn_errors);
-                        None
-                    }
-                    Err(_) => {
-                        warn!(
-                            name = %qname,
-                            bound = ?self.inner.config.hold_timeout,
-                            "learn hook still running at the hold bound: releasing the answer"
-                        );
-                        bump(&self.inner.stats.hold_timeouts);
-                        None
-                    }
-                }
-            }
-        };
-        if let Some(Err(e)) = result {
-            warn!(name = %qname, error = %e, "learn hook failed: releasing the answer");
-            bump(&self.inner.stats.learn_errors);
-        }
-        let took = start.elapsed();
-        self.inner.stats.record_hold(took);
-        took
-    }
-
-    /// Sends `reply` to `client` from `server`'s address.
-    async fn reply_udp(&self, server: SocketAddr, client: SocketAddr, reply: &[u8]) {
-        let sock = match self.reply_socket(server) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(%server, error = %e, "cannot bind a reply socket to the server's address");
-                bump(&self.inner.stats.client_send_errors);
-                return;
-            }
-        };
-        if let Err(e) = sock.send_to(reply, client).await {
-            debug!(%client, error = %e, "sending the reply");
-            bump(&self.inner.stats.client_send_errors);
-        }
-    }
-
-    fn reply_socket(&self, server: SocketAddr) -> io::Result<Arc<UdpSocket>> {
-        let mut map = self
-            .inner
-            .reply_sockets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = map.get(&server) {
-            return Ok(s.clone());
-        }
-        if map.len() >= MAX_REPLY_SOCKETS {
-            map.clear();
-        }
-        let sock = Arc::new(UdpSocket::from_std(sock::transparent_udp(server)?)?);
-        map.insert(server, sock.clone());
-        Ok(sock)
-    }
-
     async fn tcp_loop(self, listener: TcpListener) -> io::Result<()> {
         let mut errors_in_a_row = 0u32;
         loop {
@@ -501,19 +472,24 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                     continue;
                 }
             };
-            let Ok(permit) = self.inner.tcp_slots.clone().try_acquire_owned() else {
-                bump(&self.inner.stats.queries_overload);
-                continue;
-            };
-            bump(&self.inner.stats.tcp_connections);
-            let this = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = this.tcp_connection(stream).await {
-                    debug!(error = %e, "DNS TCP connection");
-                }
-                drop(permit);
-            });
+            self.spawn_tcp_connection(stream);
         }
+    }
+
+    /// Serves one client connection on a task (unless too many are open).
+    fn spawn_tcp_connection(&self, stream: TcpStream) {
+        let Ok(permit) = self.inner.tcp_slots.clone().try_acquire_owned() else {
+            bump(&self.inner.stats.queries_overload);
+            return;
+        };
+        bump(&self.inner.stats.tcp_connections);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.tcp_connection(stream).await {
+                debug!(error = %e, "DNS TCP connection");
+            }
+            drop(permit);
+        });
     }
 
     async fn tcp_connection(&self, mut client: TcpStream) -> io::Result<()> {
@@ -635,6 +611,202 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         }
         bump(&self.inner.stats.upstream_errors);
         pending.servfail()
+    }
+}
+
+/// The learn hook's future, boxed so that it can move to a task.
+type HookFuture<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
+
+/// A hold that finished at once, or the hook still running.
+enum Hold<E> {
+    Done(Duration),
+    Waiting(HookFuture<E>, Instant),
+}
+
+impl<P: DnsPolicy, H: LearnHook> Inner<P, H> {
+    fn count_relayed(&self, truncated: bool, unparsed: bool) {
+        let s = &self.stats;
+        bump(&s.responses_relayed);
+        if truncated {
+            bump(&s.responses_truncated);
+        }
+        if unparsed {
+            bump(&s.responses_unparsed);
+        }
+    }
+
+    /// A copy of what the observer will be told, only when someone watches.
+    fn seen(&self, learned: &Option<Learned>) -> Option<Learned> {
+        self.observer.get().and(learned.clone())
+    }
+
+    fn observe(
+        &self,
+        pending: &PendingQuery,
+        bytes: &[u8],
+        learned: Option<&Learned>,
+        hold: Option<Duration>,
+    ) {
+        if let Some(observer) = self.observer.get() {
+            observer.relayed(&Relayed {
+                query: pending.context(),
+                name: pending.name(),
+                qtype: pending.qtype(),
+                rcode: bytes.get(3).map_or(0, |b| b & 0x0f),
+                learned,
+                hold,
+            });
+        }
+    }
+
+    /// Runs the learn hook. Most calls find nothing new to program and
+    /// finish when first polled: no task then. Otherwise the caller awaits
+    /// [`Inner::wait_hold`].
+    fn begin_hold(&self, learned: Learned, name: &Fqdn) -> Hold<H::Error> {
+        let start = Instant::now();
+        let hook = self.hook.clone();
+        let mut fut: HookFuture<H::Error> = Box::pin(async move { hook.learn(learned).await });
+        match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(r) => {
+                if let Err(e) = r {
+                    warn!(%name, error = %e, "learn hook failed: releasing the answer");
+                    bump(&self.stats.learn_errors);
+                }
+                let took = start.elapsed();
+                self.stats.record_hold(took);
+                Hold::Done(took)
+            }
+            Poll::Pending => Hold::Waiting(fut, start),
+        }
+    }
+
+    /// Waits for a hook that did not finish at once, at most the hold
+    /// bound (it keeps running on its own task after that). Returns how
+    /// long the answer was held.
+    async fn wait_hold(&self, fut: HookFuture<H::Error>, start: Instant, name: &Fqdn) -> Duration {
+        let task = tokio::spawn(fut);
+        let left = self.config.hold_timeout.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                warn!(%name, error = %e, "learn hook failed: releasing the answer");
+                bump(&self.stats.learn_errors);
+            }
+            Ok(Err(join)) => {
+                warn!(%name, error = %join, "learn hook panicked");
+                bump(&self.stats.learn_errors);
+            }
+            Err(_) => {
+                warn!(
+                    %name,
+                    bound = ?self.config.hold_timeout,
+                    "learn hook still running at the hold bound: releasing the answer"
+                );
+                bump(&self.stats.hold_timeouts);
+            }
+        }
+        let took = start.elapsed();
+        self.stats.record_hold(took);
+        took
+    }
+
+    /// Queues `reply` to `client` from `server`'s address in `out`.
+    fn reply_udp(&self, server: SocketAddr, client: SocketAddr, reply: &[u8], out: &mut Outbox) {
+        match self.reply_socket(server) {
+            Ok(sock) => out.push(Target::Reply { sock, client }, reply),
+            Err(e) => {
+                warn!(%server, error = %e, "cannot bind a reply socket to the server's address");
+                bump(&self.stats.client_send_errors);
+            }
+        }
+    }
+
+    /// Sends `reply` to `client` from `server`'s address now, without
+    /// waiting (a full socket buffer: on a task).
+    fn reply_udp_now(&self, server: SocketAddr, client: SocketAddr, reply: &[u8]) {
+        let sock = match self.reply_socket(server) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%server, error = %e, "cannot bind a reply socket to the server's address");
+                bump(&self.stats.client_send_errors);
+                return;
+            }
+        };
+        match sock.try_send_to(reply, client) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let reply = reply.to_vec();
+                let stats = self.stats.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = sock.send_to(&reply, client).await {
+                        debug!(%client, error = %e, "sending the reply");
+                        bump(&stats.client_send_errors);
+                    }
+                });
+            }
+            Err(e) => {
+                debug!(%client, error = %e, "sending the reply");
+                bump(&self.stats.client_send_errors);
+            }
+        }
+    }
+
+    fn reply_socket(&self, server: SocketAddr) -> io::Result<Arc<UdpSocket>> {
+        let mut map = self.reply_sockets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(&server) {
+            return Ok(s.clone());
+        }
+        if map.len() >= MAX_REPLY_SOCKETS {
+            map.clear();
+        }
+        let sock = Arc::new(UdpSocket::from_std(sock::transparent_udp(server)?)?);
+        map.insert(server, sock.clone());
+        Ok(sock)
+    }
+}
+
+/// The UDP path's end: an upstream socket's receive task hands over each
+/// answer (or timeout, or failure) here.
+impl<P: DnsPolicy, H: LearnHook> Finish for Inner<P, H> {
+    fn finish(self: Arc<Self>, query: InFlight, outcome: Exchange<'_>, out: &mut Outbox) {
+        let pending = &query.pending;
+        let answer = match outcome {
+            Exchange::Answer(a) => a,
+            Exchange::Timeout => {
+                bump(&self.stats.upstream_timeouts);
+                let reply = pending.servfail();
+                return self.reply_udp(pending.server(), query.client, &reply, out);
+            }
+            Exchange::Failed(e) => {
+                debug!(server = %pending.server(), error = %e, "UDP exchange with upstream");
+                bump(&self.stats.upstream_errors);
+                let reply = pending.servfail();
+                return self.reply_udp(pending.server(), query.client, &reply, out);
+            }
+        };
+        self.count_relayed(answer.truncated, answer.unparsed);
+        let seen = self.seen(&answer.learned);
+        let hold = match answer.learned {
+            None => None,
+            Some(learned) => match self.begin_hold(learned, pending.name()) {
+                Hold::Done(took) => Some(took),
+                Hold::Waiting(fut, start) => {
+                    // The answer waits on a task of its own; this one goes
+                    // on with the socket's other answers.
+                    let bytes = answer.bytes.to_vec();
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let pending = &query.pending;
+                        let took = this.wait_hold(fut, start, pending.name()).await;
+                        this.observe(pending, &bytes, seen.as_ref(), Some(took));
+                        this.reply_udp_now(pending.server(), query.client, &bytes);
+                    });
+                    return;
+                }
+            },
+        };
+        self.observe(pending, answer.bytes, seen.as_ref(), hold);
+        self.reply_udp(pending.server(), query.client, answer.bytes, out);
     }
 }
 

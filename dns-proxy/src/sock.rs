@@ -4,12 +4,12 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use nix::sys::socket::{
     recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage,
 };
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 fn socket(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
     let sock = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
@@ -125,5 +125,50 @@ fn unmap(addr: SocketAddr) -> SocketAddr {
             None => addr,
         },
         v4 => v4,
+    }
+}
+
+/// Sends `msgs` on `fd` with one `sendmmsg(2)` (non-blocking): each its
+/// bytes and destination (`None` on a connected socket). Returns how many
+/// went out; an error only when the first one failed.
+pub(crate) fn send_many(fd: RawFd, msgs: &[(&[u8], Option<&SockAddr>)]) -> io::Result<usize> {
+    if msgs.is_empty() {
+        return Ok(0);
+    }
+    let mut iovs: Vec<libc::iovec> = msgs
+        .iter()
+        .map(|(bytes, _)| libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        })
+        .collect();
+    let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(msgs.len());
+    for (iov, (_, dst)) in iovs.iter_mut().zip(msgs) {
+        // SAFETY: an all-zero msghdr is valid (no name, no iovec, no
+        // control); the fields set below point at live data.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        if let Some(dst) = dst {
+            hdr.msg_name = dst.as_ptr() as *mut libc::c_void;
+            hdr.msg_namelen = dst.len();
+        }
+        hdr.msg_iov = iov;
+        hdr.msg_iovlen = 1;
+        hdrs.push(libc::mmsghdr {
+            msg_hdr: hdr,
+            msg_len: 0,
+        });
+    }
+    let count = u32::try_from(hdrs.len()).unwrap_or(u32::MAX);
+    loop {
+        // SAFETY: `hdrs` holds `count` headers whose buffers and addresses
+        // (in `msgs` and `iovs`) outlive the call.
+        let sent = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), count, libc::MSG_DONTWAIT) };
+        if sent >= 0 {
+            return Ok(sent as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }

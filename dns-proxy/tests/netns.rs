@@ -5,6 +5,10 @@
 //! pod 198.19.1.2 ── pod0 198.19.1.1 [node: nft tproxy → proxy] 198.18.100.1 ── ext 198.18.100.53 (dnsmasq)
 //! ```
 //!
+//! With `Options::ipv6` the same links also carry a ULA (fd00:198:18::/48,
+//! inside the test's namespaces only): pod fd00:198:18:1::2, server
+//! fd00:198:18:100::53, redirected to a second listener on [::1].
+//!
 //! Needs root, nft, dig (dnsutils) and dnsmasq (dnsmasq-base).
 
 use std::fs::File;
@@ -32,6 +36,8 @@ const DNS_SPOOFING: &str = "198.18.100.56";
 /// A test-owned server that records source ports and answers in its own order.
 const DNS_SCRIPTED: &str = "198.18.100.57";
 const MANY: usize = 60;
+const POD6: &str = "fd00:198:18:1::2";
+const DNS6: &str = "fd00:198:18:100::53";
 
 /// What the learn hook saw, with when it finished.
 type LearnLog = Arc<Mutex<Vec<(Learned, Instant)>>>;
@@ -44,6 +50,16 @@ struct Lab {
     proxy: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
     stats: Arc<OnceLock<Arc<Stats>>>,
     learned: LearnLog,
+    ipv6: bool,
+    /// With `Options::drain`: tells the proxy to drain its parked
+    /// listeners; answers how many datagrams and connections it took.
+    #[allow(clippy::type_complexity)]
+    drain: Mutex<
+        Option<(
+            oneshot::Sender<()>,
+            std::sync::mpsc::Receiver<(usize, usize)>,
+        )>,
+    >,
 }
 
 struct Options {
@@ -55,6 +71,11 @@ struct Options {
     /// Serve sockets taken over from another owner (dup'ed descriptors)
     /// rather than the ones bound.
     handover: bool,
+    /// Bind the listeners but do not serve them: queries queue until
+    /// [`Lab::drain`] has the proxy drain them.
+    drain: bool,
+    /// IPv6 too (see the module documentation).
+    ipv6: bool,
 }
 
 impl Default for Options {
@@ -65,6 +86,8 @@ impl Default for Options {
             hook_delay: Duration::ZERO,
             upstream_timeout: Duration::from_secs(1),
             handover: false,
+            drain: false,
+            ipv6: false,
         }
     }
 }
@@ -133,6 +156,32 @@ impl Lab {
             "109",
         ]);
 
+        if opts.ipv6 {
+            let add = |ns: &Netns, addr: &str, dev: &str| {
+                ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+            };
+            add(&pod, &format!("{POD6}/64"), "eth0");
+            add(&node, "fd00:198:18:1::1/64", "pod0");
+            add(&node, "fd00:198:18:100::1/64", "ext0");
+            add(&ext, &format!("{DNS6}/64"), "eth0");
+            pod.ip(&["-6", "route", "add", "default", "via", "fd00:198:18:1::1"]);
+            ext.ip(&["-6", "route", "add", "default", "via", "fd00:198:18:100::1"]);
+            node.must(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+            node.must(&[
+                "nft",
+                &format!(
+                    "add table ip6 mwtest6; \
+                     add chain ip6 mwtest6 pre {{ type filter hook prerouting priority mangle; }}; \
+                     add rule ip6 mwtest6 pre iifname pod0 udp dport 53 tproxy to [::1]:{port} meta mark set 0x1 accept; \
+                     add rule ip6 mwtest6 pre iifname pod0 tcp dport 53 tproxy to [::1]:{port} meta mark set 0x1 accept"
+                ),
+            ]);
+            node.ip(&["-6", "rule", "add", "fwmark", "0x1", "lookup", "109"]);
+            node.ip(&[
+                "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "109",
+            ]);
+        }
+
         let mut lab = Lab {
             pod,
             node,
@@ -141,6 +190,8 @@ impl Lab {
             proxy: None,
             stats: Arc::new(OnceLock::new()),
             learned: Arc::new(Mutex::new(Vec::new())),
+            ipv6: opts.ipv6,
+            drain: Mutex::new(None),
         };
         lab.start_dnsmasq();
         lab.start_proxy(opts);
@@ -166,6 +217,10 @@ impl Lab {
         ];
         for i in 1..=MANY {
             args.push(format!("--host-record=many.example.test,198.18.101.{i}"));
+        }
+        if self.ipv6 {
+            args.push(format!("--listen-address={DNS6}"));
+            args.push("--host-record=six.example.test,fd00:198:18:200::10".into());
         }
         let child = self
             .ext
@@ -210,6 +265,11 @@ impl Lab {
         let learned = self.learned.clone();
         let stats_slot = self.stats.clone();
         let bind: SocketAddr = format!("{}:{PROXY_PORT}", opts.bind).parse().unwrap();
+        let (drain_tx, drain_rx) = oneshot::channel::<()>();
+        let (drained_tx, drained_rx) = std::sync::mpsc::channel();
+        if opts.drain {
+            *self.drain.lock().unwrap() = Some((drain_tx, drained_rx));
+        }
         let handle = std::thread::spawn(move || {
             setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns");
             drop(ns);
@@ -251,10 +311,40 @@ impl Lab {
                 } else {
                     listeners
                 };
+                let listeners6 = if opts.ipv6 {
+                    match Listeners::bind((std::net::Ipv6Addr::LOCALHOST, PROXY_PORT).into()) {
+                        Ok(l) => Some(l),
+                        Err(e) => {
+                            ready_tx.send(Err(format!("[::1]: {e}"))).unwrap();
+                            return;
+                        }
+                    }
+                } else {
+                    None
+                };
                 let _ = stats_slot.set(proxy.stats());
                 ready_tx.send(Ok(())).unwrap();
+                if opts.drain {
+                    // parked: the kernel queues what arrives
+                    let mut stop_rx = stop_rx;
+                    tokio::select! {
+                        _ = drain_rx => {}
+                        _ = &mut stop_rx => return,
+                    }
+                    drained_tx.send(proxy.drain(listeners)).unwrap();
+                    // the drained queries finish on the runtime meanwhile
+                    let _ = stop_rx.await;
+                    return;
+                }
+                let serve6 = async {
+                    match listeners6 {
+                        Some(l) => proxy.serve(l).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     r = proxy.serve(listeners) => panic!("proxy stopped: {r:?}"),
+                    r = serve6 => panic!("proxy stopped on [::1]: {r:?}"),
                     _ = stop_rx => {}
                 }
             });
@@ -264,6 +354,21 @@ impl Lab {
             .expect("proxy thread")
             .expect("binding the proxy");
         self.proxy = Some((stop_tx, handle));
+    }
+
+    /// Has the proxy drain its parked listeners (`Options::drain`): how
+    /// many datagrams and connections it took.
+    fn drain(&self) -> (usize, usize) {
+        let (go, taken) = self
+            .drain
+            .lock()
+            .unwrap()
+            .take()
+            .expect("a lab with Options::drain");
+        go.send(()).unwrap();
+        taken
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the proxy drained")
     }
 
     fn stats(&self) -> StatsSnapshot {
@@ -643,4 +748,67 @@ fn one_id_from_two_clients_at_once_and_rotating_ports() {
     let s = lab.stats();
     assert_eq!(s.responses_relayed as usize, SEQUENTIAL + 2, "{s:?}");
     assert_eq!(s.responses_mismatched, 0, "{s:?}");
+}
+
+#[test]
+fn queries_queued_on_replaced_listeners_are_drained_and_answered() {
+    // What the agent does with the keeper's sockets on an old port after
+    // dnsProxyPort changed: the queries that waited there get answers.
+    let lab = Lab::new(Options {
+        drain: true,
+        ..Options::default()
+    });
+    let (taken, udp, tcp) = std::thread::scope(|scope| {
+        let udp = scope.spawn(|| lab.dig(DNS, &["api.example.test", "+short"]));
+        let tcp = scope.spawn(|| lab.dig(DNS, &["www.example.test", "+short", "+tcp"]));
+        // Both wait in the parked sockets (the datagram in the receive
+        // queue, the connection in the accept backlog) until the drain.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !queued(&lab.node, PROXY_PORT) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let taken = lab.drain();
+        (taken, udp.join().unwrap(), tcp.join().unwrap())
+    });
+    assert_eq!(taken, (1, 1), "udp: {udp}\ntcp: {tcp}");
+    assert_eq!(udp.trim(), "198.18.100.10", "{udp}");
+    assert!(tcp.trim().ends_with("198.18.100.11"), "{tcp}");
+    let s = lab.stats();
+    assert_eq!((s.queries_allowed, s.responses_relayed), (2, 2), "{s:?}");
+}
+
+/// Whether the node's UDP socket on `port` has a datagram queued and its
+/// TCP listener a connection waiting (`ss`: Recv-Q).
+fn queued(node: &Netns, port: u16) -> bool {
+    let (_, udp) = node.exec(&["ss", "-Hnul", "sport", &format!("= :{port}")]);
+    let (_, tcp) = node.exec(&["ss", "-Hntl", "sport", &format!("= :{port}")]);
+    let recv_q = |out: &str| {
+        out.lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    recv_q(&udp) > 0 && recv_q(&tcp) > 0
+}
+
+#[test]
+fn aaaa_over_ipv6_transport_is_learned_and_answered() {
+    let lab = Lab::new(Options {
+        ipv6: true,
+        ..Options::default()
+    });
+    for transport in ["+notcp", "+tcp"] {
+        let out = lab.dig(DNS6, &["six.example.test", "AAAA", "+short", transport]);
+        assert_eq!(out.trim(), "fd00:198:18:200::10", "{transport}: {out}");
+    }
+    let learned = lab.learned_for("six.example.test.");
+    assert_eq!(learned.len(), 2, "{learned:?}");
+    for (l, _) in &learned {
+        assert_eq!(l.client, ip(POD6));
+        assert_eq!(l.ips, vec![(ip("fd00:198:18:200::10"), 300)]);
+    }
+    // IPv4 still works beside it.
+    let out = lab.dig(DNS, &["api.example.test", "+short"]);
+    assert_eq!(out.trim(), "198.18.100.10", "{out}");
+    let s = lab.stats();
+    assert_eq!((s.queries_allowed, s.responses_relayed), (3, 3), "{s:?}");
 }

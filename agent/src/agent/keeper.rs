@@ -18,8 +18,11 @@
 //!   sockets and stopped.
 //!
 //! At start-up (after the policy's first apply, right before the proxy
-//! serves) the agent asks the keeper for its sockets; when they are on
-//! another address than `dnsProxyPort` (the port changed) or there are
+//! serves; on a blocking thread, not the agent's runtime: the keeper's
+//! answers may take seconds) the agent asks the keeper for its sockets;
+//! when they are on another address than `dnsProxyPort` (the port changed)
+//! it binds new ones and the proxy drains the old ones (answers what
+//! queued there while no agent ran) before closing them; when there are
 //! none, it binds new ones. A thread (`mw-dns-keeper`) then makes sure the
 //! keeper holds exactly the sockets the proxy serves (inode numbers
 //! compared) every [`CHECK_INTERVAL`]: it hands them over when the keeper
@@ -103,16 +106,26 @@ fn exit_on_signals() {
     }
 }
 
+/// What the DNS proxy serves, and what it drains first.
+pub struct Taken {
+    pub listeners: Listeners,
+    /// The keeper's sockets on another address (`dnsProxyPort` changed):
+    /// what queued on them is answered, then they close.
+    pub replaced: Option<Listeners>,
+}
+
 /// The DNS proxy's listeners on `addr`: the keeper's when it holds sockets
 /// on `addr`, else new ones. Unless `mode` is off, a thread then keeps the
-/// keeper holding them.
-pub fn listeners(addr: SocketAddr, mode: DnsKeeperMode, state_dir: &Path) -> Result<Listeners> {
+/// keeper holding them. Blocks (the keeper's answers; up to a few
+/// seconds): call it off the async runtime.
+pub fn listeners(addr: SocketAddr, mode: DnsKeeperMode, state_dir: &Path) -> Result<Taken> {
     let client = Client::new(socket_path(state_dir));
     let fetched = match mode {
         DnsKeeperMode::Off => take_and_stop(&client),
         DnsKeeperMode::Spawn => fetch(&client, Duration::ZERO),
         DnsKeeperMode::External => fetch(&client, EXTERNAL_WAIT),
     };
+    let mut replaced = None;
     let listeners = match fetched {
         Some(f) if f.info.udp == addr => {
             info!(
@@ -126,9 +139,13 @@ pub fn listeners(addr: SocketAddr, mode: DnsKeeperMode, state_dir: &Path) -> Res
             info!(
                 held = %f.info.udp,
                 want = %addr,
-                "the keeper holds DNS sockets for another address (dnsProxyPort changed): binding new ones"
+                "the keeper holds DNS sockets for another address (dnsProxyPort changed): binding new ones, answering what queued on the old ones"
             );
-            drop(f);
+            let held = f.info.udp;
+            match Listeners::from_std(f.udp, f.tcp) {
+                Ok(old) => replaced = Some(old),
+                Err(e) => warn!(%held, "the keeper's old DNS sockets cannot be drained: {e}"),
+            }
             bind(addr)?
         }
         None => bind(addr)?,
@@ -148,7 +165,10 @@ pub fn listeners(addr: SocketAddr, mode: DnsKeeperMode, state_dir: &Path) -> Res
             .spawn(move || keep(client, mode, udp, tcp, &state_dir))
             .context("starting the DNS socket keeper thread")?;
     }
-    Ok(listeners)
+    Ok(Taken {
+        listeners,
+        replaced,
+    })
 }
 
 fn bind(addr: SocketAddr) -> Result<Listeners> {

@@ -425,6 +425,7 @@ impl Agent {
         }
         engine
             .start_dns_proxy(&agent.config.policy)
+            .await
             .context("starting the DNS proxy")?;
         // flow events: the producers run only when they are on
         match &agent.events {

@@ -47,6 +47,10 @@ use crate::datastore::Cluster;
 
 /// Expired entries are swept (and a failed save retried) this often.
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Headroom on learned entries' expiry: answers within it confirm an
+/// entry without a kernel update (see `CacheConfig::refresh_slack`).
+const FQDN_REFRESH_SLACK: Duration = Duration::from_secs(1);
+
 /// A learned answer is on disk this soon after it reached the kernel, so
 /// a restart (even after kill -9) finds it.
 const SAVE_DEBOUNCE: Duration = Duration::from_millis(10);
@@ -92,6 +96,9 @@ impl PolicyEngine {
             ttl_floor: settings.fqdn_min_ttl,
             per_name_cap: settings.fqdn_max_ips_per_name,
             global_cap: settings.fqdn_max_entries,
+            // a name answered again and again (every pod's resolver
+            // asking) is re-programmed at most once a second, not per answer
+            refresh_slack: FQDN_REFRESH_SLACK,
         };
         let (cache, report) = FqdnCache::load(&state_dir, cache_config, SystemTime::now())
             .context("loading the learned-name cache")?;
@@ -191,11 +198,18 @@ impl PolicyEngine {
 
     /// Starts the DNS proxy on its own thread, listening on 127.0.0.1:port
     /// (where nftables TPROXYs the redirected pods' DNS).
-    pub fn start_dns_proxy(&mut self, settings: &PolicySettings) -> Result<()> {
+    pub async fn start_dns_proxy(&mut self, settings: &PolicySettings) -> Result<()> {
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), settings.dns_proxy_port);
-        // from the socket keeper when it held them while no agent ran
-        let listeners =
-            super::keeper::listeners(addr, settings.dns_socket_keeper, &self.state_dir)?;
+        // from the socket keeper when it held them while no agent ran; its
+        // answers can take seconds: not on the agent's runtime
+        let (mode, state_dir) = (settings.dns_socket_keeper, self.state_dir.clone());
+        let super::keeper::Taken {
+            listeners,
+            replaced,
+        } = super::blocking("fetching the DNS sockets", move || {
+            super::keeper::listeners(addr, mode, &state_dir)
+        })
+        .await??;
         let config = ProxyConfig {
             deny_rcode: if settings.dns_deny_nxdomain {
                 DenyRcode::NxDomain
@@ -211,6 +225,9 @@ impl PolicyEngine {
         std::thread::Builder::new()
             .name("mw-dns-proxy".into())
             .spawn(move || {
+                // One thread: two workers were measured slower (more CPU per
+                // query, cross-thread wake-ups) on two cores shared with the
+                // resolver and the pods (bench/README.md, dns-proxy).
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -221,7 +238,17 @@ impl PolicyEngine {
                         std::process::abort();
                     }
                 };
-                if let Err(e) = runtime.block_on(proxy.serve(listeners)) {
+                let served = runtime.block_on(async {
+                    if let Some(old) = replaced {
+                        let (datagrams, connections) = proxy.drain(old);
+                        info!(
+                            datagrams,
+                            connections, "answered the DNS queries queued on the old port"
+                        );
+                    }
+                    proxy.serve(listeners).await
+                });
+                if let Err(e) = served {
                     // Fail closed and loudly: the supervisor restarts us.
                     error!("the DNS proxy stopped: {e}");
                     std::process::abort();
