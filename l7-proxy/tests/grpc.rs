@@ -13,12 +13,12 @@
 //! bench server); the client is tonic's generic `client::Grpc` over a
 //! `Channel` with `ProstCodec`, so no `protoc` is needed.
 
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::uri::PathAndQuery;
 use hyper_util::rt::TokioIo;
@@ -36,6 +36,10 @@ use tonic_prost::ProstCodec;
 #[path = "support/orders.rs"]
 mod orders;
 use orders::*;
+
+#[path = "support/lab.rs"]
+mod lab_support;
+use lab_support::*;
 
 const FRONTEND: &str = "198.18.1.2";
 const GRPC_CLIENT: &str = "198.18.1.3";
@@ -236,24 +240,7 @@ fn lab() -> Lab {
     client.ip(&["route", "add", "default", "via", "198.18.1.1"]);
     server.ip(&["route", "add", "default", "via", "198.18.2.1"]);
     node.must(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    node.ip(&[
-        "rule",
-        "add",
-        "fwmark",
-        "0x400000/0x400000",
-        "lookup",
-        "109",
-    ]);
-    node.ip(&[
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "109",
-    ]);
+    tproxy_routing(&node, false);
     let ruleset = "table inet l7grpc {
   chain pre {
     type filter hook prerouting priority mangle; policy accept;
@@ -326,18 +313,6 @@ fn lab() -> Lab {
         events,
         stop,
     }
-}
-
-fn wait_port(ns: &Netns, addr: &str) {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if ns.run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{addr} never listened");
 }
 
 /// Runs `f` on a fresh runtime in the client namespace.

@@ -28,6 +28,10 @@ use meshward_policy::crd::{HeaderMatch, HttpRule};
 use meshward_policy::fqdn::FqdnSelector;
 use meshward_testkit::{in_netns, run, veth, Netns};
 
+#[path = "support/lab.rs"]
+mod lab_support;
+use lab_support::*;
+
 const FRONTEND: &str = "198.18.1.2";
 const GRPC_CLIENT: &str = "198.18.1.3";
 const SERVER: &str = "198.18.2.2";
@@ -209,24 +213,7 @@ fn lab() -> Lab {
     client.ip(&["route", "add", "default", "via", "198.18.1.1"]);
     server.ip(&["route", "add", "default", "via", "198.18.2.1"]);
     node.must(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    node.ip(&[
-        "rule",
-        "add",
-        "fwmark",
-        "0x400000/0x400000",
-        "lookup",
-        "109",
-    ]);
-    node.ip(&[
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "109",
-    ]);
+    tproxy_routing(&node, false);
     let ruleset = "table inet l7test {
   chain pre {
     type filter hook prerouting priority mangle; policy accept;
@@ -344,40 +331,6 @@ fn lab() -> Lab {
     lab
 }
 
-fn wait_port(ns: &Netns, addr: &str) {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if ns.run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{addr} never listened");
-}
-
-/// Runs curl in the client namespace; returns (HTTP status or 0, headers and body).
-fn curl(lab: &Lab, args: &[&str]) -> (u16, String) {
-    let r = run(
-        lab.client
-            .command("curl")
-            .args(["-sS", "-i", "--max-time", "5"])
-            .args(args),
-        b"",
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    // The last status line (after any 100 Continue).
-    let status = r
-        .stdout
-        .lines()
-        .rfind(|l| l.starts_with("HTTP/"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, format!("{}{}", r.stdout, r.stderr))
-}
-
 /// Sends raw bytes from `src` in the client namespace; returns what came back.
 fn raw(lab: &Lab, src: &str, bytes: &[u8]) -> String {
     let src: IpAddr = src.parse().unwrap();
@@ -417,17 +370,17 @@ fn seed_policy_over_http1_and_http2() {
         let mut args = flags.to_vec();
         let url = u("/api/v1/products/42?x=1");
         args.push(&url);
-        let (status, out) = curl(&lab, &args);
+        let (status, out) = curl(&lab.client, &args);
         assert_eq!(status, 200, "{flags:?}: {out}");
         assert!(out.contains("ok GET /api/v1/products/42"), "{out}");
 
         let url = u("/healthz");
-        let (status, _) = curl(&lab, &[flags[0], &url]);
+        let (status, _) = curl(&lab.client, &[flags[0], &url]);
         assert_eq!(status, 200);
 
         let url = u("/api/v1/orders");
         let (status, out) = curl(
-            &lab,
+            &lab.client,
             &[
                 flags[0],
                 "-X",
@@ -441,7 +394,7 @@ fn seed_policy_over_http1_and_http2() {
         );
         assert_eq!(status, 200, "{out}");
         let (status, out) = curl(
-            &lab,
+            &lab.client,
             &[
                 flags[0],
                 "-X",
@@ -457,10 +410,10 @@ fn seed_policy_over_http1_and_http2() {
         assert!(out.ends_with("Access denied"), "{out}");
 
         let url = u("/admin");
-        let (status, out) = curl(&lab, &[flags[0], &url]);
+        let (status, out) = curl(&lab.client, &[flags[0], &url]);
         assert_eq!(status, 403, "{out}");
         let url = u("/api/v1/products");
-        let (status, _) = curl(&lab, &[flags[0], "-X", "DELETE", &url]);
+        let (status, _) = curl(&lab.client, &[flags[0], "-X", "DELETE", &url]);
         assert_eq!(status, 403);
     }
     // Nothing denied reached the server.
@@ -491,7 +444,7 @@ fn grpc_denied_with_permission_denied() {
     let url = format!("{URL}/com.example.OrderService/Place");
     let grpc = |src: &str| {
         curl(
-            &lab,
+            &lab.client,
             &[
                 "--http2-prior-knowledge",
                 "--interface",
@@ -526,7 +479,7 @@ fn grpc_denied_with_permission_denied() {
     );
     // grpc-client may not do what frontend may.
     let (status, _) = curl(
-        &lab,
+        &lab.client,
         &["--interface", GRPC_CLIENT, &format!("{URL}/healthz")],
     );
     assert_eq!(status, 403);
@@ -544,7 +497,7 @@ fn bypass_attempts_denied_or_refused() {
         "/Healthz",
     ];
     for p in deny {
-        let (status, out) = curl(&lab, &["--path-as-is", &format!("{URL}{p}")]);
+        let (status, out) = curl(&lab.client, &["--path-as-is", &format!("{URL}{p}")]);
         assert_eq!(status, 403, "{p}: {out}");
     }
     for p in [
@@ -552,13 +505,13 @@ fn bypass_attempts_denied_or_refused() {
         "/api/v1/products/%00",
         "/api/v1/products/..;/x",
     ] {
-        let (status, out) = curl(&lab, &["--path-as-is", &format!("{URL}{p}")]);
+        let (status, out) = curl(&lab.client, &["--path-as-is", &format!("{URL}{p}")]);
         assert_eq!(status, 400, "{p}: {out}");
     }
     // A path that only normalises into the allowed prefix is fine, and the
     // server sees the normalised form.
     let (status, out) = curl(
-        &lab,
+        &lab.client,
         &["--path-as-is", &format!("{URL}/api/v2/../v1/products//a")],
     );
     assert_eq!(status, 200, "{out}");
@@ -611,7 +564,7 @@ fn streaming_bodies_and_websocket_upgrade() {
     let url = format!("{URL}/api/v1/orders");
     let data = format!("@{}", big.display());
     let (status, out) = curl(
-        &lab,
+        &lab.client,
         &[
             "-X",
             "POST",
@@ -629,7 +582,7 @@ fn streaming_bodies_and_websocket_upgrade() {
     );
     // Same upload chunked.
     let (status, out) = curl(
-        &lab,
+        &lab.client,
         &[
             "-X",
             "POST",
@@ -685,7 +638,7 @@ fn keep_alive_reuses_upstream_connections() {
         for _ in 0..20 {
             args.push(&url);
         }
-        let (status, out) = curl(&lab, &args);
+        let (status, out) = curl(&lab.client, &args);
         assert_eq!(status, 200, "{out}");
         assert_eq!(out.matches("ok GET /healthz").count(), 20, "{out}");
     }
@@ -719,7 +672,7 @@ fn keep_alive_reuses_upstream_connections() {
 fn tls_server_name_checked() {
     let lab = lab();
     let ok = curl(
-        &lab,
+        &lab.client,
         &[
             "-k",
             "--resolve",
@@ -729,7 +682,7 @@ fn tls_server_name_checked() {
     );
     assert_eq!(ok.0, 200, "{}", ok.1);
     let bad = curl(
-        &lab,
+        &lab.client,
         &[
             "-k",
             "--resolve",
@@ -740,7 +693,7 @@ fn tls_server_name_checked() {
     assert_eq!(bad.0, 0, "{}", bad.1);
     assert!(bad.1.to_lowercase().contains("reset"), "{}", bad.1);
     // No SNI at all (an IP literal): reset too.
-    let bare = curl(&lab, &["-k", "https://198.18.2.2:8443/"]);
+    let bare = curl(&lab.client, &["-k", "https://198.18.2.2:8443/"]);
     assert_eq!(bare.0, 0, "{}", bare.1);
     let events = lab.events.lock().unwrap();
     assert!(events.iter().any(|e| e.verdict == Verdict::Denied

@@ -11,9 +11,9 @@
 //! ```
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -25,6 +25,10 @@ use meshward_l7_proxy::{
 };
 use meshward_policy::crd::HttpRule;
 use meshward_testkit::{in_netns, run, veth, Netns};
+
+#[path = "support/lab.rs"]
+mod lab_support;
+use lab_support::*;
 
 const SERVER4: &str = "198.18.2.2";
 const SERVER6: &str = "fd00:198:18:2::2";
@@ -66,30 +70,7 @@ fn lab() -> Lab {
     client.ip(&["-6", "route", "add", "default", "via", "fd00:198:18:1::1"]);
     server.ip(&["route", "add", "default", "via", "198.18.2.1"]);
     server.ip(&["-6", "route", "add", "default", "via", "fd00:198:18:2::1"]);
-    for family in ["-4", "-6"] {
-        node.ip(&[
-            family,
-            "rule",
-            "add",
-            "fwmark",
-            "0x400000/0x400000",
-            "lookup",
-            "109",
-        ]);
-    }
-    node.ip(&[
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "109",
-    ]);
-    node.ip(&[
-        "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "109",
-    ]);
+    tproxy_routing(&node, true);
     // As the agent's L7 chain: redirected connections to the proxy, and
     // the server's replies to the proxy's transparent onward sockets.
     let ruleset = "table inet l7transparent {
@@ -202,58 +183,25 @@ fn lab() -> Lab {
     lab
 }
 
-fn wait_port(ns: &Netns, addr: &str) {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if ns.run(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{addr} never listened");
-}
-
-/// curl in the client namespace: (status or 0, headers and body).
-fn curl(lab: &Lab, args: &[&str]) -> (u16, String) {
-    let r = run(
-        lab.client
-            .command("curl")
-            .args(["-sS", "-i", "--max-time", "5"])
-            .args(args),
-        b"",
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    let status = r
-        .stdout
-        .lines()
-        .rfind(|l| l.starts_with("HTTP/"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, format!("{}{}", r.stdout, r.stderr))
-}
-
 #[test]
 fn ipv6_requests_judged_and_forwarded_from_the_client_address() {
     let lab = lab();
     let url = format!("http://[{SERVER6}]:8080");
     // Several connections, so both proxy threads are likely to serve some.
     for _ in 0..4 {
-        let (status, out) = curl(&lab, &["-6", &format!("{url}/api/v1/products/7")]);
+        let (status, out) = curl(&lab.client, &["-6", &format!("{url}/api/v1/products/7")]);
         assert_eq!(status, 200, "{out}");
         assert!(
             out.contains(&format!("peer [{CLIENT6}]:")),
             "the server must see the client's address: {out}"
         );
     }
-    let (status, out) = curl(&lab, &["-6", &format!("{url}/admin")]);
+    let (status, out) = curl(&lab.client, &["-6", &format!("{url}/admin")]);
     assert_eq!(status, 403, "{out}");
     assert!(out.contains("Access denied"), "{out}");
     // Path normalisation applies to IPv6 requests too.
     let (status, out) = curl(
-        &lab,
+        &lab.client,
         &[
             "-6",
             "--path-as-is",
@@ -262,7 +210,10 @@ fn ipv6_requests_judged_and_forwarded_from_the_client_address() {
     );
     assert_eq!(status, 403, "{out}");
     // IPv4 on the same proxy threads.
-    let (status, out) = curl(&lab, &[&format!("http://{SERVER4}:8080/api/v1/products/1")]);
+    let (status, out) = curl(
+        &lab.client,
+        &[&format!("http://{SERVER4}:8080/api/v1/products/1")],
+    );
     assert_eq!(status, 200, "{out}");
     assert!(out.contains("peer 198.18.1.2:"), "{out}");
     let events = lab.events.lock().unwrap();
@@ -298,7 +249,7 @@ fn onward_source_port_is_never_the_clients_own() {
             )
         };
         let client_port = (base + 1).to_string();
-        let (status, out) = curl(&lab, &["--local-port", &client_port, &url]);
+        let (status, out) = curl(&lab.client, &["--local-port", &client_port, &url]);
         assert_eq!(status, 200, "{out}");
         assert!(
             out.contains(&seen),
