@@ -16,8 +16,18 @@ use serde_json::{json, Value};
 const LOCKED_POD: &str = r#"
 apiVersion: v1
 kind: Pod
-metadata: {name: web-1, namespace: shop, labels: {app: locked}}
+metadata: {name: web-1, namespace: shop, uid: uid-web-1, labels: {app: locked}}
 spec: {nodeName: node1, containers: [{name: main, image: busybox}]}
+"#;
+
+/// An earlier pod of the same name, deleted, that the datastore still holds
+/// (a StatefulSet pod recreated on another node).
+const EARLIER_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, uid: uid-earlier, labels: {app: locked}}
+spec: {nodeName: node7, containers: [{name: main, image: busybox}]}
+status: {podIP: 198.19.7.9}
 "#;
 
 /// Its egress is isolated: only 198.18.100.10:80.
@@ -112,7 +122,7 @@ fn cni(lab: &TestLab, command: &str, sandbox: &Sandbox, pod: &str, wait: u64) ->
         .env("CNI_PATH", plugin.parent().unwrap())
         .env(
             "CNI_ARGS",
-            format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}"),
+            format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod};K8S_POD_UID=uid-{pod}"),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -172,6 +182,18 @@ fn a_new_pods_policy_is_in_force_when_cni_add_returns() {
 
     // The agent's datastore gets the Pod only 2 s after ADD started (a
     // watch lagging behind kubelet): ADD must wait for it and its policy.
+    // Until then it holds an earlier pod of that name, bound elsewhere: not
+    // ours (another UID), so no refusal either.
+    let before = lab.agent_status("node1")["datastore"]["generation"]
+        .as_u64()
+        .unwrap();
+    apply(&lab, "locked-pod.yaml", EARLIER_POD);
+    lab.wait_status(
+        "node1",
+        "the earlier pod seen",
+        Duration::from_secs(20),
+        |s| s["datastore"]["generation"].as_u64() > Some(before),
+    );
     let sandbox = Sandbox::new("cw");
     let started = Instant::now();
     let added = std::thread::scope(|scope| {

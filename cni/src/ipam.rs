@@ -64,7 +64,7 @@ impl AttachmentKey {
 }
 
 /// The Kubernetes pod behind an attachment, when the runtime told us
-/// (`K8S_POD_NAMESPACE`/`K8S_POD_NAME`). Stored so an operator (or the agent)
+/// (`K8S_POD_NAMESPACE`/`K8S_POD_NAME`/`K8S_POD_UID`). Stored so an operator (or the agent)
 /// can tell which pod holds an address.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -73,6 +73,8 @@ pub struct PodMeta {
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
 }
 
 /// An address held by one attachment.
@@ -558,6 +560,8 @@ struct Record {
     pod_namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pod_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pod_uid: Option<String>,
 }
 
 impl Record {
@@ -577,6 +581,7 @@ impl Record {
             host_ifname: a.host_ifname.clone(),
             pod_namespace: a.pod.namespace.clone(),
             pod_name: a.pod.name.clone(),
+            pod_uid: a.pod.uid.clone(),
         }
     }
 
@@ -588,6 +593,7 @@ impl Record {
             pod: PodMeta {
                 namespace: self.pod_namespace.clone(),
                 name: self.pod_name.clone(),
+                uid: self.pod_uid.clone(),
             },
         }
     }
@@ -628,6 +634,7 @@ mod tests {
         let pod = PodMeta {
             namespace: Some("default".into()),
             name: Some("web-0".into()),
+            uid: None,
         };
         let a = s
             .allocate(net("198.19.1.0/24"), &key("c1"), "mwabc", pod.clone())
@@ -792,6 +799,7 @@ mod tests {
         let pod = PodMeta {
             namespace: Some("ns".into()),
             name: Some("p".into()),
+            uid: Some("0d9e7a52-uid".into()),
         };
         s.allocate(net("198.19.1.0/24"), &key("c1"), "mw0123456789a", pod)
             .unwrap();
@@ -814,7 +822,8 @@ mod tests {
                     "ifname": "eth0",
                     "hostIfname": "mw0123456789a",
                     "podNamespace": "ns",
-                    "podName": "p"
+                    "podName": "p",
+                    "podUid": "0d9e7a52-uid"
                 }]
             })
         );

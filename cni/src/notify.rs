@@ -36,6 +36,8 @@ pub struct Event {
     pub pod_namespace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 impl Event {
@@ -50,6 +52,7 @@ impl Event {
             netns: Some(att.netns.clone()),
             pod_namespace: pod.namespace.clone(),
             pod_name: pod.name.clone(),
+            pod_uid: pod.uid.clone(),
         }
     }
 
@@ -64,6 +67,7 @@ impl Event {
             netns: None,
             pod_namespace: alloc.pod.namespace.clone(),
             pod_name: alloc.pod.name.clone(),
+            pod_uid: alloc.pod.uid.clone(),
         }
     }
 }
@@ -163,6 +167,7 @@ mod tests {
             netns: None,
             pod_namespace: Some("shop".into()),
             pod_name: Some("web-1".into()),
+            pod_uid: Some("4f1c".into()),
         }
     }
 

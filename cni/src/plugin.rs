@@ -158,6 +158,7 @@ fn add(env: &Env, conf: &NetConf, version: Version) -> Result<serde_json::Value,
     let pod = PodMeta {
         namespace: env.args.get("K8S_POD_NAMESPACE").cloned(),
         name: env.args.get("K8S_POD_NAME").cloned(),
+        uid: env.args.get("K8S_POD_UID").cloned(),
     };
     let alloc = store
         .allocate(cidr, &key, &host_ifname, pod.clone())

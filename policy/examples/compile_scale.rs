@@ -39,6 +39,7 @@ fn view(pods: usize, policies: usize) -> ClusterView {
         v.pods.push(PodInfo {
             namespace: format!("ns{}", i % NAMESPACES),
             name: format!("pod{i}"),
+            uid: String::new(),
             node: format!("node{}", i % NODES),
             ips: vec![IpAddr::V4(ip)],
             labels: labels(&[

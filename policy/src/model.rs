@@ -54,6 +54,9 @@ pub struct NamedPort {
 pub struct PodInfo {
     pub namespace: String,
     pub name: String,
+    /// `metadata.uid`; empty when unknown (a manifest without one). Tells a
+    /// pod from an earlier one of the same name.
+    pub uid: String,
     /// The node it runs on (`spec.nodeName`); empty when not scheduled.
     pub node: String,
     /// Pod IPs (`status.podIPs`); a pod without IPs is neither selected

@@ -27,6 +27,8 @@ const UNSEEN_FOR: Duration = Duration::from_secs(600);
 const POD_IFNAME: &str = "eth0";
 
 struct Attached {
+    /// The pod's `metadata.uid` when the runtime passed `K8S_POD_UID`.
+    uid: Option<String>,
     container_id: String,
     ifname: String,
     ips: Vec<IpAddr>,
@@ -35,6 +37,7 @@ struct Attached {
 
 struct Waiting {
     pod: PodRef,
+    uid: Option<String>,
     reply: oneshot::Sender<Response>,
     since: Instant,
 }
@@ -67,6 +70,7 @@ impl CniPods {
                 self.attached.insert(
                     pod.clone(),
                     Attached {
+                        uid: event.pod_uid.clone(),
                         container_id: event.container_id,
                         ifname: event.ifname,
                         ips: vec![event.ip],
@@ -75,6 +79,7 @@ impl CniPods {
                 );
                 self.waiting.push(Waiting {
                     pod,
+                    uid: event.pod_uid,
                     reply,
                     since: Instant::now(),
                 });
@@ -113,6 +118,7 @@ impl CniPods {
             // Several sandboxes of one pod (an old one not DELed yet): all
             // their addresses are the pod's until the runtime releases them.
             let entry = self.attached.entry(pod).or_insert_with(|| Attached {
+                uid: a.pod.uid.clone(),
                 container_id: a.key.container_id.clone(),
                 ifname: a.key.ifname.clone(),
                 ips: Vec::new(),
@@ -127,10 +133,19 @@ impl CniPods {
         if self.attached.is_empty() {
             return None;
         }
-        Some(cluster.with_pod_ips(
-            node,
-            self.attached.iter().map(|(pod, a)| (pod, a.ips.as_slice())),
-        ))
+        Some(
+            cluster.with_pod_ips(
+                node,
+                self.attached
+                    .iter()
+                    .filter(|(pod, a)| {
+                        cluster
+                            .pod(pod)
+                            .is_some_and(|info| same_pod(a.uid.as_deref(), info))
+                    })
+                    .map(|(pod, a)| (pod, a.ips.as_slice())),
+            ),
+        )
     }
 
     /// After a policy pass over `cluster` (+ the overlay): answers the ADDs
@@ -141,9 +156,13 @@ impl CniPods {
         let synced = cluster.synced();
         // The status wins once it shows the CNI's address (an address it
         // showed before came from an earlier sandbox).
+        // A datastore object of an earlier pod of the same name (its
+        // deletion not seen yet) counts as not seen.
         self.attached.retain(|pod, a| match cluster.pod(pod) {
-            Some(info) => !a.ips.iter().any(|ip| info.ips.contains(ip)),
-            None => !synced || now.duration_since(a.since) < UNSEEN_FOR,
+            Some(info) if same_pod(a.uid.as_deref(), info) => {
+                !a.ips.iter().any(|ip| info.ips.contains(ip))
+            }
+            _ => !synced || now.duration_since(a.since) < UNSEEN_FOR,
         });
         let mut still = Vec::new();
         for w in self.waiting.drain(..) {
@@ -151,6 +170,8 @@ impl CniPods {
                 continue;
             }
             match cluster.pod(&w.pod) {
+                // an earlier pod of this name: wait for the watch to bring ours
+                Some(info) if !same_pod(w.uid.as_deref(), info) => still.push(w),
                 // not bound to a node yet as far as the watch knows: wait
                 Some(info) if info.node.is_empty() => still.push(w),
                 Some(info) if info.node != node => {
@@ -172,6 +193,16 @@ impl CniPods {
     }
 }
 
+/// Whether the datastore's `info` is the pod the CNI attached: by UID when
+/// both sides know it, else by name alone (runtimes without `K8S_POD_UID`,
+/// file manifests without `metadata.uid`).
+fn same_pod(uid: Option<&str>, info: &meshward_policy::PodInfo) -> bool {
+    match uid {
+        Some(uid) if !uid.is_empty() && !info.uid.is_empty() => uid == info.uid,
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +213,7 @@ mod tests {
         PodInfo {
             namespace: "shop".into(),
             name: name.into(),
+            uid: String::new(),
             node: node.into(),
             ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
             labels: Default::default(),
@@ -198,6 +230,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             pod_namespace: Some("shop".into()),
             pod_name: Some(name.into()),
+            pod_uid: None,
         }
     }
 
@@ -331,6 +364,7 @@ mod tests {
             pod: PodMeta {
                 namespace: Some("shop".into()),
                 name: Some("web-1".into()),
+                uid: None,
             },
         };
         let mut pods = CniPods::default();
@@ -348,6 +382,64 @@ mod tests {
                 "198.19.1.7".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn an_earlier_pod_of_the_same_name_is_not_taken_for_the_new_one() {
+        let with_uid = |name: &str, node: &str, ips: &[&str], uid: &str| PodInfo {
+            uid: uid.into(),
+            ..pod(name, node, ips)
+        };
+        let mut pods = CniPods::default();
+        let mut add = event("add", "db-0", "c2", "198.19.1.7");
+        add.pod_uid = Some("uid-new".into());
+        let mut answer = record(&mut pods, add);
+
+        // the watch still holds the deleted db-0, bound elsewhere: no
+        // refusal, no overlay on the old object, the ADD waits
+        let old = Cluster::with_pods(
+            vec![with_uid("db-0", "node2", &["198.19.2.5"], "uid-old")],
+            true,
+        );
+        let view = pods.overlay(&old, "node1").unwrap();
+        assert_eq!(
+            view.pod(&pod_ref("db-0")).unwrap().ips,
+            ["198.19.2.5".parse::<IpAddr>().unwrap()]
+        );
+        pods.settle(&old, "node1", true);
+        assert!(matches!(answer.try_recv(), Err(TryRecvError::Empty)));
+        // the old one on this node, even showing the new address: still not it
+        let old_here = Cluster::with_pods(
+            vec![with_uid("db-0", "node1", &["198.19.1.7"], "uid-old")],
+            true,
+        );
+        pods.settle(&old_here, "node1", true);
+        assert!(matches!(answer.try_recv(), Err(TryRecvError::Empty)));
+        assert!(pods.overlay(&old_here, "node1").is_some(), "kept");
+
+        let new = Cluster::with_pods(vec![with_uid("db-0", "node1", &[], "uid-new")], true);
+        assert_eq!(
+            pods.overlay(&new, "node1")
+                .unwrap()
+                .pod(&pod_ref("db-0"))
+                .unwrap()
+                .ips,
+            ["198.19.1.7".parse::<IpAddr>().unwrap()]
+        );
+        pods.settle(&new, "node1", true);
+        assert!(answer.try_recv().unwrap().ok);
+
+        // a manifest without a UID matches by name
+        let mut pods = CniPods::default();
+        let mut add = event("add", "db-0", "c3", "198.19.1.8");
+        add.pod_uid = Some("uid-3".into());
+        let mut answer = record(&mut pods, add);
+        pods.settle(
+            &Cluster::with_pods(vec![pod("db-0", "node1", &[])], true),
+            "node1",
+            true,
+        );
+        assert!(answer.try_recv().unwrap().ok);
     }
 
     #[test]

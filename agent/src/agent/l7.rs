@@ -511,6 +511,7 @@ mod tests {
         let pod = |name: &str, ip: &str, node: &str, app: &str| PodInfo {
             namespace: "shop".into(),
             name: name.into(),
+            uid: String::new(),
             node: node.into(),
             ips: vec![ip.parse().unwrap()],
             labels: [("app".to_string(), app.to_string())].into(),

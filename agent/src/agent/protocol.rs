@@ -62,6 +62,9 @@ pub struct CniEvent {
     pub pod_namespace: Option<String>,
     #[serde(default)]
     pub pod_name: Option<String>,
+    /// `K8S_POD_UID`: tells the pod from an earlier one of the same name.
+    #[serde(default)]
+    pub pod_uid: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

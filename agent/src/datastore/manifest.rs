@@ -514,7 +514,7 @@ mod tests {
     #[test]
     fn pods_namespaces_and_policies() {
         let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: a}}\n---\n\
-            apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, uid: 7c1e, labels: {app: web}}\n\
             spec:\n  nodeName: node1\n  containers:\n  - name: c\n    ports:\n    - {name: http, containerPort: 8080}\n    \
             - {containerPort: 9090}\n    - {name: dns, containerPort: 53, protocol: UDP}\n\
             status: {podIP: 198.19.1.2, podIPs: [{ip: 198.19.1.2}]}\n---\n\
@@ -541,6 +541,7 @@ mod tests {
             panic!("{:?}", p.objects[1])
         };
         assert_eq!(web.node, "node1");
+        assert_eq!(web.uid, "7c1e");
         assert_eq!(web.ips, ["198.19.1.2".parse::<std::net::IpAddr>().unwrap()]);
         assert_eq!(web.labels["app"], "web");
         let named: Vec<(&str, u16)> = web

@@ -211,6 +211,7 @@ pub fn pod_info(pod: &Pod) -> Result<PodInfo, FieldError> {
     Ok(PodInfo {
         namespace: namespace.to_string(),
         name: name.to_string(),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         ips,
         labels: pod.metadata.labels.clone().unwrap_or_default(),

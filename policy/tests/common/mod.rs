@@ -104,6 +104,7 @@ impl Cluster {
                 c.view.pods.push(PodInfo {
                     namespace: ns.to_string(),
                     name: pod.to_string(),
+                    uid: String::new(),
                     node: NODES[node].to_string(),
                     ips: vec![
                         ip(&format!("198.19.{}.{host}", node + 1)),
@@ -118,6 +119,7 @@ impl Cluster {
         c.view.pods.push(PodInfo {
             namespace: "x".into(),
             name: "host".into(),
+            uid: String::new(),
             node: "n1".into(),
             ips: vec![ip("198.18.0.1")],
             labels: labels(&[("pod", "a")]),
@@ -127,6 +129,7 @@ impl Cluster {
         c.view.pods.push(PodInfo {
             namespace: "x".into(),
             name: "pending".into(),
+            uid: String::new(),
             node: "n1".into(),
             ips: Vec::new(),
             labels: labels(&[("pod", "a")]),
@@ -164,6 +167,7 @@ impl Cluster {
         self.view.pods.push(PodInfo {
             namespace: ns.into(),
             name: name.into(),
+            uid: String::new(),
             node: node.into(),
             ips: ips.iter().map(|s| ip(s)).collect(),
             labels: labels(l),
