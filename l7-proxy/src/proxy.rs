@@ -388,7 +388,8 @@ impl Shared {
         let mut buf = Buf::new();
         loop {
             let d = buf.filled();
-            if !d.is_empty() && !(d.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(d)) {
+            let maybe_h2 = d.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(d);
+            if !d.is_empty() && !maybe_h2 {
                 break;
             }
             match tokio::time::timeout_at(first_deadline, buf.read_from(&mut stream, max_head))

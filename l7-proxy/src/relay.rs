@@ -167,8 +167,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (read_err, write_err): (fn(io::Error) -> Failure, fn(io::Error) -> Failure) = if from_client
-    {
+    type Wrap = fn(io::Error) -> Failure;
+    let (read_err, write_err): (Wrap, Wrap) = if from_client {
         (Failure::Client, Failure::Upstream)
     } else {
         (Failure::Upstream, Failure::Client)

@@ -2,8 +2,11 @@ use super::*;
 
 const MAX: usize = 64 * 1024;
 
+/// (head length, body, upgrade, expect-continue, close).
+type Framing = (usize, Body, bool, bool, bool);
+
 /// The framing of a request head, or its error.
-fn framing(raw: &[u8]) -> Result<Option<(usize, Body, bool, bool, bool)>, HeadError> {
+fn framing(raw: &[u8]) -> Result<Option<Framing>, HeadError> {
     let mut slots = header_slots();
     parse_request(raw, &mut slots, MAX)
         .map(|o| o.map(|h| (h.len, h.body, h.upgrade, h.expect_continue, h.close)))
