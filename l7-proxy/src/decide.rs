@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{request, Method, Response, StatusCode, Version};
+use http::{request, Response, StatusCode, Version};
 use http_body_util::Full;
 
 use crate::path::{normalize_path, PathError};
-use crate::rules::{RequestView, RuleVerdict};
+use crate::rules::{Headers, RequestView, RuleVerdict};
 use crate::PortPolicy;
 
 /// Why a request was refused as malformed (400, connection closed, never
@@ -66,7 +66,8 @@ pub struct RequestSummary {
 /// Rejects ambiguous message framing. hyper already refuses invalid
 /// chunking, differing Content-Lengths and a Transfer-Encoding not ending
 /// in chunked; this also refuses what it tolerates (RFC 9112 lets a server
-/// accept CL with TE, and identical repeated CLs).
+/// accept CL with TE, and identical repeated CLs). The HTTP/1 relay does
+/// the same checks as it parses a head ([`crate::h1::parse_request`]).
 pub fn check_framing(headers: &HeaderMap, version: Version) -> Result<(), BadRequest> {
     let cl: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
     let te = headers.get_all(header::TRANSFER_ENCODING).iter().count();
@@ -101,19 +102,36 @@ pub fn check_framing(headers: &HeaderMap, version: Version) -> Result<(), BadReq
 /// The request's authority, lower-cased: the target's (absolute form,
 /// HTTP/2 `:authority`) or the single Host header; both present must agree.
 pub fn request_host(parts: &request::Parts) -> Result<Option<String>, BadRequest> {
-    let mut hosts = parts.headers.get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
+    host_of(
+        Headers::Map(&parts.headers),
+        parts.uri.authority().map(|a| a.as_str()),
+    )
+}
+
+fn host_of(headers: Headers<'_>, authority: Option<&str>) -> Result<Option<String>, BadRequest> {
+    let mut n = 0;
+    let mut host = None;
+    headers.any("host", |v| {
+        n += 1;
+        host = Some(v);
+        n > 1
+    });
+    if n > 1 {
         return Err(BadRequest::DuplicateHost);
     }
     let host = host
-        .map(|h| h.to_str().map_err(|_| BadRequest::InvalidHost))
-        .transpose()?
-        .map(str::to_ascii_lowercase);
-    let target = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_ascii_lowercase());
+        .map(|h| {
+            // As http's HeaderValue::to_str: visible ASCII and tabs/spaces.
+            if h.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+                Ok(std::str::from_utf8(h)
+                    .unwrap_or_default()
+                    .to_ascii_lowercase())
+            } else {
+                Err(BadRequest::InvalidHost)
+            }
+        })
+        .transpose()?;
+    let target = authority.map(str::to_ascii_lowercase);
     match (target, host) {
         (Some(t), Some(h)) if t != h => Err(BadRequest::ConflictingHost),
         (Some(t), _) => Ok(Some(t)),
@@ -121,15 +139,33 @@ pub fn request_host(parts: &request::Parts) -> Result<Option<String>, BadRequest
     }
 }
 
+/// What [`decide_request`] looks at, from either protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    pub method: &'a str,
+    /// The raw path (not normalised yet).
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    /// The target's authority (absolute form, HTTP/2 `:authority`).
+    pub authority: Option<&'a str>,
+    pub headers: Headers<'a>,
+}
+
 /// gRPC requests get gRPC denials.
 pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            let v = v.trim_start();
-            v.len() >= 16 && v[..16].eq_ignore_ascii_case("application/grpc")
-        })
+    is_grpc_in(Headers::Map(headers))
+}
+
+/// [`is_grpc`] on either kind of headers.
+pub fn is_grpc_in(headers: Headers<'_>) -> bool {
+    headers.first("content-type").is_some_and(|v| {
+        let start = v
+            .iter()
+            .position(|b| !matches!(b, b' ' | b'\t'))
+            .unwrap_or(v.len());
+        let v = &v[start..];
+        v.len() >= 16 && v[..16].eq_ignore_ascii_case(b"application/grpc")
+    })
 }
 
 fn check_one(policy: &PortPolicy, view: &RequestView<'_>) -> RuleVerdict {
@@ -142,29 +178,54 @@ fn check_one(policy: &PortPolicy, view: &RequestView<'_>) -> RuleVerdict {
 }
 
 /// The decision on a request under the egress policy of its source and the
-/// ingress policy of its destination (both must allow).
+/// ingress policy of its destination (both must allow); framing checked
+/// first ([`check_framing`]).
 pub fn decide(
     parts: &request::Parts,
     egress: &PortPolicy,
     ingress: &PortPolicy,
 ) -> (Decision, RequestSummary) {
+    if let Err(e) = check_framing(&parts.headers, parts.version) {
+        let summary = RequestSummary {
+            method: parts.method.as_str().to_owned(),
+            path: parts.uri.path().to_owned(),
+            host: None,
+        };
+        return (Decision::Malformed(e), summary);
+    }
+    let info = RequestInfo {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        authority: parts.uri.authority().map(|a| a.as_str()),
+        headers: Headers::Map(&parts.headers),
+    };
+    decide_request(&info, egress, ingress)
+}
+
+/// [`decide`] after the framing checks, on either protocol's request.
+pub fn decide_request(
+    req: &RequestInfo<'_>,
+    egress: &PortPolicy,
+    ingress: &PortPolicy,
+) -> (Decision, RequestSummary) {
     let mut summary = RequestSummary {
-        method: parts.method.as_str().to_owned(),
-        path: parts.uri.path().to_owned(),
+        method: req.method.to_owned(),
+        path: String::new(),
         host: None,
     };
-    let malformed = |e, s| (Decision::Malformed(e), s);
-    if let Err(e) = check_framing(&parts.headers, parts.version) {
-        return malformed(e, summary);
-    }
-    if parts.method == Method::CONNECT {
+    let malformed = |e, mut s: RequestSummary| {
+        s.path = req.path.to_owned();
+        (Decision::Malformed(e), s)
+    };
+    if req.method == "CONNECT" {
         return malformed(BadRequest::Connect, summary);
     }
-    match request_host(parts) {
+    match host_of(req.headers, req.authority) {
         Ok(h) => summary.host = h,
         Err(e) => return malformed(e, summary),
     }
-    let path = match normalize_path(parts.uri.path()) {
+    let path = match normalize_path(req.path) {
         Ok(p) => p,
         Err(e) => return malformed(e.into(), summary),
     };
@@ -173,7 +234,7 @@ pub fn decide(
         method: &summary.method,
         path: &summary.path,
         host: summary.host.as_deref(),
-        headers: &parts.headers,
+        headers: req.headers,
     };
     let mut allowed_by = None;
     for policy in [egress, ingress] {
@@ -182,8 +243,14 @@ pub fn decide(
             RuleVerdict::Denied(policies) => return (Decision::Deny { policies }, summary),
         }
     }
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{}?{q}", summary.path),
+    let path_and_query = match req.query {
+        Some(q) => {
+            let mut s = String::with_capacity(summary.path.len() + 1 + q.len());
+            s.push_str(&summary.path);
+            s.push('?');
+            s.push_str(q);
+            s
+        }
         None => summary.path.clone(),
     };
     (
@@ -241,7 +308,7 @@ pub fn bad_request_response(e: &BadRequest) -> Response<Full<Bytes>> {
 
 /// gRPC's grpc-message encoding: printable ASCII except `%` as is, every
 /// other byte as `%XX`.
-fn grpc_percent_encode(s: &str) -> String {
+pub(crate) fn grpc_percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if (0x20..=0x7e).contains(&b) && b != b'%' {

@@ -11,16 +11,18 @@
 //!
 //! Sans-IO parts, usable and tested alone: [`path`] (normalisation),
 //! [`rules`] (matching), [`decide`] (framing checks, the decision, the
-//! denial responses), [`sni`] (ClientHello parsing, name check).
+//! denial responses), [`h1`] (HTTP/1.1 heads and body framing for the
+//! relay), [`sni`] (ClientHello parsing, name check).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 pub mod decide;
-pub mod h1scan;
+pub mod h1;
 pub mod path;
 mod proxy;
+mod relay;
 pub mod rules;
 pub mod sni;
 mod sock;

@@ -23,15 +23,14 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::decide::{bad_request_response, decide, denied_response, is_grpc, BadRequest, Decision};
-use crate::h1scan::HeadScanner;
+use crate::decide::{bad_request_response, decide, denied_response, is_grpc, Decision};
+use crate::relay::{self, idle_watch, Buf, End, Relay, H2_PREFACE};
 use crate::sni::{parse_client_hello, Hello, SniVerdict, MAX_CLIENT_HELLO};
 use crate::{sock, Direction, EventSink, L7Event, L7Protocol, PolicySource, PortPolicy, Verdict};
 
@@ -89,9 +88,9 @@ impl Default for ProxyConfig {
     }
 }
 
-struct Shared {
-    config: ProxyConfig,
-    policy: Arc<dyn PolicySource>,
+pub(crate) struct Shared {
+    pub(crate) config: ProxyConfig,
+    pub(crate) policy: Arc<dyn PolicySource>,
     events: EventSink,
     local: SocketAddr,
     epoch: Instant,
@@ -257,7 +256,7 @@ pub fn spawn_threads(
 }
 
 impl Shared {
-    fn emit(&self, e: L7Event) {
+    pub(crate) fn emit(&self, e: L7Event) {
         (self.events)(e)
     }
 
@@ -380,15 +379,74 @@ impl Shared {
         self.passthrough(stream, peer, dst, buf).await
     }
 
-    async fn http(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    /// HTTP: h2 prior knowledge (the preface) is served by hyper; anything
+    /// else by the HTTP/1.1 relay ([`crate::relay`]).
+    async fn http(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        let cfg = &self.config;
+        let max_head = cfg.max_header_bytes.max(8192);
+        let first_deadline = tokio::time::Instant::now() + cfg.header_read_timeout;
+        let mut buf = Buf::new();
+        loop {
+            let d = buf.filled();
+            let maybe_h2 = d.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(d);
+            if !d.is_empty() && !maybe_h2 {
+                break;
+            }
+            match tokio::time::timeout_at(first_deadline, buf.read_from(&mut stream, max_head))
+                .await
+            {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+        }
+        if buf.filled().starts_with(H2_PREFACE) {
+            let prefix = buf.filled().to_vec();
+            return self.h2(stream, peer, dst, prefix).await;
+        }
+        let activity = AtomicU64::new(0);
+        let relay = Relay {
+            shared: &self,
+            peer,
+            dst,
+            client: stream,
+            cbuf: buf,
+            first_deadline,
+            activity: &activity,
+        };
+        let end = tokio::select! {
+            end = relay.run() => end,
+            _ = idle_watch(&activity, cfg.idle_timeout) => {
+                debug!(%peer, %dst, "l7 client connection idle, closed");
+                End::Closed
+            }
+        };
+        match end {
+            End::Closed => {}
+            End::Linger(client) => relay::linger(client).await,
+            End::Tunnel {
+                client,
+                upstream,
+                to_client,
+                to_upstream,
+            } => relay::tunnel(client, upstream, to_client, to_upstream).await,
+        }
+    }
+
+    async fn h2(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        prefix: Vec<u8>,
+    ) {
         let cfg = &self.config;
         let activity = Arc::new(AtomicU64::new(self.now_ms()));
-        let scanner = Arc::new(Mutex::new(HeadScanner::new(cfg.max_header_bytes.max(8192))));
         let io = TokioIo::new(ActivityIo {
             inner: stream,
             activity: activity.clone(),
             epoch: self.epoch,
-            scanner: scanner.clone(),
+            prefix,
+            pos: 0,
         });
         let shared = self.clone();
         let exec = LocalExec::default();
@@ -396,11 +454,6 @@ impl Shared {
         let (svc_exec, svc_up) = (exec.clone(), upstreams.clone());
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let shared = shared.clone();
-            let framing = if req.version() < Version::HTTP_2 {
-                lock(&scanner).next_request()
-            } else {
-                None
-            };
             let (exec, up) = (svc_exec.clone(), svc_up.clone());
             async move {
                 let route = Route {
@@ -409,21 +462,14 @@ impl Shared {
                     exec: &exec,
                     up: &up,
                 };
-                Ok::<_, Infallible>(shared.request(req, &route, framing).await)
+                Ok::<_, Infallible>(shared.request(req, &route).await)
             }
         });
-        let mut builder = auto::Builder::new(exec.clone());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(cfg.header_read_timeout)
-            .max_buf_size(cfg.max_header_bytes.max(8192));
-        builder
-            .http2()
+        let conn = hyper::server::conn::http2::Builder::new(exec.clone())
             .timer(TokioTimer::new())
             .max_header_list_size(cfg.max_header_bytes.min(u32::MAX as usize) as u32)
-            .max_concurrent_streams(cfg.max_concurrent_streams);
-        let conn = builder.serve_connection_with_upgrades(io, svc);
+            .max_concurrent_streams(cfg.max_concurrent_streams)
+            .serve_connection(io, svc);
         tokio::pin!(conn);
         // The client connection, its HTTP/2 streams and its upstream
         // connections are all polled here, by this one task.
@@ -452,12 +498,7 @@ impl Shared {
         }
     }
 
-    async fn request(
-        &self,
-        req: Request<Incoming>,
-        route: &Route<'_>,
-        framing: Option<BadRequest>,
-    ) -> Response<RespBody> {
+    async fn request(&self, req: Request<Incoming>, route: &Route<'_>) -> Response<RespBody> {
         let (peer, dst) = (route.peer, route.dst);
         let (mut parts, body) = req.into_parts();
         let egress = self.policy.lookup(peer.ip(), dst, Direction::Egress);
@@ -470,10 +511,7 @@ impl Shared {
         } else {
             L7Protocol::Http1
         };
-        let (mut decision, summary) = decide(&parts, &egress, &ingress);
-        if let Some(e) = framing {
-            decision = Decision::Malformed(e);
-        }
+        let (decision, summary) = decide(&parts, &egress, &ingress);
         let mut event = L7Event {
             time: SystemTime::now(),
             verdict: Verdict::Allowed,
@@ -515,22 +553,11 @@ impl Shared {
             Ok(u) => parts.uri = u,
             Err(_) => return simple(StatusCode::BAD_REQUEST, "Bad request: target\n"),
         }
-        let upgrade = parts.version <= Version::HTTP_11 && wants_upgrade(&parts.headers);
-        strip_hop_by_hop(
-            &mut parts.headers,
-            upgrade,
-            parts.version == Version::HTTP_2,
-        );
+        strip_hop_by_hop(&mut parts.headers, false, true);
         let req = Request::from_parts(parts, body);
-        let result = if upgrade {
-            self.forward_upgrade(req, peer, dst).await
-        } else {
-            self.forward(req, route).await
-        };
-        match result {
+        match self.forward(req, route).await {
             Ok(mut resp) => {
-                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                strip_hop_by_hop(resp.headers_mut(), switching, false);
+                strip_hop_by_hop(resp.headers_mut(), false, false);
                 resp.map(Either::Left)
             }
             Err(e) => {
@@ -569,98 +596,35 @@ impl Shared {
     }
 
     /// Sends an allowed request on the client connection's own upstream
-    /// connection (dialled on first use, again when it closed), whose
-    /// future runs on the client connection's task.
+    /// HTTP/2 connection (dialled on first use, again when it closed),
+    /// whose future runs on the client connection's task.
     async fn forward(
         &self,
         req: Request<Incoming>,
         route: &Route<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        if req.version() == Version::HTTP_2 {
-            let mut sender = {
-                // Streams arriving while the connection is dialled wait for
-                // it and share it.
-                let mut slot = route.up.h2.lock().await;
-                match slot.as_ref().filter(|s| !s.is_closed()) {
-                    Some(s) => s.clone(),
-                    None => {
-                        let io = self.connect(route.peer, route.dst).await?;
-                        let (sender, conn) = http2::Builder::new(route.exec.clone())
-                            .timer(TokioTimer::new())
-                            .handshake(io)
-                            .await
-                            .map_err(UpstreamError::other)?;
-                        route.exec.spawn(async move {
-                            let _ = conn.await;
-                        });
-                        *slot = Some(sender.clone());
-                        sender
-                    }
+        let mut sender = {
+            // Streams arriving while the connection is dialled wait for
+            // it and share it.
+            let mut slot = route.up.h2.lock().await;
+            match slot.as_ref().filter(|s| !s.is_closed()) {
+                Some(s) => s.clone(),
+                None => {
+                    let io = self.connect(route.peer, route.dst).await?;
+                    let (sender, conn) = http2::Builder::new(route.exec.clone())
+                        .timer(TokioTimer::new())
+                        .handshake(io)
+                        .await
+                        .map_err(UpstreamError::other)?;
+                    route.exec.spawn(async move {
+                        let _ = conn.await;
+                    });
+                    *slot = Some(sender.clone());
+                    sender
                 }
-            };
-            return sender.send_request(req).await.map_err(UpstreamError::other);
-        }
-        // HTTP/1: one request at a time per client connection, so one
-        // upstream connection. It is ready again once the previous
-        // response was read to its end.
-        let kept = lock(&route.up.h1).take();
-        let mut sender = match kept {
-            Some(mut s) if !s.is_closed() => match s.ready().await {
-                Ok(()) => s,
-                Err(_) => self.dial_h1(route).await?,
-            },
-            _ => self.dial_h1(route).await?,
+            }
         };
-        let fut = sender.send_request(req);
-        *lock(&route.up.h1) = Some(sender);
-        fut.await.map_err(UpstreamError::other)
-    }
-
-    async fn dial_h1(
-        &self,
-        route: &Route<'_>,
-    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
-        let io = self.connect(route.peer, route.dst).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(UpstreamError::other)?;
-        route.exec.spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(sender)
-    }
-
-    /// An upgrade (WebSocket, h2c is not offered upstream) on a connection
-    /// of its own; on 101 both sides are joined byte for byte.
-    async fn forward_upgrade(
-        &self,
-        mut req: Request<Incoming>,
-        peer: SocketAddr,
-        dst: SocketAddr,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let client = hyper::upgrade::on(&mut req);
-        let io = self.connect(peer, dst).await?;
-        let (mut sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(UpstreamError::other)?;
-        tokio::spawn(conn.with_upgrades());
-        let mut resp = sender
-            .send_request(req)
-            .await
-            .map_err(UpstreamError::other)?;
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let upstream = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                let (Ok(c), Ok(u)) = tokio::join!(client, upstream) else {
-                    return;
-                };
-                let _ =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
-            });
-        }
-        Ok(resp)
+        sender.send_request(req).await.map_err(UpstreamError::other)
     }
 }
 
@@ -725,26 +689,6 @@ impl std::fmt::Display for UpstreamError {
     }
 }
 
-/// A WebSocket upgrade (the only upgrade passed through). Others, h2c
-/// above all, would turn the rest of the connection into requests the
-/// proxy never sees, so their Upgrade header is dropped and the request is
-/// forwarded as a plain one.
-fn wants_upgrade(h: &HeaderMap) -> bool {
-    let websocket = h.get(header::UPGRADE).is_some_and(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .all(|t| t.trim().eq_ignore_ascii_case("websocket"))
-        })
-    });
-    websocket
-        && h.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
-}
-
 /// Removes connection-specific headers (RFC 9110 7.6.1), keeping
 /// `Connection`/`Upgrade` for an upgrade and `TE: trailers` for HTTP/2
 /// (gRPC needs it).
@@ -793,7 +737,6 @@ struct Route<'a> {
 /// connection has its own; they close with it).
 #[derive(Default)]
 struct Upstreams {
-    h1: Mutex<Option<http1::SendRequest<Incoming>>>,
     /// Held while the HTTP/2 connection is dialled.
     h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
 }
@@ -928,7 +871,9 @@ struct ActivityIo {
     inner: TcpStream,
     activity: Arc<AtomicU64>,
     epoch: Instant,
-    scanner: Arc<Mutex<HeadScanner>>,
+    /// Bytes read before hyper took over (the preface), served first.
+    prefix: Vec<u8>,
+    pos: usize,
 }
 
 impl ActivityIo {
@@ -944,11 +889,16 @@ impl AsyncRead for ActivityIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            buf.put_slice(&self.prefix[self.pos..self.pos + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.touch();
-            lock(&self.scanner).feed(&buf.filled()[before..]);
         }
         r
     }
@@ -1022,17 +972,5 @@ mod tests {
         assert_eq!(up["upgrade"], "websocket");
         assert_eq!(up["connection"], "upgrade");
         assert!(!up.contains_key("x-secret"));
-    }
-
-    #[test]
-    fn upgrade_detection() {
-        let mut h = HeaderMap::new();
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(!wants_upgrade(&h));
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, Upgrade"),
-        );
-        assert!(wants_upgrade(&h));
     }
 }

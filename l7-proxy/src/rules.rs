@@ -41,11 +41,51 @@ enum HeaderCond {
 }
 
 impl HeaderCond {
-    fn holds(&self, headers: &HeaderMap) -> bool {
+    fn holds(&self, headers: Headers<'_>) -> bool {
         match self {
-            HeaderCond::Present(n) => headers.contains_key(n),
-            HeaderCond::Equals(n, v) => headers.get_all(n).iter().any(|have| have == v),
+            HeaderCond::Present(n) => headers.any(n.as_str(), |_| true),
+            HeaderCond::Equals(n, v) => headers.any(n.as_str(), |have| have == v.as_bytes()),
         }
+    }
+}
+
+/// A request's headers: hyper's map (HTTP/2) or the raw fields of an
+/// HTTP/1 head as parsed.
+#[derive(Debug, Clone, Copy)]
+pub enum Headers<'a> {
+    Map(&'a HeaderMap),
+    Raw(&'a [httparse::Header<'a>]),
+}
+
+impl<'a> Headers<'a> {
+    /// Whether any value of header `name` (lower-case) satisfies `f`.
+    pub fn any(self, name: &str, mut f: impl FnMut(&'a [u8]) -> bool) -> bool {
+        match self {
+            Headers::Map(m) => m.get_all(name).iter().any(|v| f(v.as_bytes())),
+            Headers::Raw(r) => r
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case(name) && f(h.value)),
+        }
+    }
+
+    /// How many times header `name` (lower-case) is present.
+    pub fn count(self, name: &str) -> usize {
+        let mut n = 0;
+        self.any(name, |_| {
+            n += 1;
+            false
+        });
+        n
+    }
+
+    /// The first value of header `name` (lower-case).
+    pub fn first(self, name: &str) -> Option<&'a [u8]> {
+        let mut out = None;
+        self.any(name, |v| {
+            out = Some(v);
+            true
+        });
+        out
     }
 }
 
@@ -66,7 +106,7 @@ pub struct RequestView<'a> {
     pub path: &'a str,
     /// Lower-cased authority, if the request had one.
     pub host: Option<&'a str>,
-    pub headers: &'a HeaderMap,
+    pub headers: Headers<'a>,
 }
 
 /// The verdict on one request.
@@ -280,7 +320,7 @@ mod tests {
             method,
             path,
             host: Some("shop.example"),
-            headers: &map,
+            headers: Headers::Map(&map),
         };
         matches!(set.check(&view), RuleVerdict::Allowed(_))
     }
@@ -377,7 +417,7 @@ mod tests {
             method: "GET",
             path: "/",
             host: Some("evil.example"),
-            headers: &map,
+            headers: Headers::Map(&map),
         };
         assert!(matches!(s.check(&v), RuleVerdict::Denied(_)));
         v.host = None;
@@ -399,7 +439,7 @@ mod tests {
             method: "GET",
             path: "/",
             host: None,
-            headers: &headers,
+            headers: Headers::Map(&headers),
         };
         assert_eq!(
             deny.check(&v),
@@ -417,7 +457,7 @@ mod tests {
             method: "GET",
             path: "/c",
             host: None,
-            headers: &map,
+            headers: Headers::Map(&map),
         };
         assert_eq!(s.check(&v), RuleVerdict::Denied("P1, P2".into()));
         let v = RequestView { path: "/b", ..v };
@@ -437,7 +477,7 @@ mod tests {
                 method,
                 path,
                 host: None,
-                headers: &map,
+                headers: Headers::Map(&map),
             };
             assert_eq!(u.check(&v), whole.check(&v), "{method} {path}");
         }
@@ -445,7 +485,7 @@ mod tests {
             method: "PUT",
             path: "/a",
             host: None,
-            headers: &map,
+            headers: Headers::Map(&map),
         };
         assert_eq!(u.check(&v), RuleVerdict::Denied("P1, P2, P3".into()));
         assert!(HttpRuleSet::union([]).is_empty());
