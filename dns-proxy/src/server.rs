@@ -13,7 +13,9 @@
 //!   answer whose learn hook has to wait (the kernel being programmed).
 //!   An upstream socket's receive task handles every answer queued (up to
 //!   a bound) before the replies go out, one `sendmmsg` per reply socket
-//!   (`upstream::Outbox`); the listener sends each query at once.
+//!   (`upstream::Outbox`); the listener likewise takes what queued with one
+//!   `recvmmsg` and sends the allowed queries with one `sendmmsg` per
+//!   pooled socket.
 //!   Replies reach the client from the server's own address and port
 //!   through a transparent socket bound to it (one per server, kept).
 //! - [`DnsProxy::drain`]: what queued on listeners being replaced is
