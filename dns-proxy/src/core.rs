@@ -34,8 +34,8 @@ use std::net::{IpAddr, SocketAddr};
 use hickory_proto::op::{
     Edns, Header, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
 };
-use hickory_proto::rr::Name;
-use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use hickory_proto::rr::{Name, Record};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, DecodeError};
 use meshward_policy::{DnsRules, DnsVerdict, Fqdn, NodeRules};
 
 use crate::learn::{learn_from, Learned};
@@ -320,9 +320,18 @@ impl PendingQuery {
                 unparsed: false,
             };
         }
-        match Message::from_vec(bytes) {
-            Ok(msg) => ResponseOutcome::Relay {
-                learned: learn_from(&msg, &self.question.name, self.ctx.client),
+        // The rest of the message, read on from the question as
+        // `Message::read` would (same checks), without reading the header
+        // and question again.
+        match read_sections(&mut decoder, &header) {
+            Ok((rcode, answers)) => ResponseOutcome::Relay {
+                learned: learn_from(
+                    rcode,
+                    &answers,
+                    &self.question.name,
+                    &self.name,
+                    self.ctx.client,
+                ),
                 truncated: false,
                 unparsed: false,
             },
@@ -333,6 +342,25 @@ impl PendingQuery {
             },
         }
     }
+}
+
+/// The answer, authority and additional sections after the question (what
+/// `Message::read` reads there, with its checks): the response code (with
+/// the OPT record's extended bits merged in) and the answer records.
+fn read_sections(
+    decoder: &mut BinDecoder<'_>,
+    header: &Header,
+) -> Result<(ResponseCode, Vec<Record>), DecodeError> {
+    let op = header.metadata.op_code;
+    let counts = &header.counts;
+    let (answers, _, _) = Message::read_records(decoder, usize::from(counts.answers), false, op)?;
+    Message::read_records(decoder, usize::from(counts.authorities), false, op)?;
+    let (_, edns, _) = Message::read_records(decoder, usize::from(counts.additionals), true, op)?;
+    let mut metadata = header.metadata;
+    if let Some(edns) = &edns {
+        metadata.merge_response_code(edns.rcode_high());
+    }
+    Ok((metadata.response_code, answers))
 }
 
 fn same_question(a: &Query, b: &Query) -> bool {
@@ -382,17 +410,32 @@ pub fn handle_query<P: DnsPolicy + ?Sized>(
         reply: header_only_reply(&metadata, ResponseCode::FormErr),
         why: LocalAnswer::FormatError,
     };
-    let Ok(msg) = Message::from_vec(bytes) else {
-        return formerr();
+    let counts = header.counts;
+    let (question, edns_do) = if counts.queries == 1
+        && counts.answers == 0
+        && counts.authorities == 0
+        && counts.additionals == 0
+    {
+        // The usual query: one question and nothing after it. Reading the
+        // question is all that parsing the whole message would do.
+        let Ok(question) = Query::read(&mut decoder) else {
+            return formerr();
+        };
+        (question, None)
+    } else {
+        let Ok(mut msg) = Message::from_vec(bytes) else {
+            return formerr();
+        };
+        if msg.queries.len() != 1 {
+            return formerr();
+        }
+        let edns_do = msg.edns.as_ref().map(|e| e.flags().dnssec_ok);
+        (msg.queries.swap_remove(0), edns_do)
     };
-    if msg.queries.len() != 1 {
-        return formerr();
-    }
-    let question = msg.queries[0].clone();
     let template = ReplyTemplate {
         metadata,
         query: Some(question.clone()),
-        edns_do: msg.edns.as_ref().map(|e| e.flags().dnssec_ok),
+        edns_do,
     };
     let deny_reply = || QueryOutcome::Answer {
         reply: template.build(match deny {

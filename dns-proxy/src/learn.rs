@@ -18,14 +18,16 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::{DNSClass, Name, RData};
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::{DNSClass, Name, RData, Record};
 use meshward_policy::Fqdn;
 
 use crate::core::fqdn_of;
 
 /// Most CNAME links followed from the question's name.
 pub const MAX_CHAIN: usize = 16;
+/// Up to this many addresses, a repeated one is found by a scan.
+const SCAN_LIMIT: usize = 16;
 
 /// Addresses an allowed answer carried, for the client that asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,16 +41,23 @@ pub struct Learned {
     pub ips: Vec<(IpAddr, u32)>,
 }
 
-/// The addresses in `msg` for `qname` (the question as asked); `None` when
-/// there are none.
-pub(crate) fn learn_from(msg: &Message, qname: &Name, client: IpAddr) -> Option<Learned> {
-    if msg.metadata.response_code != ResponseCode::NoError || msg.answers.is_empty() {
+/// The addresses in an answer section (`rcode` its response code) for
+/// `qname`, the question as asked (`qfqdn`: the same name as an [`Fqdn`]);
+/// `None` when there are none.
+pub(crate) fn learn_from(
+    rcode: ResponseCode,
+    answers: &[Record],
+    qname: &Name,
+    qfqdn: &Fqdn,
+    client: IpAddr,
+) -> Option<Learned> {
+    if rcode != ResponseCode::NoError || answers.is_empty() {
         return None;
     }
     // Owner -> (target, ttl) of its first CNAME; Name hashes and compares
     // case-insensitively.
     let mut cnames: HashMap<&Name, (&Name, u32)> = HashMap::new();
-    for r in &msg.answers {
+    for r in answers {
         if let RData::CNAME(target) = &r.data {
             cnames.entry(&r.name).or_insert((&target.0, r.ttl));
         }
@@ -67,7 +76,7 @@ pub(crate) fn learn_from(msg: &Message, qname: &Name, client: IpAddr) -> Option<
     }
     let mut ips: Vec<(IpAddr, u32)> = Vec::new();
     let mut index: HashMap<IpAddr, usize> = HashMap::new();
-    for r in &msg.answers {
+    for r in answers {
         if r.dns_class != DNSClass::IN {
             continue;
         }
@@ -80,10 +89,21 @@ pub(crate) fn learn_from(msg: &Message, qname: &Name, client: IpAddr) -> Option<
             continue;
         };
         let ttl = r.ttl.min(path_ttl);
-        match index.get(&ip) {
-            Some(&i) => ips[i].1 = ips[i].1.min(ttl),
+        // A few addresses: a scan; many: an index (built once needed).
+        let seen = if ips.len() <= SCAN_LIMIT {
+            ips.iter().position(|(known, _)| *known == ip)
+        } else {
+            if index.is_empty() {
+                index.extend(ips.iter().enumerate().map(|(i, (known, _))| (*known, i)));
+            }
+            index.get(&ip).copied()
+        };
+        match seen {
+            Some(i) => ips[i].1 = ips[i].1.min(ttl),
             None => {
-                index.insert(ip, ips.len());
+                if !index.is_empty() {
+                    index.insert(ip, ips.len());
+                }
                 ips.push((ip, ttl));
             }
         }
@@ -91,7 +111,6 @@ pub(crate) fn learn_from(msg: &Message, qname: &Name, client: IpAddr) -> Option<
     if ips.is_empty() {
         return None;
     }
-    let qfqdn = fqdn_of(qname)?;
     let mut names = vec![qfqdn.clone()];
     for (n, _) in &chain[1..] {
         if let Some(f) = fqdn_of(n) {
@@ -102,7 +121,7 @@ pub(crate) fn learn_from(msg: &Message, qname: &Name, client: IpAddr) -> Option<
     }
     Some(Learned {
         client,
-        qname: qfqdn,
+        qname: qfqdn.clone(),
         names,
         ips,
     })

@@ -13,7 +13,9 @@
 //!   answer whose learn hook has to wait (the kernel being programmed).
 //!   An upstream socket's receive task handles every answer queued (up to
 //!   a bound) before the replies go out, one `sendmmsg` per reply socket
-//!   (`upstream::Outbox`); the listener sends each query at once.
+//!   (`upstream::Outbox`); the listener likewise takes what queued with one
+//!   `recvmmsg` and sends the allowed queries with one `sendmmsg` per
+//!   pooled socket.
 //!   Replies reach the client from the server's own address and port
 //!   through a transparent socket bound to it (one per server, kept).
 //! - [`DnsProxy::drain`]: what queued on listeners being replaced is
@@ -32,6 +34,7 @@ use std::fmt::Display;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -60,6 +63,8 @@ const MAX_MESSAGE: usize = 65_535;
 const MAX_REPLY_SOCKETS: usize = 4096;
 /// The listener's datagrams per `Outbox` in `drain` (a batch per flush).
 const RECV_BURST: usize = 32;
+/// Most datagrams the listener takes with one `recvmmsg`.
+const LISTEN_BATCH: usize = 32;
 /// Most datagrams, and most connections, [`DnsProxy::drain`] takes.
 pub const MAX_DRAINED: usize = 65_536;
 
@@ -261,18 +266,21 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
     }
 
     async fn udp_loop(self, sock: UdpSocket) -> io::Result<()> {
-        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut batch = sock::RecvBatch::new(LISTEN_BATCH, MAX_MESSAGE);
         let mut errors_in_a_row = 0u32;
         let finish: Arc<dyn Finish> = self.inner.clone();
         let mut out = Outbox::default();
+        let fd = sock.as_raw_fd();
         loop {
-            let (n, client, orig) = match sock
-                .async_io(Interest::READABLE, || sock::recv_orig_dst(&sock, &mut buf))
+            let got = match sock
+                .async_io(Interest::READABLE, || {
+                    sock::recv_batch(fd, &mut batch, true)
+                })
                 .await
             {
-                Ok(r) => {
+                Ok(got) => {
                     errors_in_a_row = 0;
-                    r
+                    got
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -284,10 +292,15 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                     continue;
                 }
             };
-            self.udp_query(&buf[..n], client, orig, &finish, &mut out);
-            // Each query goes out at once: reading what else queued first
-            // (a batch per sendmmsg) was measured slower, the held-back
-            // queries leaving the server idle meanwhile.
+            // What queued meanwhile came in one recvmmsg; the queries go
+            // upstream together (one sendmmsg per pooled socket).
+            for i in 0..got {
+                let Some(d) = batch.get(i) else { break };
+                match d.from {
+                    Some(client) => self.udp_query(d.bytes, client, d.orig, &finish, &mut out),
+                    None => bump(&self.inner.stats.queries_dropped),
+                }
+            }
             out.flush(&finish, &self.inner.stats);
         }
     }
