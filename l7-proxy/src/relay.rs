@@ -718,28 +718,14 @@ async fn exchange(
     let (mut ur, mut uw) = upstream.split();
     let mut dec = BodyDecoder::new(x.body);
     let responded = |s: &AtomicU64| s.load(Ordering::Relaxed) > 0;
-    if dec.is_done() {
+    let has_body = !dec.is_done();
+    if !has_body {
         // No body: the head alone, then the response.
         uw.write_all(head)
             .await
             .map_err(|e| (Failure::Upstream(e), false))?;
         bump(activity);
-        let r = relay_response(
-            &mut ur,
-            &mut cw,
-            ubuf,
-            rout,
-            x.max_head,
-            x.head_request,
-            x.upgrade,
-            x.client_close,
-            &started,
-            activity,
-        )
-        .await;
-        return r.map_err(|e| (e, responded(&started)));
     }
-    let request = relay_body(&mut cr, &mut uw, cbuf, &mut dec, head, activity, true);
     let response = relay_response(
         &mut ur,
         &mut cw,
@@ -752,6 +738,10 @@ async fn exchange(
         &started,
         activity,
     );
+    if !has_body {
+        return response.await.map_err(|e| (e, responded(&started)));
+    }
+    let request = relay_body(&mut cr, &mut uw, cbuf, &mut dec, head, activity, true);
     tokio::pin!(request, response);
     let mut sent = false;
     loop {
