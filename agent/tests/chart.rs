@@ -221,6 +221,43 @@ fn install_cni_installs_a_plugin_and_conflist_a_runtime_can_use() {
 }
 
 #[test]
+fn install_cni_in_policy_only_mode_removes_the_mesh_conflist() {
+    let dir = TempDir::new();
+    let config = setup(dir.path(), Some("198.19.7.0/24"));
+    let out = install_cni(dir.path(), &config, &[]);
+    assert!(out.success(), "{out}");
+    let conflist = dir.join("net.d/05-meshward.conflist");
+    assert!(conflist.is_file());
+
+    // The same node switched to policy only (beside a cloud's CNI): the
+    // chart's init container runs install-cni with mesh: false.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("mesh: false\n");
+    std::fs::write(&config, text).unwrap();
+    let cloud = dir.join("net.d/10-cloud.conflist");
+    std::fs::write(
+        &cloud,
+        r#"{"cniVersion":"1.0.0","name":"cloud","plugins":[{"type":"ptp"}]}"#,
+    )
+    .unwrap();
+    let out = install_cni(dir.path(), &config, &[]);
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("removed"), "{out}");
+    assert!(
+        !conflist.exists(),
+        "the mesh conflist would keep taking pods"
+    );
+    assert!(
+        cloud.is_file(),
+        "another CNI's conflist is not ours to touch"
+    );
+    // nothing left to do is fine too
+    let out = install_cni(dir.path(), &config, &[]);
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("no meshward conflist"), "{out}");
+}
+
+#[test]
 fn install_cni_waits_for_the_pod_cidr_then_gives_up_clearly() {
     let dir = TempDir::new();
     let config = setup(dir.path(), None);

@@ -33,6 +33,9 @@ fn policy_only_agents_enforce_without_the_mesh() {
     for node in ["node1", "node2"] {
         let status = lab.agent_status(node);
         assert_eq!(status["mesh"], false, "{status}");
+        assert_eq!(status["publicKey"], "", "{status}");
+        let key_file = lab.node_dir(node).join("key");
+        assert!(!key_file.exists(), "{} was written", key_file.display());
         assert!(status["peers"].as_array().unwrap().is_empty(), "{status}");
         let links = lab.ok(&["exec", node, "ip", "-o", "link"]);
         // (pod veths are named mw + hex, which may start with 0: compare names)

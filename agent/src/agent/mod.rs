@@ -140,6 +140,23 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
 /// A request from the control socket, with where to send the answer.
 pub(crate) type ControlRequest = (Request, oneshot::Sender<Response>);
 
+/// At most this many queued control requests are taken in one pass of the
+/// run loop, so a flood of them cannot starve the datastore and timers.
+const REQUEST_BATCH: usize = 256;
+
+/// `first` and then what is already queued behind it, at most `max` in all,
+/// without waiting.
+fn drain_queued<T>(first: T, queue: &mut mpsc::Receiver<T>, max: usize) -> Vec<T> {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match queue.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
 struct Agent {
     config: Config,
     store: KeyStore,
@@ -280,7 +297,7 @@ impl Agent {
 
         // 2. keys
         let store = KeyStore::new(&config.state_dir);
-        let (current_key, previous_key) = {
+        let (current_key, previous_key) = if config.mesh {
             let store = store.clone();
             blocking("loading the node key", move || {
                 let current = store.load_or_generate()?;
@@ -289,10 +306,16 @@ impl Agent {
             })
             .await?
             .context("node key")?
+        } else {
+            // Policy only: no tunnel, so no node key on disk; a key file
+            // left by a mesh-mode run stays as it is for a switch back.
+            (NodeKey::generate(), None)
         };
         let current = current_key.public();
         let previous = previous_key.as_ref().map(NodeKey::public);
-        info!(public_key = %current, key_file = %store.key_path().display(), "node key loaded");
+        if config.mesh {
+            info!(public_key = %current, key_file = %store.key_path().display(), "node key loaded");
+        }
         if let Some(previous) = previous {
             warn!(
                 previous_public_key = %previous,
@@ -556,16 +579,31 @@ impl Agent {
                     debug!(generation = self.snapshot.generation(), "datastore snapshot");
                     self.reconcile().await;
                 }
-                Some((request, reply)) = requests.recv() => match request {
-                    Request::Cni(event) => {
-                        self.cni_pods.record(event, reply);
+                Some(first) = requests.recv() => {
+                    // A node starting many pods at once queues many CNI
+                    // ADDs: record them all, then compile once.
+                    let mut cni_pending = false;
+                    for (request, reply) in drain_queued(first, &mut requests, REQUEST_BATCH) {
+                        match request {
+                            Request::Cni(event) => {
+                                self.cni_pods.record(event, reply);
+                                cni_pending = true;
+                            }
+                            request => {
+                                // Requests are answered in order: CNI events
+                                // before this one are in force first.
+                                if std::mem::take(&mut cni_pending) {
+                                    self.reconcile_policy();
+                                }
+                                let response = self.handle(request).await;
+                                let _ = reply.send(response);
+                            }
+                        }
+                    }
+                    if cni_pending {
                         self.reconcile_policy();
                     }
-                    request => {
-                        let response = self.handle(request).await;
-                        let _ = reply.send(response);
-                    }
-                },
+                }
                 _ = resync.tick() => self.reconcile().await,
                 _ = policy_tick.tick() => {
                     if let Some(policy) = &self.policy {
@@ -965,7 +1003,12 @@ impl Agent {
         Status {
             node: self.config.node_name.clone(),
             pid: std::process::id(),
-            public_key: PublicKey::from(stats.local_public_key).to_string(),
+            // policy only: the mesh's key is a throwaway, never used
+            public_key: if self.config.mesh {
+                PublicKey::from(stats.local_public_key).to_string()
+            } else {
+                String::new()
+            },
             // ours, not the mesh's: cleared once the key file is deleted too
             previous_public_key: self.previous.map(|k| k.to_string()),
             endpoint: self.config.endpoint.to_string(),
@@ -1129,6 +1172,18 @@ mod tests {
             rotation_wait(day, day - Duration::from_secs(1)),
             ROTATION_START_DELAY
         );
+    }
+
+    #[test]
+    fn queued_requests_are_taken_in_order_up_to_the_batch_bound() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for n in 1..=5 {
+            tx.try_send(n).unwrap();
+        }
+        assert_eq!(drain_queued(0, &mut rx, 4), vec![0, 1, 2, 3]);
+        // the rest stays queued for the next pass
+        assert_eq!(drain_queued(9, &mut rx, 10), vec![9, 4, 5]);
+        assert_eq!(drain_queued(7, &mut rx, 10), vec![7]);
     }
 
     #[test]

@@ -115,6 +115,13 @@ pub fn run(args: InstallCniArgs) -> Result<()> {
         check: false,
     })?;
     let conflist_name = valid_conflist_name(&args.conflist_name)?;
+    if !config.mesh {
+        // Policy only: another CNI addresses pods. A conflist left by an
+        // earlier mesh-mode install would come first and keep taking pods.
+        let target = args.conf_dir.join(conflist_name);
+        println!("{}", remove_own_conflist(&target)?);
+        return Ok(());
+    }
     let plugin = locate_plugin(args.plugin.as_deref())?;
     // Checked before waiting for the Node, so a node missing them fails fast.
     let copies = chained_plugin_sources(&args)?;
@@ -180,6 +187,39 @@ fn check_conflist(conflist: &Value) -> Result<()> {
     meshward_cni::spec::NetConf::parse(&bytes)
         .map(drop)
         .map_err(|e| anyhow!("the generated meshward-cni configuration is refused: {e}"))
+}
+
+/// Deletes `target` if it is a conflist whose first plugin is meshward-cni;
+/// says what it did. Anything else at that path is left alone.
+fn remove_own_conflist(target: &Path) -> Result<String> {
+    let text = match fs::read_to_string(target) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(format!(
+                "mesh off (policy only): no meshward conflist at {}",
+                target.display()
+            ))
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", target.display())),
+    };
+    let ours =
+        serde_json::from_str::<Value>(&text).is_ok_and(|list| list["plugins"][0]["type"] == PLUGIN);
+    if !ours {
+        return Ok(format!(
+            "mesh off (policy only): {} is not meshward's conflist (its first plugin is not {PLUGIN}); left as it is",
+            target.display()
+        ));
+    }
+    fs::remove_file(target).with_context(|| format!("removing {}", target.display()))?;
+    if let Some(dir) = target.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))?;
+    }
+    Ok(format!(
+        "mesh off (policy only): removed {} left by mesh mode; the node's own CNI takes new pods",
+        target.display()
+    ))
 }
 
 fn valid_conflist_name(name: &str) -> Result<&str> {
@@ -353,6 +393,33 @@ mod tests {
         assert_eq!(parsed.pod_mtu(), 9001 - 80);
         assert_eq!(parsed.agent_socket(), PathBuf::from("/run/mw/agent.sock"));
         assert_eq!(parsed.state_dir(), PathBuf::from("/var/lib/meshward/ipam"));
+    }
+
+    #[test]
+    fn policy_only_removes_only_meshwards_own_conflist() {
+        let dir = std::env::temp_dir().join(format!("mw-rm-conflist-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("05-meshward.conflist");
+        assert!(remove_own_conflist(&target)
+            .unwrap()
+            .contains("no meshward conflist"));
+
+        let other = r#"{"cniVersion":"1.0.0","name":"aws","plugins":[{"type":"aws-cni"}]}"#;
+        fs::write(&target, other).unwrap();
+        assert!(remove_own_conflist(&target)
+            .unwrap()
+            .contains("left as it is"));
+        assert_eq!(fs::read_to_string(&target).unwrap(), other);
+        fs::write(&target, "not json").unwrap();
+        assert!(remove_own_conflist(&target)
+            .unwrap()
+            .contains("left as it is"));
+
+        let ours = conflist(&config(""), "198.19.4.0/24".parse().unwrap(), &[]);
+        fs::write(&target, ours.to_string()).unwrap();
+        assert!(remove_own_conflist(&target).unwrap().contains("removed"));
+        assert!(!target.exists());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
