@@ -8,6 +8,7 @@
 //! requests wait in the client buffer and are served in order. A WebSocket
 //! upgrade that the upstream accepts (101) becomes a byte copy both ways.
 
+use std::borrow::Cow;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -552,15 +553,14 @@ impl Relay<'_> {
             },
             src: self.peer,
             dst: self.dst,
-            method: String::new(),
-            path: String::new(),
+            method: Cow::Borrowed(head.method),
+            path: Cow::Borrowed(""),
             host: None,
             policy: None,
             reason: None,
         };
         let Some((path, query, authority)) = split_target(head.target) else {
-            event.method = head.method.to_owned();
-            event.path = head.target.to_owned();
+            event.path = Cow::Borrowed(head.target);
             event.verdict = Verdict::Malformed;
             let e = if head.method == "CONNECT" {
                 crate::decide::BadRequest::Connect.to_string()
@@ -586,7 +586,6 @@ impl Relay<'_> {
             headers,
         };
         let (decision, summary) = decide_request(&info, &egress, &ingress);
-        event.method = summary.method;
         event.path = summary.path;
         event.host = summary.host;
         match decision {
@@ -617,11 +616,8 @@ impl Relay<'_> {
                     },
                 )
             }
-            Decision::Forward {
-                path_and_query,
-                policy,
-            } => {
-                write_request_head(out, head, &path_and_query, authority);
+            Decision::Forward { policy } => {
+                write_request_head(out, head, &event.path, query, authority);
                 event.policy = policy;
                 shared.emit(event);
                 (
@@ -652,8 +648,8 @@ impl Relay<'_> {
             protocol: L7Protocol::Http1,
             src: self.peer,
             dst: self.dst,
-            method: String::new(),
-            path: String::new(),
+            method: Cow::Borrowed(""),
+            path: Cow::Borrowed(""),
             host: None,
             policy: None,
             reason: Some(e.to_string()),

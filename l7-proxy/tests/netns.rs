@@ -160,7 +160,7 @@ struct Lab {
     _node: Netns,
     server: Netns,
     log: Log,
-    events: Arc<Mutex<Vec<L7Event>>>,
+    events: Arc<Mutex<Vec<L7Event<'static>>>>,
     stop: Vec<tokio::sync::oneshot::Sender<()>>,
     tls_server: Option<Child>,
     _dir: meshward_testkit::TempDir,
@@ -264,7 +264,7 @@ fn lab() -> Lab {
     assert!(r.success(), "nft: {}", r.stderr);
 
     let log: Log = Arc::default();
-    let events: Arc<Mutex<Vec<L7Event>>> = Arc::default();
+    let events: Arc<Mutex<Vec<L7Event<'static>>>> = Arc::default();
     let mut stop = Vec::new();
 
     let l = log.clone();
@@ -310,7 +310,7 @@ fn lab() -> Lab {
                 ..ProxyConfig::default()
             },
             Arc::new(policy_source()),
-            Arc::new(move |e| ev.lock().unwrap().push(e)),
+            Arc::new(move |e: L7Event<'_>| ev.lock().unwrap().push(e.into_owned())),
         )
         .unwrap();
         Box::pin(async move {
