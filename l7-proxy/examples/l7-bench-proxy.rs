@@ -60,7 +60,7 @@ fn main() -> std::io::Result<()> {
     };
     let denied = Arc::new(AtomicU64::new(0));
     let d = denied.clone();
-    let events = Arc::new(move |e: meshward_l7_proxy::L7Event| {
+    let events = Arc::new(move |e: meshward_l7_proxy::L7Event<'_>| {
         if e.verdict != Verdict::Allowed {
             d.fetch_add(1, Ordering::Relaxed);
         }

@@ -2,6 +2,7 @@
 //! normalisation, rule matching, and the responses a denied or malformed
 //! request gets.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -40,10 +41,10 @@ pub enum BadRequest {
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Forward, with the target's path replaced by `path_and_query` (the
-    /// normalised path the rules were matched on, plus the query).
+    /// Forward, with the target's path replaced by the normalised one the
+    /// rules were matched on ([`RequestSummary::path`]), the query
+    /// unchanged ([`path_and_query`]).
     Forward {
-        path_and_query: String,
         /// The policy whose rule allowed it (`None`: no rules applied).
         policy: Option<Arc<str>>,
     },
@@ -54,13 +55,29 @@ pub enum Decision {
     Malformed(BadRequest),
 }
 
-/// The fields of a request the decision was about, for events.
+/// The fields of a request the decision was about, for events and the
+/// onward request; borrowed from the request where they are its own
+/// bytes (a path already in normal form, a lower-case host).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RequestSummary {
-    pub method: String,
+pub struct RequestSummary<'a> {
+    pub method: &'a str,
     /// Normalised when normalisation succeeded, raw otherwise.
-    pub path: String,
-    pub host: Option<String>,
+    pub path: Cow<'a, str>,
+    pub host: Option<Cow<'a, str>>,
+}
+
+/// The onward origin-form target: the normalised `path` and `query`.
+pub fn path_and_query(path: &str, query: Option<&str>) -> String {
+    match query {
+        Some(q) => {
+            let mut s = String::with_capacity(path.len() + 1 + q.len());
+            s.push_str(path);
+            s.push('?');
+            s.push_str(q);
+            s
+        }
+        None => path.to_owned(),
+    }
 }
 
 /// Rejects ambiguous message framing. hyper already refuses invalid
@@ -106,9 +123,22 @@ pub fn request_host(parts: &request::Parts) -> Result<Option<String>, BadRequest
         Headers::Map(&parts.headers),
         parts.uri.authority().map(|a| a.as_str()),
     )
+    .map(|h| h.map(Cow::into_owned))
 }
 
-fn host_of(headers: Headers<'_>, authority: Option<&str>) -> Result<Option<String>, BadRequest> {
+/// `s` lower-cased, borrowed when it has no upper-case letter.
+fn lower(s: &str) -> Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+fn host_of<'a>(
+    headers: Headers<'a>,
+    authority: Option<&'a str>,
+) -> Result<Option<Cow<'a, str>>, BadRequest> {
     let mut n = 0;
     let mut host = None;
     headers.any("host", |v| {
@@ -123,15 +153,13 @@ fn host_of(headers: Headers<'_>, authority: Option<&str>) -> Result<Option<Strin
         .map(|h| {
             // As http's HeaderValue::to_str: visible ASCII and tabs/spaces.
             if h.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
-                Ok(std::str::from_utf8(h)
-                    .unwrap_or_default()
-                    .to_ascii_lowercase())
+                Ok(lower(std::str::from_utf8(h).unwrap_or_default()))
             } else {
                 Err(BadRequest::InvalidHost)
             }
         })
         .transpose()?;
-    let target = authority.map(str::to_ascii_lowercase);
+    let target = authority.map(lower);
     match (target, host) {
         (Some(t), Some(h)) if t != h => Err(BadRequest::ConflictingHost),
         (Some(t), _) => Ok(Some(t)),
@@ -180,15 +208,15 @@ fn check_one(policy: &PortPolicy, view: &RequestView<'_>) -> RuleVerdict {
 /// The decision on a request under the egress policy of its source and the
 /// ingress policy of its destination (both must allow); framing checked
 /// first ([`check_framing`]).
-pub fn decide(
-    parts: &request::Parts,
+pub fn decide<'a>(
+    parts: &'a request::Parts,
     egress: &PortPolicy,
     ingress: &PortPolicy,
-) -> (Decision, RequestSummary) {
+) -> (Decision, RequestSummary<'a>) {
     if let Err(e) = check_framing(&parts.headers, parts.version) {
         let summary = RequestSummary {
-            method: parts.method.as_str().to_owned(),
-            path: parts.uri.path().to_owned(),
+            method: parts.method.as_str(),
+            path: Cow::Borrowed(parts.uri.path()),
             host: None,
         };
         return (Decision::Malformed(e), summary);
@@ -204,18 +232,18 @@ pub fn decide(
 }
 
 /// [`decide`] after the framing checks, on either protocol's request.
-pub fn decide_request(
-    req: &RequestInfo<'_>,
+pub fn decide_request<'a>(
+    req: &RequestInfo<'a>,
     egress: &PortPolicy,
     ingress: &PortPolicy,
-) -> (Decision, RequestSummary) {
+) -> (Decision, RequestSummary<'a>) {
     let mut summary = RequestSummary {
-        method: req.method.to_owned(),
-        path: String::new(),
+        method: req.method,
+        path: Cow::Borrowed(""),
         host: None,
     };
-    let malformed = |e, mut s: RequestSummary| {
-        s.path = req.path.to_owned();
+    let malformed = |e, mut s: RequestSummary<'a>| {
+        s.path = Cow::Borrowed(req.path);
         (Decision::Malformed(e), s)
     };
     if req.method == "CONNECT" {
@@ -231,7 +259,7 @@ pub fn decide_request(
     };
     summary.path = path;
     let view = RequestView {
-        method: &summary.method,
+        method: summary.method,
         path: &summary.path,
         host: summary.host.as_deref(),
         headers: req.headers,
@@ -243,23 +271,7 @@ pub fn decide_request(
             RuleVerdict::Denied(policies) => return (Decision::Deny { policies }, summary),
         }
     }
-    let path_and_query = match req.query {
-        Some(q) => {
-            let mut s = String::with_capacity(summary.path.len() + 1 + q.len());
-            s.push_str(&summary.path);
-            s.push('?');
-            s.push_str(q);
-            s
-        }
-        None => summary.path.clone(),
-    };
-    (
-        Decision::Forward {
-            path_and_query,
-            policy: allowed_by,
-        },
-        summary,
-    )
+    (Decision::Forward { policy: allowed_by }, summary)
 }
 
 /// The body of an HTTP denial.
@@ -384,13 +396,18 @@ mod tests {
 
     #[test]
     fn forwarded_path_is_the_matched_one() {
-        let d = verdict(get("/api/v1//a/./b/../c?q=%2e%2e"));
+        let p = parts(get("/api/v1//a/./b/../c?q=%2e%2e"));
+        let (d, s) = decide(&p, &frontend(), &PortPolicy::AllowAll);
         assert_eq!(
             d,
             Decision::Forward {
-                path_and_query: "/api/v1/a/c?q=%2e%2e".into(),
                 policy: Some("P".into())
             }
+        );
+        assert_eq!(s.path, "/api/v1/a/c");
+        assert_eq!(
+            path_and_query(&s.path, p.uri.query()),
+            "/api/v1/a/c?q=%2e%2e"
         );
         // Dot segments inside the allowed prefix are fine once resolved.
         assert!(matches!(
@@ -440,11 +457,8 @@ mod tests {
         assert_eq!(d, Decision::Malformed(BadRequest::DuplicateHost));
         let d = verdict(Request::get("http://evil/api/v1/x").header("host", "shop"));
         assert_eq!(d, Decision::Malformed(BadRequest::ConflictingHost));
-        let (_, s) = decide(
-            &parts(Request::get("http://Shop:8080/api/v1/x")),
-            &frontend(),
-            &PortPolicy::AllowAll,
-        );
+        let p = parts(Request::get("http://Shop:8080/api/v1/x"));
+        let (_, s) = decide(&p, &frontend(), &PortPolicy::AllowAll);
         assert_eq!(s.host.as_deref(), Some("shop:8080"));
     }
 

@@ -360,20 +360,25 @@ fn push_headers(out: &mut Vec<u8>, headers: &[httparse::Header<'_>], upgrade: bo
 }
 
 /// Writes the onward request head into `out` (cleared first): the
-/// request line with `path_and_query` (the normalised target, origin
+/// request line with `path` (the normalised one) and `query` (origin
 /// form), the client's headers without connection-specific ones, `Host`
 /// from an absolute-form target when the client sent none, the framing
 /// headers for `head.body`, and `Connection: upgrade` on an upgrade.
 pub fn write_request_head(
     out: &mut Vec<u8>,
     head: &RequestHead<'_, '_>,
-    path_and_query: &str,
+    path: &str,
+    query: Option<&str>,
     authority: Option<&str>,
 ) {
     out.clear();
     out.extend_from_slice(head.method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path_and_query.as_bytes());
+    out.extend_from_slice(path.as_bytes());
+    if let Some(q) = query {
+        out.push(b'?');
+        out.extend_from_slice(q.as_bytes());
+    }
     out.extend_from_slice(if head.minor == 0 {
         b" HTTP/1.0\r\n"
     } else {

@@ -14,6 +14,7 @@
 //! denial responses), [`h1`] (HTTP/1.1 heads and body framing for the
 //! relay), [`sni`] (ClientHello parsing, name check).
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -93,9 +94,11 @@ pub enum L7Protocol {
     Tls,
 }
 
-/// One decision, for flow logs and metrics.
+/// One decision, for flow logs and metrics. Its text fields borrow the
+/// request where they can (nothing is copied for a sink that only counts
+/// verdicts); [`L7Event::into_owned`] makes one to keep.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct L7Event {
+pub struct L7Event<'a> {
     pub time: SystemTime,
     pub verdict: Verdict,
     pub protocol: L7Protocol,
@@ -103,17 +106,35 @@ pub struct L7Event {
     /// The original destination.
     pub dst: SocketAddr,
     /// HTTP method (empty for TLS).
-    pub method: String,
+    pub method: Cow<'a, str>,
     /// Normalised path (raw when it could not be normalised; empty for TLS).
-    pub path: String,
+    pub path: Cow<'a, str>,
     /// HTTP authority, or the TLS server name.
-    pub host: Option<String>,
+    pub host: Option<Cow<'a, str>>,
     /// The policy that allowed it, or the policies that denied it.
     pub policy: Option<Arc<str>>,
     /// Why it was malformed, when it was.
     pub reason: Option<String>,
 }
 
+impl L7Event<'_> {
+    /// The event with its text copied out of the request.
+    pub fn into_owned(self) -> L7Event<'static> {
+        L7Event {
+            time: self.time,
+            verdict: self.verdict,
+            protocol: self.protocol,
+            src: self.src,
+            dst: self.dst,
+            method: Cow::Owned(self.method.into_owned()),
+            path: Cow::Owned(self.path.into_owned()),
+            host: self.host.map(|h| Cow::Owned(h.into_owned())),
+            policy: self.policy,
+            reason: self.reason,
+        }
+    }
+}
+
 /// Receives every decision (called inline: keep it cheap, e.g. push into
-/// a ring buffer).
-pub type EventSink = Arc<dyn Fn(L7Event) + Send + Sync>;
+/// a ring buffer; copy out only what is kept).
+pub type EventSink = Arc<dyn Fn(L7Event<'_>) + Send + Sync>;

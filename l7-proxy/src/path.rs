@@ -23,6 +23,7 @@
 //! * The query is not part of the path (rules match the path only); it is
 //!   forwarded unchanged.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 /// Why a path was refused (the request gets 400).
@@ -55,12 +56,41 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-/// The normalised form of `raw`, the path of a request target (no query).
-/// `*` (the `OPTIONS *` target) is returned as is.
-pub fn normalize_path(raw: &str) -> Result<String, PathError> {
-    if raw == "*" {
-        return Ok(raw.to_owned());
+/// Whether `raw` is already in normal form, checked without building
+/// anything: absolute, no escapes, backslashes or control characters, no
+/// empty segment (`//`) and no segment starting with a dot (so no dot
+/// segment and no `.;` parameter). Such a path is its own normal form;
+/// anything else takes the full way.
+fn is_plain(raw: &str) -> bool {
+    let b = raw.as_bytes();
+    if b.first() != Some(&b'/') {
+        return false;
     }
+    let mut prev = 0u8;
+    for &c in b {
+        match c {
+            b'%' | b'\\' | 0..=0x20 | 0x7f => return false,
+            b'/' | b'.' if prev == b'/' => return false,
+            _ => {}
+        }
+        prev = c;
+    }
+    true
+}
+
+/// The normalised form of `raw`, the path of a request target (no query):
+/// `raw` itself (borrowed, nothing allocated) when it is already normal,
+/// the rewritten path otherwise. `*` (the `OPTIONS *` target) is returned
+/// as is.
+pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
+    if raw == "*" || is_plain(raw) {
+        return Ok(Cow::Borrowed(raw));
+    }
+    rewrite(raw).map(Cow::Owned)
+}
+
+/// The full normalisation (escapes, then segments).
+fn rewrite(raw: &str) -> Result<String, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
@@ -148,7 +178,62 @@ mod tests {
     use super::*;
 
     fn n(p: &str) -> Result<String, PathError> {
-        normalize_path(p)
+        let fast = normalize_path(p).map(Cow::into_owned);
+        if p != "*" {
+            // The borrowed shortcut never changes the outcome.
+            assert_eq!(fast, rewrite(p), "{p:?}");
+        }
+        fast
+    }
+
+    #[test]
+    fn plain_paths_borrowed_others_rewritten() {
+        for p in [
+            "/",
+            "/api/v1/products/1",
+            "/a/b/",
+            "/a.b/c..d/e.",
+            "/caf\u{e9}",
+            "/x;y",
+        ] {
+            assert!(matches!(normalize_path(p), Ok(Cow::Borrowed(_))), "{p}");
+            assert_eq!(rewrite(p).unwrap(), p, "{p}");
+        }
+        for p in [
+            "//a",
+            "/a//b",
+            "/./a",
+            "/a/..",
+            "/.well-known",
+            "/%61",
+            "/a%20b",
+        ] {
+            assert!(!is_plain(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn shortcut_agrees_with_the_full_way() {
+        // Every string of up to 4 characters over an alphabet of the
+        // characters normalisation looks at.
+        let alphabet = ['/', '.', ';', 'a', '%', '2', 'e', 'f', '\\', ' ', '\u{e9}'];
+        let mut paths = vec![String::new()];
+        let mut last = paths.clone();
+        for _ in 0..4 {
+            last = last
+                .iter()
+                .flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}")))
+                .collect();
+            paths.extend(last.iter().cloned());
+        }
+        for p in &paths {
+            let p = format!("/{p}");
+            assert_eq!(
+                normalize_path(&p).map(Cow::into_owned),
+                rewrite(&p),
+                "{p:?}"
+            );
+        }
     }
 
     #[test]

@@ -29,7 +29,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::decide::{bad_request_response, decide, denied_response, is_grpc, Decision};
+use crate::decide::{
+    bad_request_response, decide, denied_response, is_grpc, path_and_query, Decision,
+};
 use crate::relay::{self, idle_watch, Buf, End, Relay, H2_PREFACE};
 use crate::sni::{parse_client_hello, Hello, SniVerdict, MAX_CLIENT_HELLO};
 use crate::{sock, Direction, EventSink, L7Event, L7Protocol, PolicySource, PortPolicy, Verdict};
@@ -329,9 +331,9 @@ impl Shared {
             protocol: L7Protocol::Tls,
             src: peer,
             dst,
-            method: String::new(),
-            path: String::new(),
-            host,
+            method: "".into(),
+            path: "".into(),
+            host: host.map(Into::into),
             policy,
             reason,
         };
@@ -413,7 +415,9 @@ impl Shared {
             first_deadline,
             activity: &activity,
         };
+        // Biased: the relay first, no random pick on every wake-up.
         let end = tokio::select! {
+            biased;
             end = relay.run() => end,
             _ = idle_watch(&activity, cfg.idle_timeout) => {
                 debug!(%peer, %dst, "l7 client connection idle, closed");
@@ -518,7 +522,7 @@ impl Shared {
             protocol,
             src: peer,
             dst,
-            method: summary.method,
+            method: summary.method.into(),
             path: summary.path,
             host: summary.host,
             policy: None,
@@ -538,13 +542,11 @@ impl Shared {
                 drain(body);
                 return denied_response(grpc, &policies).map(Either::Right);
             }
-            Decision::Forward {
-                path_and_query,
-                policy,
-            } => {
+            Decision::Forward { policy } => {
+                let pq = path_and_query(&event.path, parts.uri.query());
                 event.policy = policy;
                 self.emit(event);
-                path_and_query
+                pq
             }
         };
         let mut uri = std::mem::take(&mut parts.uri).into_parts();

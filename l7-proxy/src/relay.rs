@@ -8,9 +8,10 @@
 //! requests wait in the client buffer and are served in order. A WebSocket
 //! upgrade that the upstream accepts (101) becomes a byte copy both ways.
 
+use std::borrow::Cow;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -219,7 +220,11 @@ fn bump(activity: &AtomicU64) {
 }
 
 /// Reads the response(s) to one request from upstream and relays them:
-/// 1xx heads as they come, then the final head and its body.
+/// 1xx heads as they come, then the final head and its body. A final
+/// response that starts before the request body has been relayed whole
+/// (`request_done` still false: an early response) carries
+/// `Connection: close`, as the client connection cannot be kept in step
+/// after it (RFC 9112 9.6).
 #[allow(clippy::too_many_arguments)]
 async fn relay_response<R, W>(
     ur: &mut R,
@@ -231,6 +236,7 @@ async fn relay_response<R, W>(
     upgrade: bool,
     client_close: bool,
     started: &AtomicU64,
+    request_done: &AtomicBool,
     activity: &AtomicU64,
 ) -> Result<Outcome, Failure>
 where
@@ -249,7 +255,8 @@ where
                             "101 to a request without an upgrade",
                         )));
                     }
-                    let close = !info && (client_close || head.close);
+                    let close = !info
+                        && (client_close || head.close || !request_done.load(Ordering::Relaxed));
                     write_response_head(out, &head, close);
                     Some((head.len, head.body, code, info, close, head.close))
                 }
@@ -546,15 +553,14 @@ impl Relay<'_> {
             },
             src: self.peer,
             dst: self.dst,
-            method: String::new(),
-            path: String::new(),
+            method: Cow::Borrowed(head.method),
+            path: Cow::Borrowed(""),
             host: None,
             policy: None,
             reason: None,
         };
         let Some((path, query, authority)) = split_target(head.target) else {
-            event.method = head.method.to_owned();
-            event.path = head.target.to_owned();
+            event.path = Cow::Borrowed(head.target);
             event.verdict = Verdict::Malformed;
             let e = if head.method == "CONNECT" {
                 crate::decide::BadRequest::Connect.to_string()
@@ -580,7 +586,6 @@ impl Relay<'_> {
             headers,
         };
         let (decision, summary) = decide_request(&info, &egress, &ingress);
-        event.method = summary.method;
         event.path = summary.path;
         event.host = summary.host;
         match decision {
@@ -611,11 +616,8 @@ impl Relay<'_> {
                     },
                 )
             }
-            Decision::Forward {
-                path_and_query,
-                policy,
-            } => {
-                write_request_head(out, head, &path_and_query, authority);
+            Decision::Forward { policy } => {
+                write_request_head(out, head, &event.path, query, authority);
                 event.policy = policy;
                 shared.emit(event);
                 (
@@ -646,8 +648,8 @@ impl Relay<'_> {
             protocol: L7Protocol::Http1,
             src: self.peer,
             dst: self.dst,
-            method: String::new(),
-            path: String::new(),
+            method: Cow::Borrowed(""),
+            path: Cow::Borrowed(""),
             host: None,
             policy: None,
             reason: Some(e.to_string()),
@@ -719,6 +721,8 @@ async fn exchange(
     let mut dec = BodyDecoder::new(x.body);
     let responded = |s: &AtomicU64| s.load(Ordering::Relaxed) > 0;
     let has_body = !dec.is_done();
+    // Whether the request (head and body) has gone onward whole.
+    let request_done = AtomicBool::new(!has_body);
     if !has_body {
         // No body: the head alone, then the response.
         uw.write_all(head)
@@ -736,12 +740,17 @@ async fn exchange(
         x.upgrade,
         x.client_close,
         &started,
+        &request_done,
         activity,
     );
     if !has_body {
         return response.await.map_err(|e| (e, responded(&started)));
     }
-    let request = relay_body(&mut cr, &mut uw, cbuf, &mut dec, head, activity, true);
+    let request = async {
+        relay_body(&mut cr, &mut uw, cbuf, &mut dec, head, activity, true).await?;
+        request_done.store(true, Ordering::Relaxed);
+        Ok::<(), Failure>(())
+    };
     tokio::pin!(request, response);
     let mut sent = false;
     loop {
@@ -749,9 +758,14 @@ async fn exchange(
             biased;
             r = &mut response => {
                 return match r {
-                    // The response ended before the request body: the
-                    // client connection cannot be kept in step; close it.
-                    Ok(Outcome::Done { .. }) if !sent => Ok(Outcome::Done { close: true, reuse: false }),
+                    // The response ended before the request body (it
+                    // started before, so its head said `Connection:
+                    // close`): the client connection cannot be kept in
+                    // step; it closes, and the upstream one is not reused.
+                    Ok(Outcome::Done { close, reuse }) => {
+                        let done = request_done.load(Ordering::Relaxed);
+                        Ok(Outcome::Done { close: close || !done, reuse: reuse && done })
+                    }
                     Ok(o) => Ok(o),
                     Err(e) => Err((e, responded(&started))),
                 };

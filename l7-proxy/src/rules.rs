@@ -89,11 +89,58 @@ impl<'a> Headers<'a> {
     }
 }
 
+/// A compiled `method`/`path`/`host` expression. Expressions that are
+/// plain text, or plain text then `.*`, are matched by comparing strings
+/// (what the expression means, `^(?:text)$` / `^(?:text.*)$`, without
+/// running a regex engine); anything else by the regex.
+#[derive(Debug, Clone)]
+enum Matcher {
+    /// The whole value is this text.
+    Exact(Box<str>),
+    /// The value starts with this text and the rest has no `\n` (which
+    /// `.` does not match).
+    Prefix(Box<str>),
+    Regex(Regex),
+}
+
+/// Characters that stand for themselves in a regular expression outside
+/// a class, whatever follows them (a conservative set: the others go to
+/// the regex).
+fn is_plain_text(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/_-:;=,@!%'\"<>`~& ".contains(&b))
+}
+
+impl Matcher {
+    fn new(re: &str) -> Result<Matcher, regex::Error> {
+        let regex = Regex::new(&format!("^(?:{re})$"))?;
+        if is_plain_text(re) {
+            return Ok(Matcher::Exact(re.into()));
+        }
+        if let Some(prefix) = re.strip_suffix(".*") {
+            if is_plain_text(prefix) {
+                return Ok(Matcher::Prefix(prefix.into()));
+            }
+        }
+        Ok(Matcher::Regex(regex))
+    }
+
+    fn is_match(&self, v: &str) -> bool {
+        match self {
+            Matcher::Exact(t) => v == &**t,
+            Matcher::Prefix(p) => v
+                .strip_prefix(&**p)
+                .is_some_and(|rest| !rest.contains('\n')),
+            Matcher::Regex(re) => re.is_match(v),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct CompiledRule {
-    method: Option<Regex>,
-    path: Option<Regex>,
-    host: Option<Regex>,
+    method: Option<Matcher>,
+    path: Option<Matcher>,
+    host: Option<Matcher>,
     headers: Vec<HeaderCond>,
     policy: Arc<str>,
 }
@@ -132,9 +179,9 @@ fn anchored(
     field: &'static str,
     re: &Option<String>,
     err: &dyn Fn(&'static str, String) -> RuleError,
-) -> Result<Option<Regex>, RuleError> {
+) -> Result<Option<Matcher>, RuleError> {
     re.as_deref()
-        .map(|s| Regex::new(&format!("^(?:{s})$")).map_err(|e| err(field, e.to_string())))
+        .map(|s| Matcher::new(s).map_err(|e| err(field, e.to_string())))
         .transpose()
 }
 
@@ -489,6 +536,51 @@ mod tests {
         };
         assert_eq!(u.check(&v), RuleVerdict::Denied("P1, P2, P3".into()));
         assert!(HttpRuleSet::union([]).is_empty());
+    }
+
+    #[test]
+    fn text_matchers_agree_with_the_regex() {
+        let patterns = [
+            "GET",
+            "",
+            "/api/v1/products.*",
+            "/api/v1/orders",
+            ".*",
+            "/a-b_c~d:e;f=g,h@i!j%20k&l",
+            "/api/v1/products.+",
+            "GET|POST",
+            "/a.c",
+            "/x.*y",
+            "(?i)get",
+        ];
+        let values = [
+            "",
+            "GET",
+            "get",
+            "POST",
+            "/api/v1/products",
+            "/api/v1/products/1",
+            "/api/v1/products\n",
+            "/api/v1/products/\u{e9}",
+            "/api/v1/orders",
+            "/api/v1/orders/",
+            "/a-b_c~d:e;f=g,h@i!j%20k&l",
+            "/abc",
+            "/a.c",
+            "/xzy",
+            "x\ny",
+        ];
+        let mut text = 0;
+        for p in patterns {
+            let m = Matcher::new(p).unwrap();
+            text += usize::from(!matches!(m, Matcher::Regex(_)));
+            let re = Regex::new(&format!("^(?:{p})$")).unwrap();
+            for v in values {
+                assert_eq!(m.is_match(v), re.is_match(v), "{p:?} on {v:?} ({m:?})");
+            }
+        }
+        // GET, "", products.*, orders, .*, the punctuation one.
+        assert_eq!(text, 6);
     }
 
     #[test]

@@ -190,7 +190,7 @@ struct Lab {
     _node: Netns,
     _server: Netns,
     calls: Arc<Calls>,
-    events: Arc<Mutex<Vec<L7Event>>>,
+    events: Arc<Mutex<Vec<L7Event<'static>>>>,
     stop: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -257,7 +257,7 @@ fn lab() -> Lab {
     assert!(r.success(), "nft: {}", r.stderr);
 
     let calls = Arc::new(Calls::default());
-    let events: Arc<Mutex<Vec<L7Event>>> = Arc::default();
+    let events: Arc<Mutex<Vec<L7Event<'static>>>> = Arc::default();
     let mut stop = Vec::new();
 
     let c = calls.clone();
@@ -292,7 +292,7 @@ fn lab() -> Lab {
         let proxy = L7Proxy::bind(
             ProxyConfig::default(),
             Arc::new(policy_source()),
-            Arc::new(move |e| ev.lock().unwrap().push(e)),
+            Arc::new(move |e: L7Event<'_>| ev.lock().unwrap().push(e.into_owned())),
         )
         .unwrap();
         Box::pin(async move {
@@ -338,7 +338,7 @@ fn order(item: &str, quantity: u32, note: Vec<u8>) -> OrderRequest {
     }
 }
 
-fn events_with(lab: &Lab, verdict: Verdict) -> Vec<L7Event> {
+fn events_with(lab: &Lab, verdict: Verdict) -> Vec<L7Event<'static>> {
     lab.events
         .lock()
         .unwrap()

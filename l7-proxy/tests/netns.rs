@@ -35,6 +35,11 @@ use lab_support::*;
 const FRONTEND: &str = "198.18.1.2";
 const GRPC_CLIENT: &str = "198.18.1.3";
 const SERVER: &str = "198.18.2.2";
+/// The server's port where it answers as soon as it has a request head,
+/// before any body (an early response), then reads the body away.
+const EARLY_PORT: u16 = 8081;
+/// The early response's body.
+const EARLY_BODY: &str = "too large\n";
 
 /// What the upstream server saw: method, path and query, headers, body length.
 #[derive(Debug, Clone)]
@@ -143,7 +148,7 @@ fn policy_source() -> impl Fn(IpAddr, SocketAddr, Direction) -> PortPolicy {
         }
         match (src.to_string().as_str(), dst.port()) {
             (_, 8443) => PortPolicy::Sni(sni.clone()),
-            (FRONTEND, 8080) => PortPolicy::Http(frontend.clone()),
+            (FRONTEND, 8080 | EARLY_PORT) => PortPolicy::Http(frontend.clone()),
             (GRPC_CLIENT, 8080) => PortPolicy::Http(grpc.clone()),
             _ => PortPolicy::AllowAll,
         }
@@ -155,7 +160,7 @@ struct Lab {
     _node: Netns,
     server: Netns,
     log: Log,
-    events: Arc<Mutex<Vec<L7Event>>>,
+    events: Arc<Mutex<Vec<L7Event<'static>>>>,
     stop: Vec<tokio::sync::oneshot::Sender<()>>,
     tls_server: Option<Child>,
     _dir: meshward_testkit::TempDir,
@@ -203,6 +208,35 @@ fn spawn_in(
     tx
 }
 
+/// Answers 413 once a request head is in, without waiting for its body;
+/// then reads whatever comes (bounded) until the peer closes.
+async fn early_responder(mut s: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match s.read(&mut buf).await {
+            Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+            _ => return,
+        }
+    }
+    let resp = format!(
+        "HTTP/1.1 413 Content Too Large\r\ncontent-length: {}\r\n\r\n{EARLY_BODY}",
+        EARLY_BODY.len()
+    );
+    if s.write_all(resp.as_bytes()).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 fn lab() -> Lab {
     let client = Netns::new("c");
     let node = Netns::new("n");
@@ -217,7 +251,7 @@ fn lab() -> Lab {
     let ruleset = "table inet l7test {
   chain pre {
     type filter hook prerouting priority mangle; policy accept;
-    ip saddr 198.18.1.0/24 tcp dport { 8080, 8443 } meta mark set meta mark | 0x400000 tproxy ip to 127.0.0.1:15001 accept
+    ip saddr 198.18.1.0/24 tcp dport { 8080, 8081, 8443 } meta mark set meta mark | 0x400000 tproxy ip to 127.0.0.1:15001 accept
   }
 }
 ";
@@ -230,7 +264,7 @@ fn lab() -> Lab {
     assert!(r.success(), "nft: {}", r.stderr);
 
     let log: Log = Arc::default();
-    let events: Arc<Mutex<Vec<L7Event>>> = Arc::default();
+    let events: Arc<Mutex<Vec<L7Event<'static>>>> = Arc::default();
     let mut stop = Vec::new();
 
     let l = log.clone();
@@ -254,6 +288,20 @@ fn lab() -> Lab {
         })
     }));
 
+    stop.push(spawn_in(&server, move |mut rx| {
+        Box::pin(async move {
+            let listener = tokio::net::TcpListener::bind((SERVER, EARLY_PORT))
+                .await
+                .unwrap();
+            loop {
+                tokio::select! {
+                    _ = &mut rx => return,
+                    Ok((s, _)) = listener.accept() => { tokio::spawn(early_responder(s)); }
+                }
+            }
+        })
+    }));
+
     let ev = events.clone();
     stop.push(spawn_in(&node, move |rx| {
         let proxy = L7Proxy::bind(
@@ -262,7 +310,7 @@ fn lab() -> Lab {
                 ..ProxyConfig::default()
             },
             Arc::new(policy_source()),
-            Arc::new(move |e| ev.lock().unwrap().push(e)),
+            Arc::new(move |e: L7Event<'_>| ev.lock().unwrap().push(e.into_owned())),
         )
         .unwrap();
         Box::pin(async move {
@@ -328,6 +376,7 @@ fn lab() -> Lab {
     };
     wait_port(&lab.server, "198.18.2.2:8080");
     wait_port(&lab.server, "198.18.2.2:8443");
+    wait_port(&lab.server, &format!("{SERVER}:{EARLY_PORT}"));
     lab
 }
 
@@ -726,4 +775,60 @@ fn slow_header_client_is_cut_off() {
     );
     assert!(start.elapsed() < Duration::from_secs(8));
     assert!(!out.1.contains("200"), "{out:?}");
+}
+
+#[test]
+fn early_response_says_connection_close() {
+    let lab = lab();
+    // A POST whose body (1 MB announced) has barely begun when the
+    // upstream answers 413: the proxy must tell the client it closes the
+    // connection, then close it.
+    let out = lab.client.run(|| {
+        let dst: SocketAddr = format!("{SERVER}:{EARLY_PORT}").parse().unwrap();
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(
+            b"POST /api/v1/orders HTTP/1.1\r\nHost: s\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\n\r\n",
+        )
+        .unwrap();
+        s.write_all(&[b'x'; 1000]).unwrap();
+        // Everything until the proxy closes (it must: nothing more is sent).
+        let mut out = Vec::new();
+        let closed = s.read_to_end(&mut out).is_ok();
+        (closed, String::from_utf8_lossy(&out).into_owned())
+    });
+    let (closed, text) = out;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    let head = text.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+    assert!(
+        head.lines().any(|l| l == "connection: close"),
+        "early response without Connection: close: {text:?}"
+    );
+    assert!(text.ends_with(EARLY_BODY), "{text:?}");
+    assert!(closed, "the proxy did not close the connection: {text:?}");
+
+    // A body sent whole before the response keeps the connection open:
+    // two requests on one connection, both answered, no close.
+    let url = format!("{URL}/api/v1/orders");
+    let (status, out) = curl(
+        &lab.client,
+        &[
+            "--http1.1",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            "{}",
+            &url,
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            "{}",
+            &url,
+        ],
+    );
+    assert_eq!(status, 200, "{out}");
+    assert!(
+        !out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
 }

@@ -38,7 +38,7 @@ struct Lab {
     client: Netns,
     node: Netns,
     _server: Netns,
-    events: Arc<Mutex<Vec<L7Event>>>,
+    events: Arc<Mutex<Vec<L7Event<'static>>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -137,7 +137,7 @@ fn lab() -> Lab {
 
     // The proxy: two threads, as the agent starts it (they serve until the
     // test process ends; the namespace's name is removed with the lab).
-    let events: Arc<Mutex<Vec<L7Event>>> = Arc::default();
+    let events: Arc<Mutex<Vec<L7Event<'static>>>> = Arc::default();
     let ev = events.clone();
     let products = HttpRule {
         method: Some("GET".into()),
@@ -163,7 +163,7 @@ fn lab() -> Lab {
             2,
             vec![v4, v6],
             Arc::new(policy),
-            Arc::new(move |e| ev.lock().unwrap().push(e)),
+            Arc::new(move |e: L7Event<'_>| ev.lock().unwrap().push(e.into_owned())),
             "l7-test",
         )
         .unwrap()
@@ -217,7 +217,7 @@ fn ipv6_requests_judged_and_forwarded_from_the_client_address() {
     assert_eq!(status, 200, "{out}");
     assert!(out.contains("peer 198.18.1.2:"), "{out}");
     let events = lab.events.lock().unwrap();
-    let v6: Vec<&L7Event> = events.iter().filter(|e| e.src.is_ipv6()).collect();
+    let v6: Vec<&L7Event<'static>> = events.iter().filter(|e| e.src.is_ipv6()).collect();
     assert_eq!(v6.len(), 6, "{events:?}");
     assert_eq!(
         v6.iter().filter(|e| e.verdict == Verdict::Denied).count(),

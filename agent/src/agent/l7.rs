@@ -381,7 +381,7 @@ impl L7Shared {
         }
     }
 
-    fn event(&self, e: L7Event) {
+    fn event(&self, e: L7Event<'_>) {
         match e.verdict {
             L7Verdict::Allowed => ALLOWED.fetch_add(1, Ordering::Relaxed),
             L7Verdict::Denied | L7Verdict::Malformed => DENIED.fetch_add(1, Ordering::Relaxed),
@@ -394,7 +394,7 @@ impl L7Shared {
 }
 
 /// An L7 decision as a flow event.
-fn flow_event(hub: &EventHub, e: &L7Event, direction: &str) -> FlowEvent {
+fn flow_event(hub: &EventHub, e: &L7Event<'_>, direction: &str) -> FlowEvent {
     let verdict = match e.verdict {
         L7Verdict::Allowed => Verdict::Allowed,
         L7Verdict::Denied | L7Verdict::Malformed => Verdict::Denied,
@@ -415,11 +415,15 @@ fn flow_event(hub: &EventHub, e: &L7Event, direction: &str) -> FlowEvent {
     );
     let tls = e.protocol == L7Protocol::Tls;
     f.l7 = Some(L7Info {
-        method: if tls { "TLS".into() } else { e.method.clone() },
-        path: if tls {
-            e.host.clone().unwrap_or_default()
+        method: if tls {
+            "TLS".into()
         } else {
-            e.path.clone()
+            e.method.to_string()
+        },
+        path: if tls {
+            e.host.as_deref().unwrap_or_default().to_owned()
+        } else {
+            e.path.to_string()
         },
         status: match (e.verdict, tls) {
             (_, true) => None,

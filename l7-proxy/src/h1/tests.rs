@@ -176,7 +176,12 @@ fn request_head(raw: &[u8], pq: &str, authority: Option<&str>) -> String {
     let mut slots = header_slots();
     let head = parse_request(raw, &mut slots, MAX).unwrap().unwrap();
     let mut out = Vec::new();
-    write_request_head(&mut out, &head, pq, authority);
+    // The query (if any) is written after the path.
+    let (path, query) = match pq.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (pq, None),
+    };
+    write_request_head(&mut out, &head, path, query, authority);
     String::from_utf8(out).unwrap()
 }
 
@@ -511,7 +516,7 @@ fn random_input_never_panics() {
         let mut slots = header_slots();
         if let Ok(Some(head)) = parse_request(&input, &mut slots, 512) {
             let mut out = Vec::new();
-            write_request_head(&mut out, &head, "/", None);
+            write_request_head(&mut out, &head, "/", None, None);
             let _ = split_target(head.target);
             let mut dec = BodyDecoder::new(head.body);
             let rest = &input[head.len..];
