@@ -215,7 +215,11 @@ fn parse_query(server: SocketAddr, q: &[u8]) -> Option<ParsedQuery> {
             return None;
         }
         key.push(len as u8);
-        key.extend(q.get(at + 1..at + 1 + len)?.iter().map(u8::to_ascii_lowercase));
+        key.extend(
+            q.get(at + 1..at + 1 + len)?
+                .iter()
+                .map(u8::to_ascii_lowercase),
+        );
         at += 1 + len;
         if len == 0 {
             break;

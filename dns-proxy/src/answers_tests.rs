@@ -124,11 +124,25 @@ fn hit_has_query_id_and_decreased_ttls_then_expires() {
     let r = response(
         &q,
         ResponseCode::NoError,
-        vec![a("www.example.test.", 30, [198, 18, 0, 1]), a("www.example.test.", 100, [198, 18, 0, 2])],
+        vec![
+            a("www.example.test.", 30, [198, 18, 0, 1]),
+            a("www.example.test.", 100, [198, 18, 0, 2]),
+        ],
     );
     let key = miss(&mut c, &bytes(&q), t0);
-    let ins = c.insert(key, &bytes(&r), Some(&learned(&[([198, 18, 0, 1], 30)])), t0);
-    assert_eq!(ins, Inserted { stored: true, evicted: 0 });
+    let ins = c.insert(
+        key,
+        &bytes(&r),
+        Some(&learned(&[([198, 18, 0, 1], 30)])),
+        t0,
+    );
+    assert_eq!(
+        ins,
+        Inserted {
+            stored: true,
+            evicted: 0
+        }
+    );
     assert_eq!(c.len(), 1);
 
     let q2 = query(0xbeef, "www.example.test.", RecordType::A);
@@ -167,7 +181,11 @@ fn question_case_is_echoed_and_lookup_ignores_case() {
     let mut c = cache();
     let t0 = Instant::now();
     let q = query(1, "WwW.ExAmPle.TEST.", RecordType::A);
-    let r = response(&q, ResponseCode::NoError, vec![a("www.example.test.", 60, [198, 18, 0, 1])]);
+    let r = response(
+        &q,
+        ResponseCode::NoError,
+        vec![a("www.example.test.", 60, [198, 18, 0, 1])],
+    );
     store(&mut c, &q, &r, t0);
     let q2 = query(2, "www.EXAMPLE.test.", RecordType::A);
     let q2b = bytes(&q2);
@@ -184,7 +202,11 @@ fn key_separates_server_type_class_and_flags() {
     let mut c = cache();
     let t0 = Instant::now();
     let q = query(1, "www.example.test.", RecordType::A);
-    let r = response(&q, ResponseCode::NoError, vec![a("www.example.test.", 60, [198, 18, 0, 1])]);
+    let r = response(
+        &q,
+        ResponseCode::NoError,
+        vec![a("www.example.test.", 60, [198, 18, 0, 1])],
+    );
     store(&mut c, &q, &r, t0);
     hit(&mut c, &bytes(&q), t0);
 
@@ -197,7 +219,11 @@ fn key_separates_server_type_class_and_flags() {
         ));
     }
     // Another type.
-    miss(&mut c, &bytes(&query(1, "www.example.test.", RecordType::AAAA)), t0);
+    miss(
+        &mut c,
+        &bytes(&query(1, "www.example.test.", RecordType::AAAA)),
+        t0,
+    );
     // Another class.
     let mut chaos = query(1, "www.example.test.", RecordType::A);
     chaos.queries[0].set_query_class(hickory_proto::rr::DNSClass::CH);
@@ -221,7 +247,11 @@ fn key_separates_server_type_class_and_flags() {
     miss(&mut c, &bytes(&edns_do), t0);
     // Each is its own entry: the EDNS answer does not serve DO queries.
     let r_edns = with_edns(
-        response(&edns, ResponseCode::NoError, vec![a("www.example.test.", 60, [198, 18, 0, 9])]),
+        response(
+            &edns,
+            ResponseCode::NoError,
+            vec![a("www.example.test.", 60, [198, 18, 0, 9])],
+        ),
         false,
         1232,
     );
@@ -277,7 +307,11 @@ fn positive_ttl_is_capped() {
     let mut c = cache();
     let t0 = Instant::now();
     let q = query(1, "long.example.test.", RecordType::A);
-    let r = response(&q, ResponseCode::NoError, vec![a("long.example.test.", 86_400, [198, 18, 0, 1])]);
+    let r = response(
+        &q,
+        ResponseCode::NoError,
+        vec![a("long.example.test.", 86_400, [198, 18, 0, 1])],
+    );
     store(&mut c, &q, &r, t0);
     let h = hit(&mut c, &bytes(&q), t0 + Duration::from_secs(3599));
     assert_eq!(ttls(&h.reply), vec![86_400 - 3599]);
@@ -289,10 +323,18 @@ fn not_cached_tc_errors_ttl0_and_edns_options() {
     let mut c = cache();
     let t0 = Instant::now();
     let q = query(1, "www.example.test.", RecordType::A);
-    let ok = response(&q, ResponseCode::NoError, vec![a("www.example.test.", 60, [198, 18, 0, 1])]);
+    let ok = response(
+        &q,
+        ResponseCode::NoError,
+        vec![a("www.example.test.", 60, [198, 18, 0, 1])],
+    );
     let mut tc = ok.clone();
     tc.metadata.truncation = true;
-    let zero = response(&q, ResponseCode::NoError, vec![a("www.example.test.", 0, [198, 18, 0, 1])]);
+    let zero = response(
+        &q,
+        ResponseCode::NoError,
+        vec![a("www.example.test.", 0, [198, 18, 0, 1])],
+    );
     for r in [
         tc,
         zero,
@@ -302,7 +344,11 @@ fn not_cached_tc_errors_ttl0_and_edns_options() {
         response(&q, ResponseCode::NotImp, vec![]),
     ] {
         let key = miss(&mut c, &bytes(&q), t0);
-        assert!(!c.insert(key, &bytes(&r), None, t0).stored, "{:?}", r.metadata);
+        assert!(
+            !c.insert(key, &bytes(&r), None, t0).stored,
+            "{:?}",
+            r.metadata
+        );
     }
     // A SERVFAIL with an SOA is not negative caching material either.
     let mut sf = response(&q, ResponseCode::ServFail, vec![]);
@@ -325,7 +371,11 @@ fn not_cached_tc_errors_ttl0_and_edns_options() {
     assert!(c.is_empty());
 
     // A query with an EDNS option (a cookie): bypassed, both ways.
-    let mut cookie = bytes(&with_edns(query(1, "www.example.test.", RecordType::A), false, 1232));
+    let mut cookie = bytes(&with_edns(
+        query(1, "www.example.test.", RecordType::A),
+        false,
+        1232,
+    ));
     let n = cookie.len();
     cookie[n - 2..].copy_from_slice(&12u16.to_be_bytes());
     cookie.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
@@ -337,7 +387,11 @@ fn not_cached_tc_errors_ttl0_and_edns_options() {
     // Even with the plain EDNS query's answer stored.
     let plain = with_edns(query(1, "www.example.test.", RecordType::A), false, 1232);
     let r = with_edns(
-        response(&plain, ResponseCode::NoError, vec![a("www.example.test.", 60, [198, 18, 0, 1])]),
+        response(
+            &plain,
+            ResponseCode::NoError,
+            vec![a("www.example.test.", 60, [198, 18, 0, 1])],
+        ),
         false,
         1232,
     );
@@ -348,7 +402,13 @@ fn not_cached_tc_errors_ttl0_and_edns_options() {
     ));
     // ANY is not cached; neither is a cache of size 0.
     assert!(matches!(
-        c.lookup(server(), Transport::Udp, &bytes(&query(1, "www.example.test.", RecordType::ANY)), CLIENT, t0),
+        c.lookup(
+            server(),
+            Transport::Udp,
+            &bytes(&query(1, "www.example.test.", RecordType::ANY)),
+            CLIENT,
+            t0
+        ),
         Lookup::Bypass
     ));
     let mut off = AnswerCache::new(AnswerCacheConfig::default());
@@ -405,14 +465,28 @@ fn full_cache_evicts_what_expires_first() {
     let t0 = Instant::now();
     let q = |i: u16| query(i, &format!("n{i}.example.test."), RecordType::A);
     let r = |i: u16, ttl: u32| {
-        response(&q(i), ResponseCode::NoError, vec![a(&format!("n{i}.example.test."), ttl, [198, 18, 0, i as u8])])
+        response(
+            &q(i),
+            ResponseCode::NoError,
+            vec![a(
+                &format!("n{i}.example.test."),
+                ttl,
+                [198, 18, 0, i as u8],
+            )],
+        )
     };
     store(&mut c, &q(1), &r(1, 300), t0);
     store(&mut c, &q(2), &r(2, 100), t0);
     store(&mut c, &q(3), &r(3, 200), t0);
     assert_eq!(c.len(), 3);
     let key = miss(&mut c, &bytes(&q(4)), t0);
-    assert_eq!(c.insert(key, &bytes(&r(4, 400)), None, t0), Inserted { stored: true, evicted: 1 });
+    assert_eq!(
+        c.insert(key, &bytes(&r(4, 400)), None, t0),
+        Inserted {
+            stored: true,
+            evicted: 1
+        }
+    );
     assert_eq!(c.len(), 3);
     miss(&mut c, &bytes(&q(2)), t0);
     for i in [1, 3, 4] {
@@ -421,7 +495,13 @@ fn full_cache_evicts_what_expires_first() {
     // Replacing an entry does not evict another.
     let key = miss(&mut c, &bytes(&q(1)), t0 + Duration::from_secs(300));
     let ins = c.insert(key, &bytes(&r(1, 50)), None, t0 + Duration::from_secs(300));
-    assert_eq!(ins, Inserted { stored: true, evicted: 0 });
+    assert_eq!(
+        ins,
+        Inserted {
+            stored: true,
+            evicted: 0
+        }
+    );
     assert_eq!(c.len(), 3);
 
     // Bounded by bytes too.
@@ -471,7 +551,13 @@ fn garbage_never_panics() {
         bad[i] ^= 0xff;
         let key = miss(&mut c, &q, t0);
         let _ = c.insert(key, &bad, None, t0);
-        let _ = c.lookup(server(), Transport::Udp, &q, CLIENT, t0 + Duration::from_secs(1));
+        let _ = c.lookup(
+            server(),
+            Transport::Udp,
+            &q,
+            CLIENT,
+            t0 + Duration::from_secs(1),
+        );
         c = cache();
     }
 }
