@@ -341,7 +341,7 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 let cache_key = match inner.cache_lookup(&ctx, query) {
                     Cached::Hit(reply, learned) => {
                         bump(&inner.stats.queries_allowed);
-                        inner.release_udp(pending, client, &reply, learned, (), out);
+                        inner.release_udp(pending, client, &reply, learned, None, (), out);
                         return;
                     }
                     Cached::Miss(key) => key,
@@ -489,11 +489,14 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 truncated,
                 unparsed,
             } => {
-                if let Some(key) = cache_key.take() {
-                    self.inner.cache_insert(key, bytes, learned.as_ref());
-                }
+                // Cached once held: no hit is served before the hook has
+                // run for this answer.
+                let for_cache = cache_key.take().map(|key| (key, learned.clone()));
                 self.relay(pending, bytes, learned, truncated, unparsed)
                     .await;
+                if let Some((key, learned)) = for_cache {
+                    self.inner.cache_insert(key, bytes, learned.as_ref());
+                }
                 Some(bytes.to_vec())
             }
         }
@@ -741,16 +744,21 @@ impl<P: DnsPolicy, H: LearnHook> Inner<P, H> {
     /// The end of an allowed UDP query, its answer from upstream or from
     /// the cache: held for the learn hook, told to the observer, queued
     /// for `client` (or, when the hook has to wait, sent later from a task
-    /// of its own). `keep` lives until the reply is sent.
+    /// of its own). An upstream answer with a `cache_key` is offered to the
+    /// answer cache once held, so that no hit is served before the hook
+    /// has run for it. `keep` lives until the reply is sent.
+    #[allow(clippy::too_many_arguments)]
     fn release_udp<K: Send + 'static>(
         self: &Arc<Self>,
         pending: Box<PendingQuery>,
         client: SocketAddr,
         bytes: &[u8],
         learned: Option<Learned>,
+        cache_key: Option<CacheKey>,
         keep: K,
         out: &mut Outbox,
     ) {
+        let for_cache = cache_key.map(|key| (key, learned.clone()));
         let seen = self.seen(&learned);
         let hold = match learned {
             None => None,
@@ -763,6 +771,9 @@ impl<P: DnsPolicy, H: LearnHook> Inner<P, H> {
                     let this = self.clone();
                     tokio::spawn(async move {
                         let took = this.wait_hold(fut, start, pending.name()).await;
+                        if let Some((key, learned)) = for_cache {
+                            this.cache_insert(key, &bytes, learned.as_ref());
+                        }
                         this.observe(&pending, &bytes, seen.as_ref(), Some(took));
                         this.reply_udp_now(pending.server(), client, &bytes);
                         drop(keep);
@@ -771,6 +782,9 @@ impl<P: DnsPolicy, H: LearnHook> Inner<P, H> {
                 }
             },
         };
+        if let Some((key, learned)) = for_cache {
+            self.cache_insert(key, bytes, learned.as_ref());
+        }
         self.observe(&pending, bytes, seen.as_ref(), hold);
         self.reply_udp(pending.server(), client, bytes, out);
     }
@@ -941,10 +955,15 @@ impl<P: DnsPolicy, H: LearnHook> Finish for Inner<P, H> {
             }
         };
         self.count_relayed(answer.truncated, answer.unparsed);
-        if let Some(key) = cache_key {
-            self.cache_insert(key, answer.bytes, answer.learned.as_ref());
-        }
-        self.release_udp(pending, client, answer.bytes, answer.learned, slot, out);
+        self.release_udp(
+            pending,
+            client,
+            answer.bytes,
+            answer.learned,
+            cache_key,
+            slot,
+            out,
+        );
     }
 }
 
