@@ -123,6 +123,10 @@ pub struct ObserveTcp {
     pub token_file: PathBuf,
 }
 
+/// Largest `dnsAnswerCacheEntries` (the cache also caps its answers at
+/// 16 MiB in all).
+const MAX_DNS_ANSWER_CACHE_ENTRIES: usize = 1_000_000;
+
 /// Policy enforcement knobs (`dns*`, `fqdn*`, `nflogGroup` keys).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicySettings {
@@ -132,6 +136,8 @@ pub struct PolicySettings {
     pub dns_deny_nxdomain: bool,
     /// Longest an answer waits for its addresses to reach the kernel.
     pub dns_hold_timeout: Duration,
+    /// Entries of the DNS proxy's answer cache (0: off).
+    pub dns_answer_cache_entries: usize,
     /// Shortest lifetime of a learned address (0: honour the DNS TTL).
     pub fqdn_min_ttl: Duration,
     /// Most addresses kept per name (Cilium's default: 1000).
@@ -174,6 +180,7 @@ impl Default for PolicySettings {
             dns_proxy_port: 10053,
             dns_deny_nxdomain: false,
             dns_hold_timeout: Duration::from_millis(100),
+            dns_answer_cache_entries: meshward_dns_proxy::answers::DEFAULT_ENTRIES,
             fqdn_min_ttl: Duration::ZERO,
             fqdn_max_ips_per_name: 1000,
             fqdn_max_entries: 200_000,
@@ -236,6 +243,8 @@ struct RawConfig {
     /// `refused` (default) or `nxdomain`.
     dns_deny_response: Option<String>,
     dns_hold_timeout: Option<String>,
+    /// Entries of the DNS answer cache; 0 turns it off.
+    dns_answer_cache_entries: Option<usize>,
     #[serde(rename = "fqdnMinTTL")]
     fqdn_min_ttl: Option<String>,
     #[serde(rename = "fqdnMaxIPsPerName")]
@@ -458,6 +467,15 @@ impl Config {
             Some(text) => humantime::parse_duration(text.trim())
                 .map_err(|e| invalid(field, format!("{text:?}: {e} (e.g. 100ms, 30s)"))),
         };
+        let dns_answer_cache_entries = raw
+            .dns_answer_cache_entries
+            .unwrap_or(defaults.dns_answer_cache_entries);
+        if dns_answer_cache_entries > MAX_DNS_ANSWER_CACHE_ENTRIES {
+            return Err(invalid(
+                "dnsAnswerCacheEntries",
+                format!("{dns_answer_cache_entries} is outside 0..={MAX_DNS_ANSWER_CACHE_ENTRIES}"),
+            ));
+        }
         let dns_proxy_port = raw.dns_proxy_port.unwrap_or(defaults.dns_proxy_port);
         if dns_proxy_port == 0 {
             return Err(invalid("dnsProxyPort", "must not be 0".into()));
@@ -548,6 +566,7 @@ impl Config {
             dns_proxy_port,
             dns_deny_nxdomain,
             dns_hold_timeout,
+            dns_answer_cache_entries,
             fqdn_min_ttl,
             fqdn_max_ips_per_name: positive(
                 "fqdnMaxIPsPerName",
@@ -790,6 +809,18 @@ mod tests {
                 dns_socket_keeper: DnsKeeperMode::External,
                 ..PolicySettings::default()
             }
+        );
+        assert_eq!(
+            parse(MINIMAL).unwrap().policy.dns_answer_cache_entries,
+            10_000
+        );
+        let c = parse(&format!("{MINIMAL}dnsAnswerCacheEntries: 0\n")).unwrap();
+        assert_eq!(c.policy.dns_answer_cache_entries, 0);
+        let e = parse(&format!("{MINIMAL}dnsAnswerCacheEntries: 2000000\n")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("dnsAnswerCacheEntries: 2000000 is outside 0..=1000000"),
+            "{e}"
         );
         let off = parse(&format!("{MINIMAL}dnsSocketKeeper: off\n")).unwrap();
         assert_eq!(off.policy.dns_socket_keeper, DnsKeeperMode::Off);

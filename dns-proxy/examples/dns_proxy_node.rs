@@ -6,7 +6,11 @@
 //! ```text
 //! dns_proxy_node [--listen 127.0.0.1:15053] [--workers N] [--deny-suffix S]...
 //!                [--hold-timeout-ms MS] [--program-delay-us US]
+//!                [--answer-cache-entries N]
 //! ```
+//! `--answer-cache-entries` turns the answer cache on with that many
+//! entries (default 0: off; the environment variable
+//! `MW_DNS_ANSWER_CACHE_ENTRIES` sets the default).
 //! `--program-delay-us` makes the hook wait that long for each new entry
 //! batch (a stand-in for the kernel update). On SIGTERM or SIGINT it prints
 //! its counters as JSON on stdout and exits.
@@ -16,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use meshward_dns_proxy::{
-    CacheConfig, Decision, DnsProxy, FqdnCache, Learned, Listeners, ProxyConfig, QueryInfo,
+    AnswerCacheConfig, CacheConfig, Decision, DnsProxy, FqdnCache, Learned, Listeners, ProxyConfig,
+    QueryInfo,
 };
 
 struct Args {
@@ -25,6 +30,7 @@ struct Args {
     deny_suffixes: Vec<String>,
     hold_timeout: Duration,
     program_delay: Duration,
+    answer_cache_entries: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -34,6 +40,13 @@ fn parse_args() -> Result<Args, String> {
         deny_suffixes: Vec::new(),
         hold_timeout: Duration::from_millis(100),
         program_delay: Duration::ZERO,
+        answer_cache_entries: match std::env::var("MW_DNS_ANSWER_CACHE_ENTRIES") {
+            Ok(v) => v
+                .trim()
+                .parse()
+                .map_err(|e| format!("MW_DNS_ANSWER_CACHE_ENTRIES={v:?}: {e}"))?,
+            Err(_) => 0,
+        },
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -51,6 +64,9 @@ fn parse_args() -> Result<Args, String> {
             "--program-delay-us" => {
                 args.program_delay =
                     Duration::from_micros(value()?.parse().map_err(|e| format!("{flag}: {e}"))?)
+            }
+            "--answer-cache-entries" => {
+                args.answer_cache_entries = value()?.parse().map_err(|e| format!("{flag}: {e}"))?
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -101,6 +117,7 @@ async fn run(args: Args) {
     };
     let config = ProxyConfig {
         hold_timeout: args.hold_timeout,
+        answer_cache: AnswerCacheConfig::with_entries(args.answer_cache_entries),
         ..ProxyConfig::default()
     };
     let proxy = DnsProxy::new(config, policy, hook);

@@ -12,6 +12,8 @@
 //!
 //! - [`core`]: sans-IO message handling ([`handle_query`],
 //!   [`PendingQuery::accept_response`]); decisions documented there.
+//! - [`answers`]: the answer cache, sans-IO ([`AnswerCache`]): repeated
+//!   queries answered without an upstream exchange.
 //! - [`learn`]: addresses along the CNAME chain ([`Learned`]).
 //! - [`cache`]: the learned-name cache with TTLs, caps and a crash-safe
 //!   snapshot in the state directory ([`FqdnCache`]).
@@ -20,6 +22,7 @@
 //! - [`keeper`]: the socket keeper that holds the listeners across agent
 //!   restarts, and its client ([`keeper::Keeper`], [`keeper::Client`]).
 
+pub mod answers;
 pub mod cache;
 pub mod core;
 pub mod keeper;
@@ -29,6 +32,7 @@ mod sock;
 pub mod stats;
 mod upstream;
 
+pub use answers::{AnswerCache, AnswerCacheConfig};
 pub use cache::{
     CacheConfig, CacheEntry, CacheError, CacheUpdate, FqdnCache, LoadReport, CACHE_FILE,
 };

@@ -47,6 +47,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+use crate::answers::{AnswerCache, AnswerCacheConfig, CacheKey, Lookup};
 use crate::core::{
     handle_query, DenyRcode, DnsPolicy, LocalAnswer, PendingQuery, QueryContext, QueryOutcome,
     ResponseOutcome, Transport,
@@ -85,6 +86,8 @@ pub struct ProxyConfig {
     pub max_udp_in_flight: usize,
     /// Client TCP connections at once; more are closed at accept.
     pub max_tcp_connections: usize,
+    /// The answer cache (`answers.rs`); off by default (0 entries).
+    pub answer_cache: AnswerCacheConfig,
 }
 
 impl Default for ProxyConfig {
@@ -96,6 +99,7 @@ impl Default for ProxyConfig {
             tcp_idle_timeout: Duration::from_secs(10),
             max_udp_in_flight: 4096,
             max_tcp_connections: 1024,
+            answer_cache: AnswerCacheConfig::default(),
         }
     }
 }
@@ -201,6 +205,8 @@ struct Inner<P, H> {
     tcp_slots: Arc<Semaphore>,
     reply_sockets: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
     observer: OnceLock<Arc<dyn DnsObserver>>,
+    /// The answer cache, when on.
+    answers: Option<Mutex<AnswerCache>>,
 }
 
 /// The transparent DNS proxy. Cheap to clone (shared state).
@@ -225,8 +231,11 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
             config.upstream_timeout,
             config.max_udp_in_flight,
         );
+        let answers = (config.answer_cache.entries > 0)
+            .then(|| Mutex::new(AnswerCache::new(config.answer_cache.clone())));
         DnsProxy {
             inner: Arc::new(Inner {
+                answers,
                 config,
                 policy,
                 hook: Arc::new(hook),
@@ -329,6 +338,14 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         };
         match handle_query(&inner.policy, inner.config.deny_rcode, ctx, query) {
             QueryOutcome::Forward(pending) => {
+                let cache_key = match inner.cache_lookup(&ctx, query) {
+                    Cached::Hit(reply, learned) => {
+                        bump(&inner.stats.queries_allowed);
+                        inner.release_udp(pending, client, &reply, learned, None, (), out);
+                        return;
+                    }
+                    Cached::Miss(key) => key,
+                };
                 let Some(slot) = inner.upstreams.slot() else {
                     bump(&inner.stats.queries_overload);
                     return;
@@ -337,6 +354,7 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 let query_state = InFlight {
                     pending,
                     client,
+                    cache_key,
                     _slot: slot,
                 };
                 inner.upstreams.start(query_state, query, finish, out);
@@ -426,8 +444,19 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         truncated: bool,
         unparsed: bool,
     ) {
+        self.inner.count_relayed(truncated, unparsed);
+        self.hold_and_observe(pending, bytes, learned).await;
+    }
+
+    /// Holds an answer for the learn hook and tells the observer (TCP: the
+    /// connection's task waits).
+    async fn hold_and_observe(
+        &self,
+        pending: &PendingQuery,
+        bytes: &[u8],
+        learned: Option<Learned>,
+    ) {
         let inner = &self.inner;
-        inner.count_relayed(truncated, unparsed);
         let seen = inner.seen(&learned);
         let hold = match learned {
             None => None,
@@ -446,6 +475,7 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         pending: &PendingQuery,
         from: SocketAddr,
         bytes: &[u8],
+        cache_key: &mut Option<CacheKey>,
     ) -> Option<Vec<u8>> {
         let s = &self.inner.stats;
         match pending.accept_response(from, bytes) {
@@ -459,8 +489,14 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                 truncated,
                 unparsed,
             } => {
+                // Cached once held: no hit is served before the hook has
+                // run for this answer.
+                let for_cache = cache_key.take().map(|key| (key, learned.clone()));
                 self.relay(pending, bytes, learned, truncated, unparsed)
                     .await;
+                if let Some((key, learned)) = for_cache {
+                    self.inner.cache_insert(key, bytes, learned.as_ref());
+                }
                 Some(bytes.to_vec())
             }
         }
@@ -531,7 +567,16 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
             ) {
                 QueryOutcome::Forward(pending) => {
                     bump(&self.inner.stats.queries_allowed);
-                    self.tcp_exchange(&pending, &mut upstream, &query).await
+                    match self.inner.cache_lookup(&ctx, &query) {
+                        Cached::Hit(reply, learned) => {
+                            self.hold_and_observe(&pending, &reply, learned).await;
+                            reply
+                        }
+                        Cached::Miss(mut key) => {
+                            self.tcp_exchange(&pending, &mut upstream, &query, &mut key)
+                                .await
+                        }
+                    }
                 }
                 QueryOutcome::Answer { reply, why } => {
                     self.count_local(why);
@@ -560,6 +605,7 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
         pending: &PendingQuery,
         upstream: &mut Option<TcpStream>,
         query: &[u8],
+        cache_key: &mut Option<CacheKey>,
     ) -> Vec<u8> {
         let server = pending.server();
         let deadline = tokio::time::Instant::now() + self.inner.config.upstream_timeout;
@@ -597,7 +643,8 @@ impl<P: DnsPolicy, H: LearnHook> DnsProxy<P, H> {
                             "upstream closed",
                         ));
                     };
-                    if let Some(reply) = self.take_response(pending, server, &msg).await {
+                    if let Some(reply) = self.take_response(pending, server, &msg, cache_key).await
+                    {
                         return Ok(reply);
                     }
                 }
@@ -636,7 +683,112 @@ enum Hold<E> {
     Waiting(HookFuture<E>, Instant),
 }
 
+/// What the answer cache says about a query.
+enum Cached {
+    /// The reply and the addresses it carries.
+    Hit(Vec<u8>, Option<Learned>),
+    /// Ask upstream; with a key, offer the answer to the cache.
+    Miss(Option<CacheKey>),
+}
+
 impl<P: DnsPolicy, H: LearnHook> Inner<P, H> {
+    /// Looks `query` (allowed by policy) up in the answer cache.
+    fn cache_lookup(&self, ctx: &QueryContext, query: &[u8]) -> Cached {
+        let Some(cache) = &self.answers else {
+            return Cached::Miss(None);
+        };
+        let found = cache.lock().unwrap_or_else(|e| e.into_inner()).lookup(
+            ctx.server,
+            ctx.transport,
+            query,
+            ctx.client,
+            Instant::now(),
+        );
+        match found {
+            Lookup::Hit(hit) => {
+                bump(&self.stats.answer_cache_hits);
+                Cached::Hit(hit.reply, hit.learned)
+            }
+            Lookup::Miss(key) => {
+                bump(&self.stats.answer_cache_misses);
+                Cached::Miss(Some(key))
+            }
+            Lookup::Bypass => {
+                bump(&self.stats.answer_cache_misses);
+                Cached::Miss(None)
+            }
+        }
+    }
+
+    /// Offers an upstream answer (that matched its query) to the cache.
+    fn cache_insert(&self, key: CacheKey, bytes: &[u8], learned: Option<&Learned>) {
+        let Some(cache) = &self.answers else {
+            return;
+        };
+        let done = cache.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            key,
+            bytes,
+            learned,
+            Instant::now(),
+        );
+        if done.stored {
+            bump(&self.stats.answer_cache_inserts);
+        }
+        if done.evicted > 0 {
+            self.stats
+                .answer_cache_evictions
+                .fetch_add(done.evicted as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The end of an allowed UDP query, its answer from upstream or from
+    /// the cache: held for the learn hook, told to the observer, queued
+    /// for `client` (or, when the hook has to wait, sent later from a task
+    /// of its own). An upstream answer with a `cache_key` is offered to the
+    /// answer cache once held, so that no hit is served before the hook
+    /// has run for it. `keep` lives until the reply is sent.
+    #[allow(clippy::too_many_arguments)]
+    fn release_udp<K: Send + 'static>(
+        self: &Arc<Self>,
+        pending: Box<PendingQuery>,
+        client: SocketAddr,
+        bytes: &[u8],
+        learned: Option<Learned>,
+        cache_key: Option<CacheKey>,
+        keep: K,
+        out: &mut Outbox,
+    ) {
+        let for_cache = cache_key.map(|key| (key, learned.clone()));
+        let seen = self.seen(&learned);
+        let hold = match learned {
+            None => None,
+            Some(learned) => match self.begin_hold(learned, pending.name()) {
+                Hold::Done(took) => Some(took),
+                Hold::Waiting(fut, start) => {
+                    // The answer waits on a task of its own; this one goes
+                    // on with the other queries or answers.
+                    let bytes = bytes.to_vec();
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let took = this.wait_hold(fut, start, pending.name()).await;
+                        if let Some((key, learned)) = for_cache {
+                            this.cache_insert(key, &bytes, learned.as_ref());
+                        }
+                        this.observe(&pending, &bytes, seen.as_ref(), Some(took));
+                        this.reply_udp_now(pending.server(), client, &bytes);
+                        drop(keep);
+                    });
+                    return;
+                }
+            },
+        };
+        if let Some((key, learned)) = for_cache {
+            self.cache_insert(key, bytes, learned.as_ref());
+        }
+        self.observe(&pending, bytes, seen.as_ref(), hold);
+        self.reply_udp(pending.server(), client, bytes, out);
+    }
+
     fn count_relayed(&self, truncated: bool, unparsed: bool) {
         let s = &self.stats;
         bump(&s.responses_relayed);
@@ -782,44 +934,36 @@ impl<P: DnsPolicy, H: LearnHook> Inner<P, H> {
 /// answer (or timeout, or failure) here.
 impl<P: DnsPolicy, H: LearnHook> Finish for Inner<P, H> {
     fn finish(self: Arc<Self>, query: InFlight, outcome: Exchange<'_>, out: &mut Outbox) {
-        let pending = &query.pending;
+        let InFlight {
+            pending,
+            client,
+            cache_key,
+            _slot: slot,
+        } = query;
         let answer = match outcome {
             Exchange::Answer(a) => a,
             Exchange::Timeout => {
                 bump(&self.stats.upstream_timeouts);
                 let reply = pending.servfail();
-                return self.reply_udp(pending.server(), query.client, &reply, out);
+                return self.reply_udp(pending.server(), client, &reply, out);
             }
             Exchange::Failed(e) => {
                 debug!(server = %pending.server(), error = %e, "UDP exchange with upstream");
                 bump(&self.stats.upstream_errors);
                 let reply = pending.servfail();
-                return self.reply_udp(pending.server(), query.client, &reply, out);
+                return self.reply_udp(pending.server(), client, &reply, out);
             }
         };
         self.count_relayed(answer.truncated, answer.unparsed);
-        let seen = self.seen(&answer.learned);
-        let hold = match answer.learned {
-            None => None,
-            Some(learned) => match self.begin_hold(learned, pending.name()) {
-                Hold::Done(took) => Some(took),
-                Hold::Waiting(fut, start) => {
-                    // The answer waits on a task of its own; this one goes
-                    // on with the socket's other answers.
-                    let bytes = answer.bytes.to_vec();
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        let pending = &query.pending;
-                        let took = this.wait_hold(fut, start, pending.name()).await;
-                        this.observe(pending, &bytes, seen.as_ref(), Some(took));
-                        this.reply_udp_now(pending.server(), query.client, &bytes);
-                    });
-                    return;
-                }
-            },
-        };
-        self.observe(pending, answer.bytes, seen.as_ref(), hold);
-        self.reply_udp(pending.server(), query.client, answer.bytes, out);
+        self.release_udp(
+            pending,
+            client,
+            answer.bytes,
+            answer.learned,
+            cache_key,
+            slot,
+            out,
+        );
     }
 }
 

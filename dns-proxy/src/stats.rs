@@ -47,6 +47,15 @@ pub struct Stats {
     pub hold_us_total: AtomicU64,
     pub hold_us_max: AtomicU64,
     pub hold_us_buckets: [AtomicU64; HOLD_BUCKETS_US.len() + 1],
+    /// Allowed queries answered from the answer cache.
+    pub answer_cache_hits: AtomicU64,
+    /// Allowed queries sent upstream while the answer cache is on (not
+    /// cached, expired, too large for the client, or not cacheable).
+    pub answer_cache_misses: AtomicU64,
+    /// Upstream answers stored in the answer cache.
+    pub answer_cache_inserts: AtomicU64,
+    /// Entries removed to make room for others.
+    pub answer_cache_evictions: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -73,6 +82,10 @@ pub struct StatsSnapshot {
     pub hold_us_max: u64,
     /// Per bucket of [`HOLD_BUCKETS_US`] (not cumulative), plus the overflow.
     pub hold_us_buckets: Vec<u64>,
+    pub answer_cache_hits: u64,
+    pub answer_cache_misses: u64,
+    pub answer_cache_inserts: u64,
+    pub answer_cache_evictions: u64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -115,6 +128,10 @@ impl Stats {
             hold_us_total: g(&self.hold_us_total),
             hold_us_max: g(&self.hold_us_max),
             hold_us_buckets: self.hold_us_buckets.iter().map(g).collect(),
+            answer_cache_hits: g(&self.answer_cache_hits),
+            answer_cache_misses: g(&self.answer_cache_misses),
+            answer_cache_inserts: g(&self.answer_cache_inserts),
+            answer_cache_evictions: g(&self.answer_cache_evictions),
         }
     }
 }

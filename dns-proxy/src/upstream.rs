@@ -90,6 +90,8 @@ pub(crate) struct InFlight {
     pub pending: Box<PendingQuery>,
     /// Where the answer goes.
     pub client: SocketAddr,
+    /// Where the answer cache keeps the answer, when it may.
+    pub cache_key: Option<crate::answers::CacheKey>,
     /// Counts the query in flight until dropped (after its reply is sent).
     pub _slot: Slot,
 }

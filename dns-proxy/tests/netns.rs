@@ -19,7 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use meshward_dns_proxy::{
-    Decision, DnsProxy, Learned, Listeners, ProxyConfig, QueryInfo, Stats, StatsSnapshot,
+    AnswerCacheConfig, Decision, DnsProxy, Learned, Listeners, ProxyConfig, QueryInfo, Stats,
+    StatsSnapshot,
 };
 use meshward_testkit::{veth, Netns};
 use nix::sched::{setns, CloneFlags};
@@ -76,6 +77,8 @@ struct Options {
     drain: bool,
     /// IPv6 too (see the module documentation).
     ipv6: bool,
+    /// Entries of the answer cache (0: off).
+    answer_cache: usize,
 }
 
 impl Default for Options {
@@ -88,6 +91,7 @@ impl Default for Options {
             handover: false,
             drain: false,
             ipv6: false,
+            answer_cache: 0,
         }
     }
 }
@@ -291,6 +295,7 @@ impl Lab {
                 let config = ProxyConfig {
                     hold_timeout: opts.hold_timeout,
                     upstream_timeout: opts.upstream_timeout,
+                    answer_cache: AnswerCacheConfig::with_entries(opts.answer_cache),
                     ..ProxyConfig::default()
                 };
                 let proxy = DnsProxy::new(config, policy, hook);
@@ -811,4 +816,110 @@ fn aaaa_over_ipv6_transport_is_learned_and_answered() {
     assert_eq!(out.trim(), "198.18.100.10", "{out}");
     let s = lab.stats();
     assert_eq!((s.queries_allowed, s.responses_relayed), (3, 3), "{s:?}");
+}
+
+/// The TTL of the first answer record in dig's output.
+fn first_ttl(dig_output: &str) -> u32 {
+    let line = answers(dig_output)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no answer: {dig_output}"));
+    line.split(' ')
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no TTL in {line:?}"))
+}
+
+#[test]
+fn answer_cache_serves_repeats_after_the_hold() {
+    let mut lab = Lab::new(Options {
+        hook_delay: Duration::from_millis(300),
+        answer_cache: 100,
+        ..Options::default()
+    });
+    // dig sends an EDNS cookie by default: such queries bypass the cache.
+    let plain = ["+nocookie", "+noall", "+answer"];
+    let dig = |lab: &Lab, extra: &[&str]| {
+        let mut args = plain.to_vec();
+        args.extend_from_slice(extra);
+        lab.dig(DNS, &args)
+    };
+    let out = dig(&lab, &["api.example.test"]);
+    assert_eq!(first_ttl(&out), 300, "{out}");
+    let s = lab.stats();
+    assert_eq!(
+        (
+            s.answer_cache_misses,
+            s.answer_cache_inserts,
+            s.answer_cache_hits
+        ),
+        (1, 1, 0),
+        "{s:?}"
+    );
+
+    // Upstream goes away: the repeats can only come from the cache.
+    lab.stop_dnsmasq();
+    std::thread::sleep(Duration::from_millis(1100));
+    let asked = Instant::now();
+    // Another letter case (as 0x20 randomisation would send): echoed.
+    let out = dig(&lab, &["API.Example.TEST"]);
+    let dig_done = Instant::now();
+    let line = answers(&out).into_iter().next().unwrap_or_default();
+    assert!(line.starts_with("API.Example.TEST. "), "{out}");
+    assert!(line.ends_with("198.18.100.10"), "{out}");
+    let ttl = first_ttl(&out);
+    assert!((1..300).contains(&ttl), "TTL not decreased: {out}");
+
+    // The hit went through the learn hook (300 ms) before it was sent.
+    let learned = lab.learned_for("api.example.test.");
+    assert_eq!(learned.len(), 2, "{learned:?}");
+    let (l, hook_done) = &learned[1];
+    assert_eq!(l.client, ip("198.19.1.2"));
+    assert_eq!(l.ips.len(), 1);
+    assert_eq!(l.ips[0].0, ip("198.18.100.10"));
+    assert!(l.ips[0].1 < 300, "{l:?}");
+    assert!(*hook_done <= dig_done, "the cached answer beat the hook");
+    assert!(*hook_done >= asked + Duration::from_millis(300));
+
+    // Over TCP too.
+    let out = dig(&lab, &["api.example.test", "+tcp"]);
+    assert!(first_ttl(&out) < 300, "{out}");
+
+    // Other questions, and queries with EDNS options, still go upstream
+    // (which is gone): SERVFAIL.
+    let out = lab.dig(DNS, &["api.example.test", "AAAA", "+nocookie"]);
+    assert_eq!(status(&out), "SERVFAIL", "{out}");
+    let out = lab.dig(DNS, &["api.example.test", "+cookie"]);
+    assert_eq!(status(&out), "SERVFAIL", "{out}");
+
+    let s = lab.stats();
+    assert_eq!(
+        (
+            s.answer_cache_hits,
+            s.answer_cache_misses,
+            s.answer_cache_inserts,
+            s.responses_relayed,
+            s.holds,
+        ),
+        (2, 3, 1, 1, 3),
+        "{s:?}"
+    );
+}
+
+#[test]
+fn denied_queries_are_refused_before_the_cache() {
+    let lab = Lab::new(Options {
+        answer_cache: 100,
+        ..Options::default()
+    });
+    for _ in 0..2 {
+        let out = lab.dig(DNS, &["api.blocked.example.test", "+nocookie"]);
+        assert_eq!(status(&out), "REFUSED", "{out}");
+    }
+    let s = lab.stats();
+    assert_eq!(
+        (s.queries_denied, s.answer_cache_hits, s.answer_cache_misses),
+        (2, 0, 0),
+        "{s:?}"
+    );
 }

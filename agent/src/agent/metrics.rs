@@ -265,6 +265,34 @@ fn policy_metrics(registry: &mut Registry, policy: &PolicyHandle) {
             "Queries answered SERVFAIL because upstream failed",
             upstream,
         );
+        let cache = counter_family();
+        for (result, n) in [
+            ("hit", d.answer_cache_hits),
+            ("miss", d.answer_cache_misses),
+        ] {
+            cache
+                .get_or_create(&labels(&[("result", result)]))
+                .inc_by(n);
+        }
+        registry.register(
+            "meshward_dns_answer_cache_lookups",
+            "Allowed queries answered from the proxy's answer cache (hit) or sent upstream while it is on (miss)",
+            cache,
+        );
+        let cache_changes = counter_family();
+        for (change, n) in [
+            ("insert", d.answer_cache_inserts),
+            ("eviction", d.answer_cache_evictions),
+        ] {
+            cache_changes
+                .get_or_create(&labels(&[("change", change)]))
+                .inc_by(n);
+        }
+        registry.register(
+            "meshward_dns_answer_cache_changes",
+            "Answers stored in, and entries evicted from, the proxy's answer cache",
+            cache_changes,
+        );
         let mut buckets: Vec<(f64, u64)> = meshward_dns_proxy::HOLD_BUCKETS_US
             .iter()
             .map(|us| (*us as f64 / 1e6, 0))

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use meshward_dns_proxy::{
-    CacheConfig, CacheEntry, Decision, DenyRcode, DnsPolicy, DnsProxy, FqdnCache, LearnHook,
-    Learned, ProxyConfig, QueryInfo, Stats,
+    AnswerCacheConfig, CacheConfig, CacheEntry, Decision, DenyRcode, DnsPolicy, DnsProxy,
+    FqdnCache, LearnHook, Learned, ProxyConfig, QueryInfo, Stats,
 };
 use meshward_egress::{FqdnElement, PolicyConfig, PolicyState, PolicyTables};
 use meshward_policy::{Compiler, Fqdn, NodeRules, PolicyError};
@@ -217,6 +217,7 @@ impl PolicyEngine {
                 DenyRcode::Refused
             },
             hold_timeout: settings.dns_hold_timeout,
+            answer_cache: AnswerCacheConfig::with_entries(settings.dns_answer_cache_entries),
             ..ProxyConfig::default()
         };
         let policy = RulesPolicy(self.shared.clone());
@@ -474,6 +475,10 @@ fn dns_counters(stats: &Stats) -> BTreeMap<String, u64> {
         ("holdTimeouts", s.hold_timeouts),
         ("learnErrors", s.learn_errors),
         ("holdMaxMicros", s.hold_us_max),
+        ("answerCacheHits", s.answer_cache_hits),
+        ("answerCacheMisses", s.answer_cache_misses),
+        ("answerCacheInserts", s.answer_cache_inserts),
+        ("answerCacheEvictions", s.answer_cache_evictions),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
