@@ -44,6 +44,10 @@ fn summary(c: &Config) -> String {
             format!("{:?}", c.policy.dns_socket_keeper).to_lowercase(),
         ),
         ("flowEvents", c.flow_events.to_string()),
+        (
+            "dnsAnswerCacheEntries",
+            c.policy.dns_answer_cache_entries.to_string(),
+        ),
     ]
     .into_iter()
     .chain(c.observe_tcp.iter().flat_map(|tcp| {

@@ -97,6 +97,9 @@ healthAddress: {{ include "meshward.healthAddress" . | quote }}
 # The DNS proxy's sockets are held by the pod's dns-keeper container while
 # the agent container restarts.
 dnsSocketKeeper: {{ ternary "external" "off" .Values.dnsSocketKeeper.enabled }}
+# Answers the DNS proxy keeps (by their TTL) and serves to pods the policy
+# lets ask; 0: every query goes to the pod's resolver.
+dnsAnswerCacheEntries: {{ int $a.dnsAnswerCacheEntries }}
 {{- if not .Values.observe.flowEvents }}
 flowEvents: false
 {{- end }}
