@@ -123,8 +123,9 @@ pub struct ObserveTcp {
     pub token_file: PathBuf,
 }
 
-/// Largest `dnsAnswerCacheEntries` (the cache also caps its answers at
-/// 16 MiB in all).
+/// Largest `dnsAnswerCacheEntries` (the cache also caps its answers' wire
+/// bytes at 16 MiB; with keys and learned addresses beside them, memory is
+/// up to about three times that).
 const MAX_DNS_ANSWER_CACHE_ENTRIES: usize = 1_000_000;
 
 /// Policy enforcement knobs (`dns*`, `fqdn*`, `nflogGroup` keys).

@@ -65,7 +65,9 @@ pub struct AnswerCacheConfig {
     /// Most answers kept; 0 turns the cache off.
     pub entries: usize,
     /// Most bytes of answers kept (an answer larger than a sixteenth of
-    /// this is not kept).
+    /// this is not kept). Only the wire bytes count: each entry's key and
+    /// learned addresses come on top (an A record is 16 bytes on the wire,
+    /// its learned address about 24 in memory).
     pub max_bytes: usize,
     /// Longest a positive answer is kept, whatever its TTL.
     pub max_ttl: Duration,
@@ -265,6 +267,9 @@ struct ParsedAnswer {
     /// How long it may be kept (before the caps).
     ttl: u32,
     negative: bool,
+    /// The authority SOA's TTL field and min(its TTL, its MINIMUM): what a
+    /// negative answer says its own TTL is (RFC 2308 section 5).
+    soa_ttl: Option<(usize, u32)>,
 }
 
 /// Skips a (possibly compressed) name; returns the offset after it.
@@ -304,7 +309,7 @@ fn parse_answer(a: &[u8], question_len: usize) -> Option<ParsedAnswer> {
     }
     let mut ttl_offsets = Vec::new();
     let mut min_ttl = u32::MAX;
-    let mut soa_negative: Option<u32> = None;
+    let mut soa_negative: Option<(usize, u32)> = None;
     for (section, &count) in counts.iter().enumerate() {
         for _ in 0..count {
             at = skip_name(a, at)?;
@@ -326,7 +331,7 @@ fn parse_answer(a: &[u8], question_len: usize) -> Option<ParsedAnswer> {
                 min_ttl = min_ttl.min(ttl);
                 if section == 1 && rtype == TYPE_SOA && rdlen >= 22 {
                     let minimum = be32(a, end - 4)?;
-                    soa_negative = Some(ttl.min(minimum));
+                    soa_negative = Some((at + 4, ttl.min(minimum)));
                 }
             }
             at = end;
@@ -337,7 +342,7 @@ fn parse_answer(a: &[u8], question_len: usize) -> Option<ParsedAnswer> {
     }
     let (ttl, negative) = match rcode {
         RCODE_NOERROR if counts[0] > 0 => (min_ttl, false),
-        RCODE_NOERROR | RCODE_NXDOMAIN => (min_ttl.min(soa_negative?), true),
+        RCODE_NOERROR | RCODE_NXDOMAIN => (min_ttl.min(soa_negative?.1), true),
         _ => return None,
     };
     if ttl == 0 {
@@ -347,6 +352,7 @@ fn parse_answer(a: &[u8], question_len: usize) -> Option<ParsedAnswer> {
         ttl_offsets,
         ttl,
         negative,
+        soa_ttl: soa_negative.filter(|_| negative),
     })
 }
 
@@ -482,10 +488,16 @@ impl AnswerCache {
         let expires = now + keep;
         self.by_expiry.insert((expires, seq), key.clone());
         self.bytes += answer.len();
+        let mut bytes: Box<[u8]> = answer.into();
+        if let Some((at, ttl)) = parsed.soa_ttl {
+            if let Some(field) = bytes.get_mut(at..at + 4) {
+                field.copy_from_slice(&ttl.to_be_bytes());
+            }
+        }
         self.map.insert(
             key,
             Entry {
-                bytes: answer.into(),
+                bytes,
                 ttl_offsets: parsed.ttl_offsets.into_boxed_slice(),
                 stored: now,
                 expires,

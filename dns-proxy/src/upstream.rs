@@ -17,8 +17,14 @@
 //!   [`QUERIES_PER_SOCKET`] queries and lives at most [`SOCKET_LIFETIME`];
 //!   then it is retired (it stops taking queries, answers the ones in
 //!   flight, and closes) and a socket on a new random port replaces it.
-//! - Two in-flight queries with the same ID never share a socket; when
-//!   every socket has that ID in flight a new socket joins the pool (up to
+//! - The query goes upstream under an ID the proxy draws at random (a
+//!   CSPRNG), free on its socket, not the client's: the answer gets the
+//!   client's ID back before it is checked and relayed. A pod knows its
+//!   own IDs, so with them a pod able to forge the server's address would
+//!   only have to guess the port to plant an answer in the shared answer
+//!   cache (and in other pods' allow-sets); now it must guess 16 bits
+//!   more, as against any resolver. A socket holds at most
+//!   [`IDS_PER_SOCKET`] queries in flight; more join the pool (up to
 //!   [`MAX_SOCKETS_PER_SERVER`]; past that the query fails: SERVFAIL).
 //! - Timeouts: the upstream timeout is the same for every query, so each
 //!   socket keeps its deadlines in sending order (a queue) and its receive
@@ -56,8 +62,13 @@ pub(crate) const QUERIES_PER_SOCKET: u32 = 1000;
 pub(crate) const SOCKET_LIFETIME: Duration = Duration::from_secs(30);
 /// Sockets kept per server in the normal case.
 const SOCKETS_PER_SERVER: usize = 4;
-/// Bound on sockets per server when clients reuse IDs concurrently.
+/// Bound on sockets per server under a flood of queries in flight.
 pub(crate) const MAX_SOCKETS_PER_SERVER: usize = 64;
+/// Queries in flight on one socket at most: 1/64 of the ID space, so a
+/// random ID is free at the first draw nearly always.
+const IDS_PER_SOCKET: usize = 1024;
+/// Random draws for a free ID before the socket counts as full.
+const ID_DRAWS: usize = 32;
 /// Servers with sockets at once (more: the map is emptied and refilled).
 const MAX_SERVERS: usize = 4096;
 /// Largest UDP payload.
@@ -224,21 +235,20 @@ impl UdpUpstreams {
         finish: &Arc<dyn Finish>,
         out: &mut Outbox,
     ) {
-        let id = query.pending.id();
         match self.register(query, finish) {
-            Ok(sock) => out.push(Target::Upstream { sock, id }, bytes),
+            Ok((sock, id)) => out.push_with_id(Target::Upstream { sock, id }, bytes, id),
             Err((query, e)) => finish.clone().finish(query, Exchange::Failed(e), out),
         }
     }
 
-    /// Registers the query on a socket where its ID is free.
+    /// Registers the query on a socket of its server under a random ID
+    /// free there: the socket and the ID to send it with.
     fn register(
         &self,
         query: InFlight,
         finish: &Arc<dyn Finish>,
-    ) -> Result<Arc<PooledSocket>, (InFlight, io::Error)> {
+    ) -> Result<(Arc<PooledSocket>, u16), (InFlight, io::Error)> {
         let server = self.server(query.pending.server());
-        let id = query.pending.id();
         let now = Instant::now();
         let mut socks = server.lock();
         // Retire what has served its share (it finishes its queries alone).
@@ -252,14 +262,14 @@ impl UdpUpstreams {
         });
         let free = socks
             .iter()
-            .filter(|s| !s.table().waiters.contains_key(&id))
+            .filter(|s| s.table().waiters.len() < IDS_PER_SOCKET)
             .min_by_key(|s| s.uses.load(Relaxed))
             .cloned();
         let sock = match free {
             Some(s) if socks.len() >= SOCKETS_PER_SERVER => s,
             _ if socks.len() >= MAX_SOCKETS_PER_SERVER => {
                 let e = io::Error::other(format!(
-                    "{MAX_SOCKETS_PER_SERVER} upstream sockets to {} have query ID {id} in flight",
+                    "{MAX_SOCKETS_PER_SERVER} upstream sockets to {} each have {IDS_PER_SOCKET} queries in flight",
                     server.addr
                 ));
                 return Err((query, e));
@@ -274,14 +284,25 @@ impl UdpUpstreams {
         };
         // Still under the server's lock: no other query can take this ID
         // on this socket meanwhile.
-        let was_idle = {
+        let (was_idle, id) = {
             let mut table = sock.table();
+            let drawn = (0..ID_DRAWS)
+                .map(|_| rand::random::<u16>())
+                .find(|id| !table.waiters.contains_key(id));
+            let Some(id) = drawn else {
+                drop(table);
+                let e = io::Error::other(format!(
+                    "no free query ID on an upstream socket to {} in {ID_DRAWS} draws",
+                    server.addr
+                ));
+                return Err((query, e));
+            };
             let seq = table.next_seq;
             table.next_seq += 1;
             let was_idle = table.deadlines.is_empty();
             table.deadlines.push_back((now + self.timeout, id, seq));
             table.waiters.insert(id, Waiter { query, seq });
-            was_idle
+            (was_idle, id)
         };
         drop(socks);
         if was_idle {
@@ -289,7 +310,7 @@ impl UdpUpstreams {
         }
         sock.uses.fetch_add(1, Relaxed);
         *sock.last_use.lock().unwrap_or_else(|e| e.into_inner()) = now;
-        Ok(sock)
+        Ok((sock, id))
     }
 
     fn open(
@@ -353,6 +374,7 @@ async fn receive(
     let sleep = tokio::time::sleep(idle_tick);
     tokio::pin!(sleep);
     let mut out = Outbox::default();
+    let mut scratch = Vec::with_capacity(512);
     loop {
         tokio::select! {
             biased;
@@ -386,7 +408,7 @@ async fn receive(
                         Ok(got) => {
                             for i in 0..got {
                                 if let Some(d) = batch.get(i) {
-                                    dispatch(&sock, &stats, &finish, d.bytes, &mut out);
+                                    dispatch(&sock, &stats, &finish, d.bytes, &mut scratch, &mut out);
                                 }
                             }
                             if got < RECV_BATCH {
@@ -491,11 +513,14 @@ fn fail_all(
     }
 }
 
+/// Finishes the query that `msg` answers. `scratch` holds the answer with
+/// the client's ID in place of the one the query went upstream with.
 fn dispatch(
     sock: &PooledSocket,
     stats: &Stats,
     finish: &Arc<dyn Finish>,
     msg: &[u8],
+    scratch: &mut Vec<u8>,
     out: &mut Outbox,
 ) {
     let Some(id) = msg.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
@@ -512,6 +537,10 @@ fn dispatch(
         return;
     };
     let pending = &waiter.query.pending;
+    scratch.clear();
+    scratch.extend_from_slice(msg);
+    scratch[..2].copy_from_slice(&pending.id().to_be_bytes());
+    let msg = &scratch[..];
     match pending.accept_response(pending.server(), msg) {
         ResponseOutcome::Ignore(_) => {
             drop(table);
@@ -584,6 +613,15 @@ impl Outbox {
         let start = self.data.len();
         self.data.extend_from_slice(bytes);
         self.msgs.push((target, start..self.data.len()));
+    }
+
+    /// Queues `bytes` (a DNS message) sent under the ID `id`.
+    fn push_with_id(&mut self, target: Target, bytes: &[u8], id: u16) {
+        let start = self.data.len();
+        self.push(target, bytes);
+        if let Some(header) = self.data.get_mut(start..start + 2) {
+            header.copy_from_slice(&id.to_be_bytes());
+        }
     }
 
     /// Sends everything queued. A query that cannot be sent fails

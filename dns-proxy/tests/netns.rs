@@ -645,6 +645,55 @@ fn spoofed_answers_are_ignored() {
     );
 }
 
+#[test]
+fn an_answer_forged_with_the_clients_id_is_ignored() {
+    // A pod knows its own query IDs. Were they sent upstream, a pod able
+    // to forge the server's address could answer its own query before the
+    // server does (and fill the node's answer cache for every pod).
+    let lab = Lab::new(Options {
+        answer_cache: 100,
+        ..Options::default()
+    });
+    let sock = lab.ext.run(|| UdpSocket::bind((DNS_SPOOFING, 53)).unwrap());
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        let (n, from) = sock.recv_from(&mut buf).unwrap();
+        let q = buf[..n].to_vec();
+        // the forgery: right source, right question, the pod's own ID
+        let mut forged = answer_to(&q, [198, 18, 100, 99]);
+        forged[..2].copy_from_slice(&0x4242u16.to_be_bytes());
+        sock.send_to(&forged, from).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        sock.send_to(&answer_to(&q, [198, 18, 100, 67]), from)
+            .unwrap();
+        u16::from_be_bytes([q[0], q[1]])
+    });
+    let pod = lab.pod.run(|| UdpSocket::bind("198.19.1.2:0").unwrap());
+    pod.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    pod.connect((DNS_SPOOFING, 53)).unwrap();
+    pod.send(&query_for(0x4242, "api.example.test")).unwrap();
+    let mut buf = [0u8; 1500];
+    let n = pod.recv(&mut buf).unwrap();
+    let upstream_id = server.join().unwrap();
+    assert_ne!(upstream_id, 0x4242, "the pod's ID went upstream");
+    assert_eq!(buf[..2], 0x4242u16.to_be_bytes());
+    assert_eq!(&buf[n - 4..n], &[198, 18, 100, 67], "the forged answer won");
+    let s = lab.stats();
+    assert_eq!(s.responses_mismatched, 1, "{s:?}");
+    assert_eq!(
+        lab.learned_for("api.example.test.")[0].0.ips,
+        vec![(ip("198.18.100.67"), 60)]
+    );
+    // and the cache holds the real answer: asked again, with the server gone
+    pod.send(&query_for(0x0101, "api.example.test")).unwrap();
+    let n = pod.recv(&mut buf).unwrap();
+    assert_eq!(buf[..2], 0x0101u16.to_be_bytes());
+    assert_eq!(&buf[n - 4..n], &[198, 18, 100, 67]);
+    assert_eq!(lab.stats().answer_cache_hits, 1);
+}
+
 /// An answer to query `q`: its header and question, one A record (owner: a
 /// pointer to the question's name), no additional records.
 fn answer_to(q: &[u8], ip: [u8; 4]) -> Vec<u8> {
@@ -701,10 +750,10 @@ fn one_id_from_two_clients_at_once_and_rotating_ports() {
             let (n, from) = server_sock.recv_from(&mut buf).unwrap();
             first.push((buf[..n].to_vec(), from));
         }
-        assert_eq!(first[0].0[..2], first[1].0[..2], "same ID");
-        assert_ne!(
-            first[0].1, first[1].1,
-            "one ID in flight twice must not share a socket"
+        // The proxy's own random IDs went upstream, not the clients' 7.
+        assert!(
+            first[0].0[..2] != [0, 7] || first[1].0[..2] != [0, 7],
+            "the clients' ID went upstream"
         );
         for (q, from) in first.iter().rev() {
             server_sock
@@ -738,14 +787,17 @@ fn one_id_from_two_clients_at_once_and_rotating_ports() {
     let mut buf = [0u8; 1500];
     let n = a.recv(&mut buf).unwrap();
     assert_eq!(qname_of(&buf[..n]), "a.example.test");
+    assert_eq!(buf[..2], [0, 7], "the client's ID comes back");
     let n = b.recv(&mut buf).unwrap();
     assert_eq!(qname_of(&buf[..n]), "b.example.test");
+    assert_eq!(buf[..2], [0, 7], "the client's ID comes back");
 
     for i in 0..SEQUENTIAL {
         let name = format!("n{i}.example.test");
         a.send(&query_for(i as u16, &name)).unwrap();
         let n = a.recv(&mut buf).unwrap();
         assert_eq!(qname_of(&buf[..n]), name);
+        assert_eq!(buf[..2], (i as u16).to_be_bytes());
         assert_eq!(&buf[n - 4..n], &[198, 18, 100, 78]);
     }
     let ports = server.join().unwrap();
