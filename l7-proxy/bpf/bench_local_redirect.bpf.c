@@ -55,8 +55,13 @@ int local_sockops(struct bpf_sock_ops *skops)
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
+#ifndef BOTH_HOPS
+	/* Only the proxy's onward hop (proxy and nginx share 198.18.1.1); with
+	 * BOTH_HOPS also the client's hop, whose ends (wrk in its namespace,
+	 * the proxy's accepted socket) are both sockets of this host too. */
 	if (skops->local_ip4 != skops->remote_ip4)
 		return 1;
+#endif
 	struct sock_key key = {
 		.local_ip = skops->local_ip4,
 		.remote_ip = skops->remote_ip4,
