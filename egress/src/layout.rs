@@ -616,8 +616,10 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
         // Fail closed: when TPROXY finds no socket (the proxy does not
         // listen on that family's loopback, or is between restarts with no
         // keeper holding its sockets) the expression breaks and the rule
-        // does not match; without the drop the query would be forwarded to
-        // its server, past the DNS rules and the learning. Dropped, the
+        // does not match, but the mark it set first stays: the policy
+        // routing delivers the query locally, where a socket on the node's
+        // wildcard address and port 53 (a node-local resolver) would take
+        // it past the DNS rules and the learning. Dropped instead; the
         // client retries.
         let _ = writeln!(out, "  chain {DNS_CHAIN} {{");
         for (fam, to) in [

@@ -326,13 +326,14 @@ fn tcp_connects(ns: &meshward_testkit::Netns, dst: SocketAddr) -> bool {
 }
 
 /// Fail closed: redirected DNS that no proxy socket takes (none listens on
-/// [::1], or on 127.0.0.1 between restarts) is dropped in the DNS chain,
-/// never forwarded to the server the pod asked — which would skip the DNS
-/// rules and the learning. The pod is not egress-isolated, so only the DNS
-/// chain stands between it and the server. With the drop rules deleted
-/// (the layout before them) the same queries do reach the server.
+/// [::1], or on 127.0.0.1 between restarts) is dropped in the DNS chain:
+/// it reaches neither the server the pod asked nor a port-53 socket on the
+/// node — either would skip the DNS rules and the learning. The pod is not
+/// egress-isolated, so only the DNS chain stands in the way. With the drop
+/// rules deleted (the layout before them) the node's socket takes the
+/// queries (the control).
 #[test]
-fn redirected_dns_without_a_proxy_socket_is_dropped_not_forwarded() {
+fn redirected_dns_without_a_proxy_socket_is_dropped() {
     let lab = Lab::new(&["198.19.1.2"]);
     add_ipv6(&lab);
     let mut t = lab
