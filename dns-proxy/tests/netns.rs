@@ -848,7 +848,7 @@ fn queued(node: &Netns, port: u16) -> bool {
 }
 
 #[test]
-fn aaaa_over_ipv6_transport_is_learned_and_answered() {
+fn ipv6_transport_aaaa_learned_and_answered_denied_refused() {
     let lab = Lab::new(Options {
         ipv6: true,
         ..Options::default()
@@ -863,11 +863,22 @@ fn aaaa_over_ipv6_transport_is_learned_and_answered() {
         assert_eq!(l.client, ip(POD6));
         assert_eq!(l.ips, vec![(ip("fd00:198:18:200::10"), 300)]);
     }
+    // The policy applies over IPv6 as over IPv4: a denied name is
+    // refused by the proxy, never asked upstream, nothing learned.
+    for transport in ["+notcp", "+tcp"] {
+        let out = lab.dig(DNS6, &["api.blocked.example.test", "AAAA", transport]);
+        assert_eq!(status(&out), "REFUSED", "{transport}: {out}");
+    }
+    assert!(lab.learned_for("api.blocked.example.test.").is_empty());
     // IPv4 still works beside it.
     let out = lab.dig(DNS, &["api.example.test", "+short"]);
     assert_eq!(out.trim(), "198.18.100.10", "{out}");
     let s = lab.stats();
-    assert_eq!((s.queries_allowed, s.responses_relayed), (3, 3), "{s:?}");
+    assert_eq!(
+        (s.queries_allowed, s.responses_relayed, s.queries_denied),
+        (3, 3, 2),
+        "{s:?}"
+    );
 }
 
 /// The TTL of the first answer record in dig's output.

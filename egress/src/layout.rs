@@ -613,17 +613,29 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
         }
     }
     if let Some(port) = s.dns_proxy_port {
+        // Fail closed: when TPROXY finds no socket (the proxy does not
+        // listen on that family's loopback, or is between restarts with no
+        // keeper holding its sockets) the expression breaks and the rule
+        // does not match, but the mark it set first stays: the policy
+        // routing delivers the query locally, where a socket on the node's
+        // wildcard address and port 53 (a node-local resolver) would take
+        // it past the DNS rules and the learning. Dropped instead; the
+        // client retries.
         let _ = writeln!(out, "  chain {DNS_CHAIN} {{");
         for (fam, to) in [
             (Family::V4, format!("ip to 127.0.0.1:{port}")),
             (Family::V6, format!("ip6 to [::1]:{port}")),
         ] {
-            let _ = writeln!(
-                out,
-                "    {} saddr @{} meta l4proto {{ tcp, udp }} th dport 53 meta mark set meta mark | {mark:#010x} tproxy {to} accept",
+            let matched = format!(
+                "{} saddr @{} meta l4proto {{ tcp, udp }} th dport 53",
                 fam.nft_payload(),
                 SetId::DnsRedirect(fam).name(),
             );
+            let _ = writeln!(
+                out,
+                "    {matched} meta mark set meta mark | {mark:#010x} tproxy {to} accept",
+            );
+            let _ = writeln!(out, "    {matched} counter drop");
         }
         let _ = writeln!(out, "  }}");
     }
@@ -856,6 +868,26 @@ mod tests {
         assert!(!text.contains(L7_CHAIN));
         assert!(!chains(&s).contains(&L7_CHAIN.to_string()));
         assert!(text.contains(PROXIED_CHAIN));
+    }
+
+    #[test]
+    fn dns_chain_drops_what_tproxy_did_not_take() {
+        let text = structure_ruleset(&structure(), &BTreeSet::new());
+        let dns = text
+            .split(&format!("chain {DNS_CHAIN} {{\n"))
+            .nth(1)
+            .unwrap();
+        let dns = dns.split("  }").next().unwrap();
+        let lines: Vec<&str> = dns.lines().map(str::trim).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "ip saddr @dns_redirect4 meta l4proto { tcp, udp } th dport 53 meta mark set meta mark | 0x00400000 tproxy ip to 127.0.0.1:5353 accept",
+                "ip saddr @dns_redirect4 meta l4proto { tcp, udp } th dport 53 counter drop",
+                "ip6 saddr @dns_redirect6 meta l4proto { tcp, udp } th dport 53 meta mark set meta mark | 0x00400000 tproxy ip6 to [::1]:5353 accept",
+                "ip6 saddr @dns_redirect6 meta l4proto { tcp, udp } th dport 53 counter drop",
+            ]
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use common::*;
-use meshward_egress::{PolicyConfig, PolicyTables};
+use meshward_egress::{PolicyConfig, PolicyTables, TABLE};
 use socket2::{Domain, Protocol, Socket, Type};
 
 const PORT: u16 = 15353;
@@ -215,4 +215,256 @@ fn redirect_to(bind_ip: &str) {
     let sink = udp_sink(&lab.ext, &format!("{EXT}:5353"));
     assert!(!udp_passes(lab.pod(0), &sink, &format!("{EXT}:5353")));
     assert!(recv_with_orig_dst(udp.as_raw_fd()).is_none());
+}
+
+const POD6: &str = "fd00:198:18:1::2";
+const DNS_CHAIN: &str = "dns_prerouting";
+const SERVER6: &str = "[fd00:198:18:100::1]:53";
+
+/// Gives pod 0 of `lab` an IPv6 ULA (fd00:198:18::/48, only inside the
+/// test's namespaces) routed through the node to the external namespace,
+/// which gets fd00:198:18:100::1.
+fn add_ipv6(lab: &Lab) {
+    let add = |ns: &meshward_testkit::Netns, addr: &str, dev: &str| {
+        ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    };
+    lab.node
+        .must(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    add(&lab.node, "fd00:198:18:1::1/64", "pod0");
+    add(lab.pod(0), &format!("{POD6}/64"), "eth0");
+    add(&lab.node, "fd00:198:18:100::254/64", "ext0");
+    add(&lab.ext, "fd00:198:18:100::1/64", "eth0");
+    lab.pod(0)
+        .ip(&["-6", "route", "add", "default", "via", "fd00:198:18:1::1"]);
+    lab.ext.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "fd00:198:18:100::254",
+    ]);
+    // Permanent neighbours: neighbour discovery right after the links
+    // came up (link-local addresses still tentative) takes seconds.
+    let mac = |ns: &meshward_testkit::Netns, dev: &str| {
+        ns.ip_json(&["link", "show", dev])[0]["address"]
+            .as_str()
+            .expect("mac")
+            .to_string()
+    };
+    let neigh = |ns: &meshward_testkit::Netns, ip: &str, mac: &str, dev: &str| {
+        ns.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    };
+    neigh(
+        lab.pod(0),
+        "fd00:198:18:1::1",
+        &mac(&lab.node, "pod0"),
+        "eth0",
+    );
+    neigh(&lab.node, POD6, &mac(lab.pod(0), "eth0"), "pod0");
+    neigh(
+        &lab.node,
+        "fd00:198:18:100::1",
+        &mac(&lab.ext, "eth0"),
+        "ext0",
+    );
+    neigh(
+        &lab.ext,
+        "fd00:198:18:100::254",
+        &mac(&lab.node, "ext0"),
+        "eth0",
+    );
+    // Bounded wait until the path answers.
+    for attempt in 1..=15 {
+        let (ok, out) = lab
+            .pod(0)
+            .exec(&["ping", "-6", "-c1", "-W2", "fd00:198:18:100::1"]);
+        if ok {
+            return;
+        }
+        assert!(attempt < 15, "no IPv6 path from the pod: {out}");
+    }
+}
+
+/// Whether `sink` gets a datagram sent from `ns` to `dst` (IPv4 or IPv6).
+fn udp_reaches(ns: &meshward_testkit::Netns, sink: &UdpSocket, dst: SocketAddr) -> bool {
+    let tag = format!("q-{:?}", std::time::Instant::now());
+    ns.run(|| {
+        let any: SocketAddr = if dst.is_ipv6() {
+            "[::]:0".parse().unwrap()
+        } else {
+            "0.0.0.0:0".parse().unwrap()
+        };
+        let s = UdpSocket::bind(any).unwrap();
+        s.send_to(tag.as_bytes(), dst).unwrap();
+    });
+    let mut buf = [0u8; 256];
+    for _ in 0..5 {
+        match sink.recv_from(&mut buf) {
+            Ok((n, _)) if buf[..n] == *tag.as_bytes() => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+fn tcp_connects(ns: &meshward_testkit::Netns, dst: SocketAddr) -> bool {
+    ns.run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(1)))
+        .is_ok()
+}
+
+/// Fail closed: redirected DNS that no proxy socket takes (none listens on
+/// [::1], or on 127.0.0.1 between restarts) is dropped in the DNS chain:
+/// it reaches neither the server the pod asked nor a port-53 socket on the
+/// node — either would skip the DNS rules and the learning. The pod is not
+/// egress-isolated, so only the DNS chain stands in the way. With the drop
+/// rules deleted (the layout before them) the node's socket takes the
+/// queries (the control).
+#[test]
+fn redirected_dns_without_a_proxy_socket_is_dropped() {
+    let lab = Lab::new(&["198.19.1.2"]);
+    add_ipv6(&lab);
+    let mut t = lab
+        .node
+        .run(|| {
+            PolicyTables::new(PolicyConfig {
+                dns_proxy_port: Some(PORT),
+                ..PolicyConfig::default()
+            })
+        })
+        .expect("install with DNS redirect");
+    let mut st = state(vec![Ep {
+        ip: lab.ip(0),
+        egress: None,
+        ingress: None,
+        dns: true,
+    }]);
+    let ep = st.rules.endpoints.values_mut().next().unwrap();
+    ep.ips.push(POD6.parse().unwrap());
+    t.apply_policy(&st).unwrap();
+    let redirect6 = lab.set_listing("dns_redirect6");
+    assert!(redirect6.contains(POD6), "{redirect6}");
+
+    let server6: SocketAddr = SERVER6.parse().unwrap();
+    let server4: SocketAddr = format!("{EXT}:53").parse().unwrap();
+    let sink6 = udp_sink(&lab.ext, SERVER6);
+    let sink4 = udp_sink(&lab.ext, &server4.to_string());
+    let _tcp6 = lab.ext.run(|| TcpListener::bind(server6)).unwrap();
+    let _tcp4 = lab.ext.run(|| TcpListener::bind(server4)).unwrap();
+    // The paths work: other ports are forwarded on both families.
+    let other6 = udp_sink(&lab.ext, "[fd00:198:18:100::1]:5353");
+    assert!(udp_reaches(
+        lab.pod(0),
+        &other6,
+        "[fd00:198:18:100::1]:5353".parse().unwrap()
+    ));
+    assert!(udp_passes(
+        lab.pod(0),
+        &udp_sink(&lab.ext, &format!("{EXT}:5353")),
+        &format!("{EXT}:5353")
+    ));
+
+    // With a transparent socket on [::1] the pod's IPv6 query goes there.
+    let listener6: SocketAddr = format!("[::1]:{PORT}").parse().unwrap();
+    let proxy6 = lab.node.run(|| {
+        let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        s.set_ip_transparent_v6(true).unwrap();
+        s.bind(&listener6.into()).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(800)))
+            .unwrap();
+        UdpSocket::from(s)
+    });
+    lab.pod(0).run(|| {
+        let s = UdpSocket::bind("[::]:0").unwrap();
+        s.send_to(b"query6", server6).unwrap();
+    });
+    let mut buf = [0u8; 64];
+    let (n, from) = proxy6.recv_from(&mut buf).expect("redirected to [::1]");
+    assert_eq!(
+        (&buf[..n], from.ip()),
+        (&b"query6"[..], POD6.parse().unwrap())
+    );
+    drop(proxy6);
+
+    // No proxy socket on either family: nothing reaches the server, nor
+    // a DNS server the node runs on the wildcard address.
+    let node_udp = udp_sink(&lab.node, "[::]:53");
+    let node_tcp = lab.node.run(|| TcpListener::bind("[::]:53")).unwrap();
+    node_tcp.set_nonblocking(true).unwrap();
+    let reached = |sink: &UdpSocket, to: SocketAddr| -> bool {
+        let direct = udp_reaches(lab.pod(0), sink, to);
+        direct || node_udp_got(&node_udp)
+    };
+    for _ in 0..2 {
+        assert!(!reached(&sink6, server6), "IPv6 UDP DNS got through");
+        assert!(!reached(&sink4, server4), "IPv4 UDP DNS got through");
+    }
+    assert!(!tcp_connects(lab.pod(0), server6), "IPv6 TCP DNS connected");
+    assert!(!tcp_connects(lab.pod(0), server4), "IPv4 TCP DNS connected");
+    assert!(node_tcp.accept().is_err(), "the node's listener took one");
+    let chain = lab.nft(&["list", "chain", "inet", TABLE, DNS_CHAIN]);
+    assert!(!chain.contains("counter packets 0 bytes 0 drop"), "{chain}");
+
+    // The control: without the drop rules TPROXY's miss falls through. The
+    // rule set the mark before TPROXY broke off, so the policy routing
+    // still delivers the packet locally (it is not forwarded to the
+    // server), where whatever listens on port 53 on the node's wildcard
+    // address takes it: a node-local resolver would answer the pod past
+    // the DNS rules and the learning.
+    let listed = lab.nft(&["-a", "list", "chain", "inet", TABLE, DNS_CHAIN]);
+    let handles: Vec<&str> = listed
+        .lines()
+        .filter(|l| l.contains(" drop "))
+        .filter_map(|l| l.rsplit("# handle ").next())
+        .collect();
+    assert_eq!(handles.len(), 2, "{listed}");
+    for h in handles {
+        lab.nft(&[
+            "delete",
+            "rule",
+            "inet",
+            TABLE,
+            DNS_CHAIN,
+            "handle",
+            h.trim(),
+        ]);
+    }
+    assert!(
+        !udp_reaches(lab.pod(0), &sink6, server6),
+        "control: IPv6 forwarded"
+    );
+    assert!(
+        node_udp_got(&node_udp),
+        "control: IPv6 UDP not delivered on the node"
+    );
+    assert!(
+        !udp_reaches(lab.pod(0), &sink4, server4),
+        "control: IPv4 forwarded"
+    );
+    assert!(
+        node_udp_got(&node_udp),
+        "control: IPv4 UDP not delivered on the node"
+    );
+    assert!(tcp_connects(lab.pod(0), server6), "control: IPv6 TCP");
+    assert!(node_tcp.accept().is_ok(), "control: the node's listener");
+    // (IPv4 TCP does not complete against this non-transparent listener:
+    // no IPv4 TCP control.)
+}
+
+/// Whether a datagram (from the test's probes) waits on the node's socket.
+fn node_udp_got(sock: &UdpSocket) -> bool {
+    let mut buf = [0u8; 256];
+    matches!(sock.recv_from(&mut buf), Ok((n, _)) if buf[..n].starts_with(b"q-"))
 }

@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -31,7 +31,7 @@ use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use meshward_dns_proxy::{
     AnswerCacheConfig, CacheConfig, CacheEntry, Decision, DenyRcode, DnsPolicy, DnsProxy,
-    FqdnCache, LearnHook, Learned, ProxyConfig, QueryInfo, Stats,
+    FqdnCache, LearnHook, Learned, Listeners, ProxyConfig, QueryInfo, Stats,
 };
 use meshward_egress::{FqdnElement, PolicyConfig, PolicyState, PolicyTables};
 use meshward_policy::{Compiler, Fqdn, NodeRules, PolicyError};
@@ -197,9 +197,15 @@ impl PolicyEngine {
     }
 
     /// Starts the DNS proxy on its own thread, listening on 127.0.0.1:port
-    /// (where nftables TPROXYs the redirected pods' DNS).
+    /// and [::1]:port (where nftables TPROXYs the redirected pods' IPv4 and
+    /// IPv6 DNS); IPv4 only when the node has no IPv6 loopback (the DNS
+    /// chain then drops redirected IPv6 DNS).
     pub async fn start_dns_proxy(&mut self, settings: &PolicySettings) -> Result<()> {
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), settings.dns_proxy_port);
+        let addr6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), settings.dns_proxy_port);
+        // Not kept by the socket keeper: across a restart the DNS chain
+        // drops redirected IPv6 DNS (the client retries), never forwards it.
+        let listeners6 = bind_loopback6(addr6)?;
         // from the socket keeper when it held them while no agent ran; its
         // answers can take seconds: not on the agent's runtime
         let (mode, state_dir) = (settings.dns_socket_keeper, self.state_dir.clone());
@@ -220,6 +226,7 @@ impl PolicyEngine {
             answer_cache: AnswerCacheConfig::with_entries(settings.dns_answer_cache_entries),
             ..ProxyConfig::default()
         };
+        let has_v6 = listeners6.is_some();
         let policy = RulesPolicy(self.shared.clone());
         let proxy = DnsProxy::new(config, policy, Learner(self.shared.clone()));
         self.proxy = Some(proxy.clone());
@@ -247,16 +254,16 @@ impl PolicyEngine {
                             connections, "answered the DNS queries queued on the old port"
                         );
                     }
-                    proxy.serve(listeners).await
+                    serve_listeners(&proxy, listeners, listeners6).await
                 });
                 if let Err(e) = served {
                     // Fail closed and loudly: the supervisor restarts us.
-                    error!("the DNS proxy stopped: {e}");
+                    error!("the DNS proxy stopped: {e:#}");
                     std::process::abort();
                 }
             })
             .context("starting the DNS proxy thread")?;
-        info!(%addr, "DNS proxy serving");
+        info!(%addr, ipv6 = has_v6, "DNS proxy serving");
         Ok(())
     }
 
@@ -513,6 +520,58 @@ impl PolicyEngine {
     }
 }
 
+/// The DNS proxy's listeners on `addr` ([::1]:port), or `None` when the
+/// node has no IPv6 (see [`ipv6_missing`]), which is warned about. Any
+/// other error (the port taken, say) fails the start, as it does for IPv4.
+fn bind_loopback6(addr: SocketAddr) -> Result<Option<Listeners>> {
+    match Listeners::bind(addr) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if ipv6_missing(&e) => {
+            warn!("the DNS proxy does not listen on {addr} ({e}): no IPv6 on this node; redirected IPv6 DNS is dropped");
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("binding the DNS proxy to {addr} (udp and tcp)")),
+    }
+}
+
+/// A bind error saying the node has no IPv6: the family is not there
+/// (`ipv6.disable=1`) or the address not available. (A transparent socket
+/// binds [::1] even where IPv6 is disabled by sysctl: it listens, and no
+/// IPv6 packet comes.)
+fn ipv6_missing(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// Serves the IPv4 listeners and the IPv6 ones, when there are any, on the
+/// calling runtime (the DNS proxy's one thread); returns when either stops
+/// serving (an error naming its address: the caller treats it as fatal).
+async fn serve_listeners<P: DnsPolicy, H: LearnHook>(
+    proxy: &DnsProxy<P, H>,
+    v4: Listeners,
+    v6: Option<Listeners>,
+) -> Result<()> {
+    let name = |l: &Listeners| {
+        l.udp()
+            .local_addr()
+            .map_or_else(|e| format!("(unknown address: {e})"), |a| a.to_string())
+    };
+    let addr4 = name(&v4);
+    let Some(v6) = v6 else {
+        return proxy
+            .serve(v4)
+            .await
+            .with_context(|| format!("serving on {addr4}"));
+    };
+    let addr6 = name(&v6);
+    tokio::select! {
+        r = proxy.serve(v4) => r.with_context(|| format!("serving on {addr4}")),
+        r = proxy.serve(v6) => r.with_context(|| format!("serving on {addr6}")),
+    }
+}
+
 /// A cheap, shareable view of the engine for other threads.
 #[derive(Clone)]
 pub struct PolicyHandle {
@@ -668,5 +727,363 @@ impl meshward_dns_proxy::DnsObserver for DnsEvents {
                 .map(|h| u64::try_from(h.as_micros()).unwrap_or(u64::MAX)),
         });
         self.hub.publish(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The DNS proxy's IPv6 listeners as the agent starts them, in network
+    //! namespaces (root): a pod with an IPv4 and an IPv6 ULA address
+    //! (fd00:198:18::/48, only inside the test's namespaces), the node with
+    //! meshward's nftables layout, dnsmasq behind it.
+    //!
+    //! ```text
+    //! pod 198.19.1.2 fd00:198:18:1::2 ── pod0 [node: inet meshward, proxy] ext0 ── ext 198.18.100.53 fd00:198:18:100::53
+    //! ```
+    use super::*;
+    use meshward_policy::{
+        DnsAllow, DnsRules, EndpointRules, FqdnSelector, L4Protocol, PodRef, PolicyKind, PolicyRef,
+        PortMatch,
+    };
+    use meshward_testkit::{veth, Netns};
+    use std::process::{Child, Stdio};
+
+    const PORT: u16 = 15353;
+    const POD4: &str = "198.19.1.2";
+    const POD6: &str = "fd00:198:18:1::2";
+    const DNS4: &str = "198.18.100.53";
+    const DNS6: &str = "fd00:198:18:100::53";
+
+    #[test]
+    fn only_a_missing_ipv6_is_a_warning() {
+        let err = std::io::Error::from_raw_os_error;
+        assert!(ipv6_missing(&err(libc::EAFNOSUPPORT)));
+        assert!(ipv6_missing(&err(libc::EADDRNOTAVAIL)));
+        assert!(!ipv6_missing(&err(libc::EADDRINUSE)));
+        assert!(!ipv6_missing(&err(libc::EPERM)));
+        assert!(!ipv6_missing(&std::io::Error::other("no errno")));
+    }
+
+    #[test]
+    fn ipv6_loopback_binds_and_a_taken_port_is_an_error() {
+        let ns = Netns::new("d");
+        let addr = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), PORT);
+        let bound = ns.run(|| bind_loopback6(addr)).expect("bind [::1]");
+        let bound = bound.expect("the namespace has IPv6 loopback");
+        assert_eq!(bound.udp().local_addr().unwrap(), addr);
+        assert_eq!(bound.tcp().local_addr().unwrap(), addr);
+        // Taken (our own listeners still hold it): an error, not IPv4 only.
+        let taken = ns.run(|| bind_loopback6(addr)).map(|l| l.is_some());
+        let e = format!("{:#}", taken.expect_err("port taken"));
+        assert!(e.contains("[::1]:15353"), "{e}");
+        drop(bound);
+        // IPv6 disabled by sysctl: the transparent sockets still bind.
+        ns.must(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        ns.must(&["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1"]);
+        let lo = ns.ip(&["-6", "addr", "show", "dev", "lo"]);
+        assert!(!lo.contains("::1"), "{lo}");
+        let bound = ns.run(|| bind_loopback6(addr)).expect("bind [::1]");
+        assert!(bound.is_some());
+    }
+
+    fn pod_ref() -> PodRef {
+        PodRef {
+            namespace: "default".into(),
+            name: "client".into(),
+        }
+    }
+
+    /// The pod may ask the lab's server (both addresses) for
+    /// `allowed.example.test` only.
+    fn rules() -> NodeRules {
+        let policy = PolicyRef {
+            kind: PolicyKind::MeshNetworkPolicy,
+            namespace: "default".into(),
+            name: "dns".into(),
+        };
+        let dns = DnsRules {
+            allow: vec![DnsAllow {
+                servers: vec![
+                    format!("{DNS4}/32").parse().unwrap(),
+                    format!("{DNS6}/128").parse().unwrap(),
+                ],
+                ports: vec![
+                    PortMatch::single(L4Protocol::Udp, 53),
+                    PortMatch::single(L4Protocol::Tcp, 53),
+                ],
+                names: Some(vec![
+                    FqdnSelector::match_name("allowed.example.test").unwrap()
+                ]),
+                policy,
+            }],
+        };
+        let mut endpoints = BTreeMap::new();
+        endpoints.insert(
+            pod_ref(),
+            EndpointRules {
+                pod: pod_ref(),
+                ips: vec![POD4.parse().unwrap(), POD6.parse().unwrap()],
+                egress: None,
+                ingress: None,
+                dns: Some(Arc::new(dns)),
+            },
+        );
+        NodeRules { endpoints }
+    }
+
+    struct Lab {
+        dnsmasq: Option<Child>,
+        proxy: Option<(
+            tokio::sync::oneshot::Sender<()>,
+            std::thread::JoinHandle<()>,
+        )>,
+        learned: Arc<Mutex<Vec<Learned>>>,
+        _tables: PolicyTables,
+        pod: Netns,
+        node: Netns,
+        ext: Netns,
+    }
+
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            if let Some((stop, thread)) = self.proxy.take() {
+                let _ = stop.send(());
+                let _ = thread.join();
+            }
+            if let Some(mut c) = self.dnsmasq.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    fn mac(ns: &Netns, dev: &str) -> String {
+        ns.ip_json(&["link", "show", dev])[0]["address"]
+            .as_str()
+            .expect("mac")
+            .to_string()
+    }
+
+    impl Lab {
+        fn new() -> Lab {
+            let pod = Netns::new("p");
+            let node = Netns::new("n");
+            let ext = Netns::new("e");
+            veth(
+                &pod,
+                "eth0",
+                &format!("{POD4}/24"),
+                &node,
+                "pod0",
+                "198.19.1.1/24",
+            );
+            veth(
+                &node,
+                "ext0",
+                "198.18.100.1/24",
+                &ext,
+                "eth0",
+                &format!("{DNS4}/24"),
+            );
+            pod.ip(&["route", "add", "default", "via", "198.19.1.1"]);
+            ext.ip(&["route", "add", "default", "via", "198.18.100.1"]);
+            node.must(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            node.must(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+            let add6 = |ns: &Netns, addr: &str, dev: &str| {
+                ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+            };
+            add6(&pod, &format!("{POD6}/64"), "eth0");
+            add6(&node, "fd00:198:18:1::1/64", "pod0");
+            add6(&node, "fd00:198:18:100::1/64", "ext0");
+            add6(&ext, &format!("{DNS6}/64"), "eth0");
+            pod.ip(&["-6", "route", "add", "default", "via", "fd00:198:18:1::1"]);
+            ext.ip(&["-6", "route", "add", "default", "via", "fd00:198:18:100::1"]);
+            // Neighbour discovery right after the links came up takes
+            // seconds (tentative link-local addresses): permanent entries.
+            let neigh = |ns: &Netns, ip: &str, mac: &str, dev: &str| {
+                ns.ip(&[
+                    "-6",
+                    "neigh",
+                    "replace",
+                    ip,
+                    "lladdr",
+                    mac,
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ]);
+            };
+            neigh(&pod, "fd00:198:18:1::1", &mac(&node, "pod0"), "eth0");
+            neigh(&node, POD6, &mac(&pod, "eth0"), "pod0");
+            neigh(&node, DNS6, &mac(&ext, "eth0"), "ext0");
+            neigh(&ext, "fd00:198:18:100::1", &mac(&node, "ext0"), "eth0");
+
+            let mut tables = node
+                .run(|| {
+                    PolicyTables::new(PolicyConfig {
+                        dns_proxy_port: Some(PORT),
+                        ..PolicyConfig::default()
+                    })
+                })
+                .expect("meshward's tables");
+            tables
+                .apply_policy(&PolicyState {
+                    rules: rules(),
+                    fqdn: Vec::new(),
+                })
+                .expect("apply");
+
+            let dnsmasq = ext
+                .command("dnsmasq")
+                .args([
+                    "--keep-in-foreground",
+                    "--conf-file=/dev/null",
+                    "--pid-file=",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--port=53",
+                    "--bind-interfaces",
+                    "--local-ttl=300",
+                    &format!("--listen-address={DNS4}"),
+                    &format!("--listen-address={DNS6}"),
+                    "--address=/allowed.example.test/fd00:198:18:200::10",
+                    "--address=/allowed.example.test/198.18.100.10",
+                    "--address=/denied.example.test/fd00:198:18:200::12",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("dnsmasq (apt-get install dnsmasq-base)");
+            let mut lab = Lab {
+                dnsmasq: Some(dnsmasq),
+                proxy: None,
+                learned: Arc::new(Mutex::new(Vec::new())),
+                _tables: tables,
+                pod,
+                node,
+                ext,
+            };
+            lab.wait_for_dnsmasq();
+            lab.start_proxy();
+            lab
+        }
+
+        fn wait_for_dnsmasq(&self) {
+            for _ in 0..50 {
+                let (ok, out) = self.ext.exec(&[
+                    "dig",
+                    &format!("@{DNS6}"),
+                    "allowed.example.test",
+                    "AAAA",
+                    "+short",
+                    "+time=1",
+                    "+tries=1",
+                ]);
+                if ok && out.contains("fd00:198:18:200::10") {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            panic!("dnsmasq did not come up");
+        }
+
+        /// What the agent runs: IPv4 and IPv6 listeners served together on
+        /// one current-thread runtime, on a thread inside the node.
+        fn start_proxy(&mut self) {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let (ready_tx, ready) = std::sync::mpsc::channel::<Result<bool, String>>();
+            let learned = self.learned.clone();
+            let node = self.node.path();
+            let thread = std::thread::spawn(move || {
+                let file = std::fs::File::open(node).unwrap();
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let v4 = Listeners::bind(SocketAddr::from(([127, 0, 0, 1], PORT)));
+                let v6 = bind_loopback6(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), PORT));
+                let (v4, v6) = match (v4, v6) {
+                    (Ok(v4), Ok(v6)) => (v4, v6),
+                    (v4, v6) => {
+                        let _ = ready_tx.send(Err(format!("{:?} {:?}", v4.err(), v6.err())));
+                        return;
+                    }
+                };
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let hook = move |l: Learned| {
+                    learned.lock().push(l);
+                    std::future::ready(Ok::<(), String>(()))
+                };
+                let proxy = DnsProxy::new(ProxyConfig::default(), rules(), hook);
+                let _ = ready_tx.send(Ok(v6.is_some()));
+                runtime.block_on(async {
+                    tokio::select! {
+                        r = serve_listeners(&proxy, v4, v6) => panic!("the proxy stopped: {r:?}"),
+                        _ = stopped => {}
+                    }
+                });
+            });
+            let has_v6 = ready
+                .recv_timeout(Duration::from_secs(10))
+                .expect("proxy thread")
+                .expect("binding the proxy");
+            assert!(has_v6, "the node namespace has IPv6 loopback");
+            self.proxy = Some((stop, thread));
+        }
+
+        fn dig(&self, server: &str, args: &[&str]) -> String {
+            let mut cmd = vec!["dig", server, "+time=4", "+tries=2"];
+            cmd.extend_from_slice(args);
+            self.pod.exec(&cmd).1
+        }
+    }
+
+    fn status(dig: &str) -> &str {
+        dig.split("status: ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or("(no status)")
+    }
+
+    /// A redirected pod's IPv6 DNS goes through the proxy on [::1]: the
+    /// allowed name is answered and learned for the pod's IPv6 address, the
+    /// other name refused, over UDP and TCP; IPv4 beside it.
+    #[test]
+    fn redirected_ipv6_dns_is_judged_by_the_proxy() {
+        let lab = Lab::new();
+        let server6 = format!("@{DNS6}");
+        for transport in ["+notcp", "+tcp"] {
+            let out = lab.dig(&server6, &["allowed.example.test", "AAAA", transport]);
+            assert_eq!(status(&out), "NOERROR", "{transport}: {out}");
+            assert!(out.contains("fd00:198:18:200::10"), "{transport}: {out}");
+            let out = lab.dig(&server6, &["denied.example.test", "AAAA", transport]);
+            assert_eq!(status(&out), "REFUSED", "{transport}: {out}");
+            assert!(!out.contains("fd00:198:18:200::12"), "{transport}: {out}");
+        }
+        let out = lab.dig(
+            &format!("@{DNS4}"),
+            &["allowed.example.test", "A", "+short"],
+        );
+        assert_eq!(out.trim(), "198.18.100.10", "{out}");
+        let out = lab.dig(&format!("@{DNS4}"), &["denied.example.test", "A"]);
+        assert_eq!(status(&out), "REFUSED", "{out}");
+        let learned = lab.learned.lock().clone();
+        let from6: Vec<&Learned> = learned
+            .iter()
+            .filter(|l| l.client == POD6.parse::<IpAddr>().unwrap())
+            .collect();
+        assert_eq!(from6.len(), 2, "{learned:?}");
+        for l in from6 {
+            assert_eq!(l.qname.as_str(), "allowed.example.test.");
+            assert_eq!(l.ips, vec![("fd00:198:18:200::10".parse().unwrap(), 300)]);
+        }
+        assert!(
+            learned
+                .iter()
+                .all(|l| l.qname.as_str() != "denied.example.test."),
+            "{learned:?}"
+        );
     }
 }
