@@ -663,13 +663,22 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
                 Family::V6 => format!("ip6 to [::1]:{port}"),
             };
             for dir in [Direction::Egress, Direction::Ingress] {
-                let _ = writeln!(
-                    out,
-                    "    meta l4proto tcp ct direction original {} {} . tcp dport @{} meta mark set meta mark | {mark:#010x} tproxy {to} accept",
+                let matched = format!(
+                    "meta l4proto tcp ct direction original {} {} . tcp dport @{}",
                     fam.nft_payload(),
                     dir.local_field(),
                     SetId::L7(dir, fam).name(),
                 );
+                let _ = writeln!(
+                    out,
+                    "    {matched} meta mark set meta mark | {mark:#010x} tproxy {to} accept"
+                );
+                // Fail closed, as for DNS: with no proxy socket (no [::1]
+                // listener, or between restarts) the mark set before
+                // TPROXY broke off would route the connection locally, to
+                // whatever node socket holds that port on the wildcard
+                // address, past the HTTP rules.
+                let _ = writeln!(out, "    {matched} counter drop");
             }
         }
         let _ = writeln!(out, "  }}");
@@ -835,6 +844,17 @@ mod tests {
         ));
         assert!(l7.contains("ip daddr . tcp dport @l7_ingress4"));
         assert!(l7.contains("ip6 daddr . tcp dport @l7_ingress6 meta mark set meta mark | 0x00400000 tproxy ip6 to [::1]:15001 accept"));
+        // Each TPROXY rule is followed by a drop of what it did not take.
+        let lines: Vec<&str> = l7.lines().map(str::trim).collect();
+        let tproxy: Vec<usize> = (0..lines.len())
+            .filter(|&i| lines[i].contains(" tproxy "))
+            .collect();
+        assert_eq!(tproxy.len(), 4, "{l7}");
+        for i in tproxy {
+            let matched = lines[i].split(" meta mark set").next().unwrap();
+            let drop = format!("{matched} counter drop");
+            assert_eq!(lines.get(i + 1).copied(), Some(drop.as_str()), "{l7}");
+        }
         // Marked packets are no longer accepted blindly: DNS passes, the
         // rest is checked on egress (source) and ingress (destination).
         let input = text

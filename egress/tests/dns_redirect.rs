@@ -217,85 +217,8 @@ fn redirect_to(bind_ip: &str) {
     assert!(recv_with_orig_dst(udp.as_raw_fd()).is_none());
 }
 
-const POD6: &str = "fd00:198:18:1::2";
 const DNS_CHAIN: &str = "dns_prerouting";
 const SERVER6: &str = "[fd00:198:18:100::1]:53";
-
-/// Gives pod 0 of `lab` an IPv6 ULA (fd00:198:18::/48, only inside the
-/// test's namespaces) routed through the node to the external namespace,
-/// which gets fd00:198:18:100::1.
-fn add_ipv6(lab: &Lab) {
-    let add = |ns: &meshward_testkit::Netns, addr: &str, dev: &str| {
-        ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
-    };
-    lab.node
-        .must(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
-    add(&lab.node, "fd00:198:18:1::1/64", "pod0");
-    add(lab.pod(0), &format!("{POD6}/64"), "eth0");
-    add(&lab.node, "fd00:198:18:100::254/64", "ext0");
-    add(&lab.ext, "fd00:198:18:100::1/64", "eth0");
-    lab.pod(0)
-        .ip(&["-6", "route", "add", "default", "via", "fd00:198:18:1::1"]);
-    lab.ext.ip(&[
-        "-6",
-        "route",
-        "add",
-        "default",
-        "via",
-        "fd00:198:18:100::254",
-    ]);
-    // Permanent neighbours: neighbour discovery right after the links
-    // came up (link-local addresses still tentative) takes seconds.
-    let mac = |ns: &meshward_testkit::Netns, dev: &str| {
-        ns.ip_json(&["link", "show", dev])[0]["address"]
-            .as_str()
-            .expect("mac")
-            .to_string()
-    };
-    let neigh = |ns: &meshward_testkit::Netns, ip: &str, mac: &str, dev: &str| {
-        ns.ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            ip,
-            "lladdr",
-            mac,
-            "dev",
-            dev,
-            "nud",
-            "permanent",
-        ]);
-    };
-    neigh(
-        lab.pod(0),
-        "fd00:198:18:1::1",
-        &mac(&lab.node, "pod0"),
-        "eth0",
-    );
-    neigh(&lab.node, POD6, &mac(lab.pod(0), "eth0"), "pod0");
-    neigh(
-        &lab.node,
-        "fd00:198:18:100::1",
-        &mac(&lab.ext, "eth0"),
-        "ext0",
-    );
-    neigh(
-        &lab.ext,
-        "fd00:198:18:100::254",
-        &mac(&lab.node, "ext0"),
-        "eth0",
-    );
-    // Bounded wait until the path answers.
-    for attempt in 1..=15 {
-        let (ok, out) = lab
-            .pod(0)
-            .exec(&["ping", "-6", "-c1", "-W2", "fd00:198:18:100::1"]);
-        if ok {
-            return;
-        }
-        assert!(attempt < 15, "no IPv6 path from the pod: {out}");
-    }
-}
 
 /// Whether `sink` gets a datagram sent from `ns` to `dst` (IPv4 or IPv6).
 fn udp_reaches(ns: &meshward_testkit::Netns, sink: &UdpSocket, dst: SocketAddr) -> bool {

@@ -201,3 +201,85 @@ fn l7_ports_reach_the_proxy_after_l4_checks() {
     let listing = lab.set_listing("l7_egress4");
     assert!(!listing.contains("198.19.1.2"), "{listing}");
 }
+
+/// Fail closed: a connection on an L7 port that no proxy socket takes (the
+/// proxy does not listen on that family, or is between restarts) is
+/// dropped in the L7 chain. Without the drop the rule's mark, set before
+/// TPROXY broke off, has the policy routing deliver the SYN to the node
+/// itself, where a socket on the wildcard address and that port takes the
+/// connection past the HTTP rules (the control). IPv6, where any such
+/// socket completes the handshake (over IPv4 only a transparent one could
+/// answer from the original destination's address).
+#[test]
+fn l7_connections_without_a_proxy_socket_are_dropped() {
+    let lab = Lab::new(&["198.19.1.2"]);
+    add_ipv6(&lab);
+    let mut t = lab
+        .node
+        .run(|| {
+            PolicyTables::new(PolicyConfig {
+                l7_proxy_port: Some(PORT),
+                ..PolicyConfig::default()
+            })
+        })
+        .expect("install with L7 redirect");
+    let ext6 = "fd00:198:18:100::1/128";
+    let mut egress = rules(vec![allow(&[ext6], &[PortMatch::single(TCP, 80)])]);
+    egress.l7 = vec![l7(&[ext6], 80)];
+    let mut st = state(vec![Ep {
+        ip: lab.ip(0),
+        egress: Some(egress),
+        ingress: None,
+        dns: false,
+    }]);
+    let ep = st.rules.endpoints.values_mut().next().unwrap();
+    ep.ips.push(POD6.parse().unwrap());
+    t.apply_policy(&st).unwrap();
+    let listing = lab.set_listing("l7_egress6");
+    assert!(listing.contains(POD6), "{listing}");
+
+    let dst: SocketAddr = "[fd00:198:18:100::1]:80".parse().unwrap();
+    let node_socket = lab.node.run(|| TcpListener::bind("[::]:80")).unwrap();
+    node_socket.set_nonblocking(true).unwrap();
+    let attempt = || {
+        lab.pod(0)
+            .run(|| TcpStream::connect_timeout(&dst, Duration::from_millis(1500)))
+            .map(drop)
+            .map_err(|e| e.kind())
+    };
+    // No proxy listener: the SYN is dropped (the connect times out) and
+    // the node's socket gets nothing.
+    assert_eq!(attempt(), Err(ErrorKind::TimedOut));
+    assert!(accepted(&node_socket, Duration::from_millis(300)).is_none());
+    let chain = lab.nft(&["list", "chain", "inet", "meshward", "l7_prerouting"]);
+    let drops: Vec<&str> = chain.lines().filter(|l| l.contains(" drop")).collect();
+    assert_eq!(drops.len(), 4, "{chain}");
+    assert!(
+        drops.iter().any(|l| !l.contains("counter packets 0 ")),
+        "no drop counted: {chain}"
+    );
+
+    // The control: without the drop rules the connection falls through to
+    // the node's socket.
+    let listed = lab.nft(&["-a", "list", "chain", "inet", "meshward", "l7_prerouting"]);
+    for handle in listed
+        .lines()
+        .filter(|l| l.contains(" drop "))
+        .filter_map(|l| l.rsplit("# handle ").next())
+    {
+        lab.nft(&[
+            "delete",
+            "rule",
+            "inet",
+            "meshward",
+            "l7_prerouting",
+            "handle",
+            handle.trim(),
+        ]);
+    }
+    assert_eq!(attempt(), Ok(()), "control: connect");
+    let (peer, local) =
+        accepted(&node_socket, Duration::from_secs(3)).expect("control: the node's socket");
+    assert_eq!(peer.ip(), POD6.parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(local, dst);
+}
