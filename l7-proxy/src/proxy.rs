@@ -722,6 +722,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool, h2: bool) {
         // The usual message: one look at each name, no removals.
         return;
     }
+    strip_all_hop_by_hop(h, upgrade, h2)
+}
+
+/// [`strip_hop_by_hop`] without the quick look first.
+fn strip_all_hop_by_hop(h: &mut HeaderMap, upgrade: bool, h2: bool) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -1015,5 +1020,57 @@ mod tests {
         assert_eq!(up["upgrade"], "websocket");
         assert_eq!(up["connection"], "upgrade");
         assert!(!up.contains_key("x-secret"));
+    }
+
+    /// The quick look ([`has_hop_by_hop`]) says "nothing to do" exactly
+    /// when stripping would leave the headers as they are.
+    #[test]
+    fn hop_by_hop_quick_look_agrees() {
+        let extra: [&[(&str, &str)]; 12] = [
+            &[],
+            &[("te", "trailers")],
+            &[("te", "Trailers")],
+            &[("te", "trailers"), ("te", "gzip")],
+            &[("te", "gzip")],
+            &[("connection", "x-a")],
+            &[("keep-alive", "1")],
+            &[("proxy-connection", "keep-alive")],
+            &[("transfer-encoding", "chunked")],
+            &[("trailer", "x-b")],
+            &[("upgrade", "websocket")],
+            &[("x-keep-alive", "1"), ("grpc-timeout", "1S")],
+        ];
+        for e in extra {
+            for h2 in [false, true] {
+                let mut h = HeaderMap::new();
+                h.append(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+                h.append("x-a", HeaderValue::from_static("1"));
+                for (n, v) in e {
+                    h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+                }
+                let sorted = |h: &HeaderMap| {
+                    let mut v: Vec<(String, Vec<u8>)> = h
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                        .collect();
+                    v.sort();
+                    v
+                };
+                let before = sorted(&h);
+                let mut full = h.clone();
+                strip_all_hop_by_hop(&mut full, false, h2);
+                let quick = has_hop_by_hop(&h, h2);
+                assert_eq!(quick, sorted(&full) != before, "{e:?} h2 {h2}");
+            }
+        }
+        // gRPC's single `te: trailers` over HTTP/2 is kept untouched.
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        assert!(!has_hop_by_hop(&h, true));
+        strip_hop_by_hop(&mut h, false, true);
+        assert_eq!(h[header::TE], "trailers");
     }
 }
