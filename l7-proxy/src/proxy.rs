@@ -508,6 +508,37 @@ impl Shared {
     }
 
     async fn request(&self, req: Request<Incoming>, route: &Route) -> Response<RespBody> {
+        // The decision is synchronous: across the await this future holds
+        // only the forwarding, which keeps it (and hyper's box around it
+        // per stream) small.
+        let req = match self.admit(req, route) {
+            Ok(req) => req,
+            Err(answer) => return answer,
+        };
+        match self.forward(req, route).await {
+            Ok(mut resp) => {
+                strip_hop_by_hop(resp.headers_mut(), false, false);
+                resp.map(Either::Left)
+            }
+            Err(e) => {
+                debug!(dst = %route.dst, error = %e, "l7 upstream failed");
+                let status = if e.connect {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                simple(status, "Upstream unavailable\n")
+            }
+        }
+    }
+
+    /// The decision on a request, with its event: the request to forward
+    /// (target normalised, hop-by-hop headers stripped), or the answer.
+    fn admit(
+        &self,
+        req: Request<Incoming>,
+        route: &Route,
+    ) -> Result<Request<Incoming>, Response<RespBody>> {
         let (peer, dst) = (route.peer, route.dst);
         let (mut parts, body) = req.into_parts();
         let egress = self.policy.lookup(peer.ip(), dst, Direction::Egress);
@@ -538,14 +569,14 @@ impl Shared {
                 event.verdict = Verdict::Malformed;
                 event.reason = Some(e.to_string());
                 self.emit(event);
-                return bad_request_response(&e).map(Either::Right);
+                return Err(bad_request_response(&e).map(Either::Right));
             }
             Decision::Deny { policies } => {
                 event.verdict = Verdict::Denied;
                 event.policy = Some(policies.clone());
                 self.emit(event);
                 drain(body);
-                return denied_response(grpc, &policies).map(Either::Right);
+                return Err(denied_response(grpc, &policies).map(Either::Right));
             }
             Decision::Forward { policy } => {
                 // A path borrowed from the target is already in normal
@@ -564,26 +595,11 @@ impl Shared {
             uri.path_and_query = PathAndQuery::try_from(path_and_query).ok();
             match Uri::from_parts(uri) {
                 Ok(u) => parts.uri = u,
-                Err(_) => return simple(StatusCode::BAD_REQUEST, "Bad request: target\n"),
+                Err(_) => return Err(simple(StatusCode::BAD_REQUEST, "Bad request: target\n")),
             }
         }
         strip_hop_by_hop(&mut parts.headers, false, true);
-        let req = Request::from_parts(parts, body);
-        match self.forward(req, route).await {
-            Ok(mut resp) => {
-                strip_hop_by_hop(resp.headers_mut(), false, false);
-                resp.map(Either::Left)
-            }
-            Err(e) => {
-                debug!(%dst, error = %e, "l7 upstream failed");
-                let status = if e.connect {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::BAD_GATEWAY
-                };
-                simple(status, "Upstream unavailable\n")
-            }
-        }
+        Ok(Request::from_parts(parts, body))
     }
 
     /// The address upstream connections of `peer` leave from (`None`: the
