@@ -534,6 +534,9 @@ impl Shared {
 
     /// The decision on a request, with its event: the request to forward
     /// (target normalised, hop-by-hop headers stripped), or the answer.
+    // The Err is the answer to send, taken once by `request`, not an
+    // error passed up through `?`.
+    #[allow(clippy::result_large_err)]
     fn admit(
         &self,
         req: Request<Incoming>,
