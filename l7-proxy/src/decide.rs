@@ -86,15 +86,16 @@ pub fn path_and_query(path: &str, query: Option<&str>) -> String {
 /// accept CL with TE, and identical repeated CLs). The HTTP/1 relay does
 /// the same checks as it parses a head ([`crate::h1::parse_request`]).
 pub fn check_framing(headers: &HeaderMap, version: Version) -> Result<(), BadRequest> {
-    let cl: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    let mut cls = headers.get_all(header::CONTENT_LENGTH).iter();
+    let (cl, more_cl) = (cls.next(), cls.next().is_some());
     let te = headers.get_all(header::TRANSFER_ENCODING).iter().count();
-    if !cl.is_empty() && te > 0 {
+    if cl.is_some() && te > 0 {
         return Err(BadRequest::ContentLengthWithTransferEncoding);
     }
-    if cl.len() > 1 {
+    if more_cl {
         return Err(BadRequest::DuplicateContentLength);
     }
-    if let Some(v) = cl.first() {
+    if let Some(v) = cl {
         let ok = !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit);
         if !ok {
             return Err(BadRequest::InvalidContentLength);

@@ -5,6 +5,7 @@
 //! per-request hop between tasks), with bodies streamed both ways, pass
 //! upgrades (WebSocket) through once allowed, and check TLS server names.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -452,22 +453,19 @@ impl Shared {
             prefix,
             pos: 0,
         });
-        let shared = self.clone();
         let exec = LocalExec::default();
-        let upstreams = Arc::new(Upstreams::default());
-        let (svc_exec, svc_up) = (exec.clone(), upstreams.clone());
+        // What every stream of the connection needs, behind one Arc (one
+        // reference count per stream).
+        let route = Arc::new(Route {
+            shared: self.clone(),
+            peer,
+            dst,
+            exec: exec.clone(),
+            h2: tokio::sync::Mutex::new(None),
+        });
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let shared = shared.clone();
-            let (exec, up) = (svc_exec.clone(), svc_up.clone());
-            async move {
-                let route = Route {
-                    peer,
-                    dst,
-                    exec: &exec,
-                    up: &up,
-                };
-                Ok::<_, Infallible>(shared.request(req, &route).await)
-            }
+            let route = route.clone();
+            async move { Ok::<_, Infallible>(route.shared.request(req, &route).await) }
         });
         let conn = hyper::server::conn::http2::Builder::new(exec.clone())
             .timer(TokioTimer::new())
@@ -485,24 +483,65 @@ impl Shared {
         let idle_ms = idle.as_millis() as u64;
         loop {
             tokio::select! {
+                // The connection first, no random pick on every wake-up.
+                biased;
                 r = &mut drive => {
                     if let Err(e) = r {
                         debug!(%peer, %dst, error = %e, "l7 client connection ended");
                     }
-                    return;
+                    break;
                 }
                 _ = tokio::time::sleep(idle) => {
                     let quiet = self.now_ms().saturating_sub(activity.load(Ordering::Relaxed));
                     if quiet >= idle_ms {
                         debug!(%peer, %dst, "l7 client connection idle, closed");
-                        return;
+                        break;
                     }
                 }
             }
         }
+        // Futures spawned but never polled hold the executor (through the
+        // connection's Route): drop them (outside the lock), or the
+        // executor and they would keep each other alive.
+        let unpolled = std::mem::take(&mut *lock(&exec.0.spawned));
+        drop(unpolled);
     }
 
-    async fn request(&self, req: Request<Incoming>, route: &Route<'_>) -> Response<RespBody> {
+    async fn request(&self, req: Request<Incoming>, route: &Route) -> Response<RespBody> {
+        // The decision is synchronous: across the await this future holds
+        // only the forwarding, which keeps it (and hyper's box around it
+        // per stream) small.
+        let req = match self.admit(req, route) {
+            Ok(req) => req,
+            Err(answer) => return answer,
+        };
+        match self.forward(req, route).await {
+            Ok(mut resp) => {
+                strip_hop_by_hop(resp.headers_mut(), false, false);
+                resp.map(Either::Left)
+            }
+            Err(e) => {
+                debug!(dst = %route.dst, error = %e, "l7 upstream failed");
+                let status = if e.connect {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                simple(status, "Upstream unavailable\n")
+            }
+        }
+    }
+
+    /// The decision on a request, with its event: the request to forward
+    /// (target normalised, hop-by-hop headers stripped), or the answer.
+    // The Err is the answer to send, taken once by `request`, not an
+    // error passed up through `?`.
+    #[allow(clippy::result_large_err)]
+    fn admit(
+        &self,
+        req: Request<Incoming>,
+        route: &Route,
+    ) -> Result<Request<Incoming>, Response<RespBody>> {
         let (peer, dst) = (route.peer, route.dst);
         let (mut parts, body) = req.into_parts();
         let egress = self.policy.lookup(peer.ip(), dst, Direction::Egress);
@@ -533,45 +572,37 @@ impl Shared {
                 event.verdict = Verdict::Malformed;
                 event.reason = Some(e.to_string());
                 self.emit(event);
-                return bad_request_response(&e).map(Either::Right);
+                return Err(bad_request_response(&e).map(Either::Right));
             }
             Decision::Deny { policies } => {
                 event.verdict = Verdict::Denied;
                 event.policy = Some(policies.clone());
                 self.emit(event);
                 drain(body);
-                return denied_response(grpc, &policies).map(Either::Right);
+                return Err(denied_response(grpc, &policies).map(Either::Right));
             }
             Decision::Forward { policy } => {
-                let pq = path_and_query(&event.path, parts.uri.query());
+                // A path borrowed from the target is already in normal
+                // form: the target goes on as it is.
+                let pq = match &event.path {
+                    Cow::Borrowed(_) => None,
+                    Cow::Owned(p) => Some(path_and_query(p, parts.uri.query())),
+                };
                 event.policy = policy;
                 self.emit(event);
                 pq
             }
         };
-        let mut uri = std::mem::take(&mut parts.uri).into_parts();
-        uri.path_and_query = PathAndQuery::try_from(path_and_query).ok();
-        match Uri::from_parts(uri) {
-            Ok(u) => parts.uri = u,
-            Err(_) => return simple(StatusCode::BAD_REQUEST, "Bad request: target\n"),
+        if let Some(path_and_query) = path_and_query {
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.path_and_query = PathAndQuery::try_from(path_and_query).ok();
+            match Uri::from_parts(uri) {
+                Ok(u) => parts.uri = u,
+                Err(_) => return Err(simple(StatusCode::BAD_REQUEST, "Bad request: target\n")),
+            }
         }
         strip_hop_by_hop(&mut parts.headers, false, true);
-        let req = Request::from_parts(parts, body);
-        match self.forward(req, route).await {
-            Ok(mut resp) => {
-                strip_hop_by_hop(resp.headers_mut(), false, false);
-                resp.map(Either::Left)
-            }
-            Err(e) => {
-                debug!(%dst, error = %e, "l7 upstream failed");
-                let status = if e.connect {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::BAD_GATEWAY
-                };
-                simple(status, "Upstream unavailable\n")
-            }
-        }
+        Ok(Request::from_parts(parts, body))
     }
 
     /// The address upstream connections of `peer` leave from (`None`: the
@@ -603,30 +634,41 @@ impl Shared {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        route: &Route<'_>,
+        route: &Route,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = {
-            // Streams arriving while the connection is dialled wait for
-            // it and share it.
-            let mut slot = route.up.h2.lock().await;
-            match slot.as_ref().filter(|s| !s.is_closed()) {
-                Some(s) => s.clone(),
-                None => {
-                    let io = self.connect(route.peer, route.dst).await?;
-                    let (sender, conn) = http2::Builder::new(route.exec.clone())
-                        .timer(TokioTimer::new())
-                        .handshake(io)
-                        .await
-                        .map_err(UpstreamError::other)?;
-                    route.exec.spawn(async move {
-                        let _ = conn.await;
-                    });
-                    *slot = Some(sender.clone());
-                    sender
-                }
-            }
+        // The usual case, a live connection and no dial under way, without
+        // waiting on the lock; dialling is boxed, off the per-stream
+        // future (which hyper boxes per stream: a small one is cheaper).
+        let live = match route.h2.try_lock() {
+            Ok(slot) => slot.as_ref().filter(|s| !s.is_closed()).cloned(),
+            Err(_) => None,
+        };
+        let mut sender = match live {
+            Some(s) => s,
+            None => Box::pin(self.sender(route)).await?,
         };
         sender.send_request(req).await.map_err(UpstreamError::other)
+    }
+
+    /// The upstream HTTP/2 connection's sender, dialled when there is
+    /// none or it closed. Streams arriving while it is dialled wait for
+    /// it and share it.
+    async fn sender(&self, route: &Route) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+        let mut slot = route.h2.lock().await;
+        if let Some(s) = slot.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(s.clone());
+        }
+        let io = self.connect(route.peer, route.dst).await?;
+        let (sender, conn) = http2::Builder::new(route.exec.clone())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::other)?;
+        route.exec.spawn(async move {
+            let _ = conn.await;
+        });
+        *slot = Some(sender.clone());
+        Ok(sender)
     }
 }
 
@@ -695,6 +737,15 @@ impl std::fmt::Display for UpstreamError {
 /// `Connection`/`Upgrade` for an upgrade and `TE: trailers` for HTTP/2
 /// (gRPC needs it).
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool, h2: bool) {
+    if !upgrade && !has_hop_by_hop(h, h2) {
+        // The usual message: one look at each name, no removals.
+        return;
+    }
+    strip_all_hop_by_hop(h, upgrade, h2)
+}
+
+/// [`strip_hop_by_hop`] without the quick look first.
+fn strip_all_hop_by_hop(h: &mut HeaderMap, upgrade: bool, h2: bool) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -726,20 +777,34 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool, h2: bool) {
     }
 }
 
-/// Where one client connection's allowed requests go, and how.
-struct Route<'a> {
-    peer: SocketAddr,
-    dst: SocketAddr,
-    exec: &'a LocalExec,
-    up: &'a Upstreams,
+/// Whether [`strip_hop_by_hop`] (without an upgrade) would change `h`:
+/// a connection-specific header is present, other than (HTTP/2) a single
+/// `TE: trailers`, which it keeps as it is.
+fn has_hop_by_hop(h: &HeaderMap, h2: bool) -> bool {
+    h.keys().any(|n| {
+        if n == header::TE {
+            let mut te = h.get_all(header::TE).iter();
+            let kept = h2 && te.next().is_some_and(|v| v == "trailers") && te.next().is_none();
+            return !kept;
+        }
+        n == header::CONNECTION
+            || n == header::TRANSFER_ENCODING
+            || n == header::TRAILER
+            || n == header::UPGRADE
+            || matches!(n.as_str(), "keep-alive" | "proxy-connection")
+    })
 }
 
-/// A client connection's upstream connections (the destination of a
-/// transparently intercepted connection is fixed, so each client
-/// connection has its own; they close with it).
-#[derive(Default)]
-struct Upstreams {
-    /// Held while the HTTP/2 connection is dialled.
+/// One HTTP/2 client connection: where its allowed requests go, and how.
+struct Route {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    exec: LocalExec,
+    /// The connection's upstream HTTP/2 connection (the destination of a
+    /// transparently intercepted connection is fixed, so each client
+    /// connection has its own; it closes with it). Held while it is
+    /// dialled.
     h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
 }
 
@@ -974,5 +1039,57 @@ mod tests {
         assert_eq!(up["upgrade"], "websocket");
         assert_eq!(up["connection"], "upgrade");
         assert!(!up.contains_key("x-secret"));
+    }
+
+    /// The quick look ([`has_hop_by_hop`]) says "nothing to do" exactly
+    /// when stripping would leave the headers as they are.
+    #[test]
+    fn hop_by_hop_quick_look_agrees() {
+        let extra: [&[(&str, &str)]; 12] = [
+            &[],
+            &[("te", "trailers")],
+            &[("te", "Trailers")],
+            &[("te", "trailers"), ("te", "gzip")],
+            &[("te", "gzip")],
+            &[("connection", "x-a")],
+            &[("keep-alive", "1")],
+            &[("proxy-connection", "keep-alive")],
+            &[("transfer-encoding", "chunked")],
+            &[("trailer", "x-b")],
+            &[("upgrade", "websocket")],
+            &[("x-keep-alive", "1"), ("grpc-timeout", "1S")],
+        ];
+        for e in extra {
+            for h2 in [false, true] {
+                let mut h = HeaderMap::new();
+                h.append(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+                h.append("x-a", HeaderValue::from_static("1"));
+                for (n, v) in e {
+                    h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+                }
+                let sorted = |h: &HeaderMap| {
+                    let mut v: Vec<(String, Vec<u8>)> = h
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                        .collect();
+                    v.sort();
+                    v
+                };
+                let before = sorted(&h);
+                let mut full = h.clone();
+                strip_all_hop_by_hop(&mut full, false, h2);
+                let quick = has_hop_by_hop(&h, h2);
+                assert_eq!(quick, sorted(&full) != before, "{e:?} h2 {h2}");
+            }
+        }
+        // gRPC's single `te: trailers` over HTTP/2 is kept untouched.
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        assert!(!has_hop_by_hop(&h, true));
+        strip_hop_by_hop(&mut h, false, true);
+        assert_eq!(h[header::TE], "trailers");
     }
 }

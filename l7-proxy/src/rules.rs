@@ -92,7 +92,9 @@ impl<'a> Headers<'a> {
 /// A compiled `method`/`path`/`host` expression. Expressions that are
 /// plain text, or plain text then `.*`, are matched by comparing strings
 /// (what the expression means, `^(?:text)$` / `^(?:text.*)$`, without
-/// running a regex engine); anything else by the regex.
+/// running a regex engine), and so are those whose text also has `.`
+/// (any one character but `\n`), such as gRPC's `/pkg.Service/.*`;
+/// anything else by the regex.
 #[derive(Debug, Clone)]
 enum Matcher {
     /// The whole value is this text.
@@ -100,7 +102,45 @@ enum Matcher {
     /// The value starts with this text and the rest has no `\n` (which
     /// `.` does not match).
     Prefix(Box<str>),
+    /// Plain text and `.` (any one character but `\n`), the whole value
+    /// (`rest` false) or a start whose rest has no `\n` (`rest`: the
+    /// expression ended in `.*`).
+    Dotted {
+        text: Box<str>,
+        rest: bool,
+    },
     Regex(Regex),
+}
+
+/// Plain text ([`is_plain_text`]) with at least one `.`.
+fn is_dotted_text(s: &str) -> bool {
+    s.contains('.') && s.split('.').all(is_plain_text)
+}
+
+/// [`Matcher::Dotted`]'s match.
+fn dotted_match(text: &str, v: &str, rest: bool) -> bool {
+    let mut i = 0;
+    for &t in text.as_bytes() {
+        if t == b'.' {
+            // One character (not one byte), as the regex's `.`.
+            match v[i..].chars().next() {
+                Some(c) if c != '\n' => i += c.len_utf8(),
+                _ => return false,
+            }
+        } else {
+            // Plain text is ASCII: a byte that equals it is a whole
+            // character, so `i` stays on a character boundary.
+            if v.as_bytes().get(i) != Some(&t) {
+                return false;
+            }
+            i += 1;
+        }
+    }
+    if rest {
+        !v[i..].contains('\n')
+    } else {
+        i == v.len()
+    }
 }
 
 /// Characters that stand for themselves in a regular expression outside
@@ -121,6 +161,18 @@ impl Matcher {
             if is_plain_text(prefix) {
                 return Ok(Matcher::Prefix(prefix.into()));
             }
+            if is_dotted_text(prefix) {
+                return Ok(Matcher::Dotted {
+                    text: prefix.into(),
+                    rest: true,
+                });
+            }
+        }
+        if is_dotted_text(re) {
+            return Ok(Matcher::Dotted {
+                text: re.into(),
+                rest: false,
+            });
         }
         Ok(Matcher::Regex(regex))
     }
@@ -131,6 +183,7 @@ impl Matcher {
             Matcher::Prefix(p) => v
                 .strip_prefix(&**p)
                 .is_some_and(|rest| !rest.contains('\n')),
+            Matcher::Dotted { text, rest } => dotted_match(text, v, *rest),
             Matcher::Regex(re) => re.is_match(v),
         }
     }
@@ -552,6 +605,14 @@ mod tests {
             "/a.c",
             "/x.*y",
             "(?i)get",
+            "/com.example.OrderService/.*",
+            "/com.example.OrderService/PlaceOrder",
+            ".",
+            "/a..*",
+            "...",
+            "/a.c.+",
+            "/a\\.c",
+            "/a.c[.]",
         ];
         let values = [
             "",
@@ -569,6 +630,22 @@ mod tests {
             "/a.c",
             "/xzy",
             "x\ny",
+            "/com.example.OrderService/PlaceOrder",
+            "/comXexample.OrderService/PlaceOrder",
+            "/com.example.OrderService/",
+            "/com.example.OrderService",
+            "/com.example.OrderService/x\ny",
+            "/com\nexample.OrderService/x",
+            "/a\u{e9}c",
+            "/a\u{e9}",
+            "/a\nc",
+            "/a\u{1f600}\u{e9}",
+            "\u{e9}",
+            "\n",
+            "a",
+            "ab",
+            "\u{e9}\u{e9}\u{e9}",
+            "/a.c.",
         ];
         let mut text = 0;
         for p in patterns {
@@ -579,8 +656,9 @@ mod tests {
                 assert_eq!(m.is_match(v), re.is_match(v), "{p:?} on {v:?} ({m:?})");
             }
         }
-        // GET, "", products.*, orders, .*, the punctuation one.
-        assert_eq!(text, 6);
+        // GET, "", products.*, orders, .*, the punctuation one, /a.c, the
+        // two OrderService ones, ".", "/a..*", "...".
+        assert_eq!(text, 12);
     }
 
     #[test]

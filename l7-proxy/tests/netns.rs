@@ -465,6 +465,23 @@ fn seed_policy_over_http1_and_http2() {
         let (status, _) = curl(&lab.client, &[flags[0], "-X", "DELETE", &url]);
         assert_eq!(status, 403);
     }
+    // HTTP/2: a path in normal form goes on as it came, query and all; one
+    // that is not goes on normalised, with its query.
+    for (path, seen) in [
+        (
+            "/api/v1/products/7?a=1&b=%2F",
+            "/api/v1/products/7?a=1&b=%2F",
+        ),
+        ("/api/v2/../v1/products//8?c=3", "/api/v1/products/8?c=3"),
+    ] {
+        let url = u(path);
+        let (status, out) = curl(
+            &lab.client,
+            &["--http2-prior-knowledge", "--path-as-is", &url],
+        );
+        assert_eq!(status, 200, "{path}: {out}");
+        assert!(seen_targets(&lab).contains(&seen.to_string()), "{path}");
+    }
     // Nothing denied reached the server.
     for t in seen_targets(&lab) {
         assert!(!t.starts_with("/admin"), "{t}");
@@ -484,7 +501,8 @@ fn seed_policy_over_http1_and_http2() {
         .iter()
         .filter(|e| e.verdict == Verdict::Allowed)
         .count();
-    assert_eq!(allowed, 6);
+    // Three per protocol, and the two HTTP/2 targets.
+    assert_eq!(allowed, 8);
 }
 
 #[test]
