@@ -90,4 +90,4 @@ int local_redirect(struct sk_msg_md *msg)
 	return bpf_msg_redirect_hash(msg, &local_socks, &peer, BPF_F_INGRESS);
 }
 
-char LICENSE[] SEC("license") = "Dual BSD/GPL";
+char LICENSE[] SEC("license") = "Apache-2.0";

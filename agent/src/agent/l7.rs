@@ -488,7 +488,7 @@ pub fn start(shared: Arc<L7Shared>, settings: &PolicySettings) -> Result<()> {
         meshward_l7_proxy::spawn_threads(threads, vec![config, v6], source, sink, "mw-l7-proxy")
             .with_context(|| format!("the L7 proxy cannot start: binding {addr}"))?;
     for (addr, e) in &running.skipped {
-        warn!("the L7 proxy does not listen on {addr} ({e}): IPv6 L7 ports get no proxy");
+        warn!("the L7 proxy does not listen on {addr} ({e}): IPv6 connections on L7 ports are dropped (fail closed)");
     }
     for handle in running.handles {
         std::thread::Builder::new()

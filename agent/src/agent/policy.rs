@@ -198,8 +198,8 @@ impl PolicyEngine {
 
     /// Starts the DNS proxy on its own thread, listening on 127.0.0.1:port
     /// and [::1]:port (where nftables TPROXYs the redirected pods' IPv4 and
-    /// IPv6 DNS); IPv4 only when the node has no IPv6 loopback (the DNS
-    /// chain then drops redirected IPv6 DNS).
+    /// IPv6 DNS); IPv4 only when the kernel has no IPv6 (`ipv6.disable=1`;
+    /// the DNS chain then drops redirected IPv6 DNS).
     pub async fn start_dns_proxy(&mut self, settings: &PolicySettings) -> Result<()> {
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), settings.dns_proxy_port);
         let addr6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), settings.dns_proxy_port);
