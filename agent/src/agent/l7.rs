@@ -488,6 +488,12 @@ pub fn start(shared: Arc<L7Shared>, settings: &PolicySettings) -> Result<()> {
         meshward_l7_proxy::spawn_threads(threads, vec![config, v6], source, sink, "mw-l7-proxy")
             .with_context(|| format!("the L7 proxy cannot start: binding {addr}"))?;
     for (addr, e) in &running.skipped {
+        // As for the DNS proxy: only a kernel without IPv6 is a reason to
+        // go on without [::1] (the L7 chain then drops IPv6 connections on
+        // L7 ports); a taken port is an error to see, not a silent drop.
+        if !super::policy::ipv6_missing(e) {
+            anyhow::bail!("the L7 proxy cannot listen on {addr}: {e}");
+        }
         warn!("the L7 proxy does not listen on {addr} ({e}): IPv6 connections on L7 ports are dropped (fail closed)");
     }
     for handle in running.handles {
@@ -550,6 +556,26 @@ spec:
             namespaces: Vec::new(),
             policies: vec![PolicyObject::Mesh(Arc::new(policy))],
         }
+    }
+
+    /// [::1]:port already taken: the start fails (before, IPv6 L7
+    /// connections would silently be dropped by the fail-closed L7 chain).
+    #[test]
+    fn a_taken_ipv6_port_fails_the_start() {
+        let ns = meshward_testkit::Netns::new("l7s");
+        let port = 15071;
+        let _taken = ns
+            .run(|| std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, port)))
+            .expect("take [::1]:port");
+        let settings = PolicySettings {
+            l7_proxy_port: port,
+            l7_proxy_threads: 1,
+            ..PolicySettings::default()
+        };
+        let e = ns
+            .run(|| start(Arc::new(L7Shared::default()), &settings))
+            .expect_err("[::1] taken");
+        assert!(format!("{e:#}").contains("[::1]:15071"), "{e:#}");
     }
 
     fn shared() -> L7Shared {

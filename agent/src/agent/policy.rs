@@ -538,7 +538,7 @@ fn bind_loopback6(addr: SocketAddr) -> Result<Option<Listeners>> {
 /// (`ipv6.disable=1`) or the address not available. (A transparent socket
 /// binds [::1] even where IPv6 is disabled by sysctl: it listens, and no
 /// IPv6 packet comes.)
-fn ipv6_missing(e: &std::io::Error) -> bool {
+pub(super) fn ipv6_missing(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
