@@ -346,24 +346,7 @@ fn redirected_dns_without_a_proxy_socket_is_dropped() {
     // server), where whatever listens on port 53 on the node's wildcard
     // address takes it: a node-local resolver would answer the pod past
     // the DNS rules and the learning.
-    let listed = lab.nft(&["-a", "list", "chain", "inet", TABLE, DNS_CHAIN]);
-    let handles: Vec<&str> = listed
-        .lines()
-        .filter(|l| l.contains(" drop "))
-        .filter_map(|l| l.rsplit("# handle ").next())
-        .collect();
-    assert_eq!(handles.len(), 2, "{listed}");
-    for h in handles {
-        lab.nft(&[
-            "delete",
-            "rule",
-            "inet",
-            TABLE,
-            DNS_CHAIN,
-            "handle",
-            h.trim(),
-        ]);
-    }
+    assert_eq!(lab.delete_drop_rules(DNS_CHAIN), 2);
     assert!(
         !udp_reaches(lab.pod(0), &sink6, server6),
         "control: IPv6 forwarded"

@@ -261,22 +261,7 @@ fn l7_connections_without_a_proxy_socket_are_dropped() {
 
     // The control: without the drop rules the connection falls through to
     // the node's socket.
-    let listed = lab.nft(&["-a", "list", "chain", "inet", "meshward", "l7_prerouting"]);
-    for handle in listed
-        .lines()
-        .filter(|l| l.contains(" drop "))
-        .filter_map(|l| l.rsplit("# handle ").next())
-    {
-        lab.nft(&[
-            "delete",
-            "rule",
-            "inet",
-            "meshward",
-            "l7_prerouting",
-            "handle",
-            handle.trim(),
-        ]);
-    }
+    lab.delete_drop_rules("l7_prerouting");
     assert_eq!(attempt(), Ok(()), "control: connect");
     let (peer, local) =
         accepted(&node_socket, Duration::from_secs(3)).expect("control: the node's socket");

@@ -124,6 +124,21 @@ impl Lab {
         self.node.must(&cmd)
     }
 
+    /// Deletes the `drop` rules of our chain `chain` (the fail-closed rules,
+    /// for a test's control); returns how many there were.
+    pub fn delete_drop_rules(&self, chain: &str) -> usize {
+        let listed = self.nft(&["-a", "list", "chain", "inet", TABLE, chain]);
+        let handles: Vec<&str> = listed
+            .lines()
+            .filter(|l| l.contains(" drop "))
+            .filter_map(|l| l.rsplit("# handle ").next())
+            .collect();
+        for h in &handles {
+            self.nft(&["delete", "rule", "inet", TABLE, chain, "handle", h.trim()]);
+        }
+        handles.len()
+    }
+
     /// Elements of one of our sets, as `nft` lists them (one per line).
     pub fn set_listing(&self, set: &str) -> String {
         self.nft(&["list", "set", "inet", TABLE, set])
