@@ -201,6 +201,32 @@ impl Netns {
             .to_owned()
     }
 
+    /// The MAC address of `dev`.
+    pub fn mac(&self, dev: &str) -> String {
+        self.ip_json(&["link", "show", dev])[0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no MAC address for {dev} in {}", self.name))
+            .to_string()
+    }
+
+    /// A permanent IPv6 neighbour entry (`ip` is at `mac` on `dev`): right
+    /// after links come up neighbour discovery takes seconds (the
+    /// link-local addresses are still tentative).
+    pub fn neigh6_permanent(&self, ip: &str, mac: &str, dev: &str) {
+        self.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+
     /// Deletes the namespace now (e.g. to simulate a container that died).
     pub fn delete(&mut self) {
         if !self.deleted {

@@ -857,13 +857,6 @@ mod tests {
         }
     }
 
-    fn mac(ns: &Netns, dev: &str) -> String {
-        ns.ip_json(&["link", "show", dev])[0]["address"]
-            .as_str()
-            .expect("mac")
-            .to_string()
-    }
-
     impl Lab {
         fn new() -> Lab {
             let pod = Netns::new("p");
@@ -898,26 +891,11 @@ mod tests {
             add6(&ext, &format!("{DNS6}/64"), "eth0");
             pod.ip(&["-6", "route", "add", "default", "via", "fd00:198:18:1::1"]);
             ext.ip(&["-6", "route", "add", "default", "via", "fd00:198:18:100::1"]);
-            // Neighbour discovery right after the links came up takes
-            // seconds (tentative link-local addresses): permanent entries.
-            let neigh = |ns: &Netns, ip: &str, mac: &str, dev: &str| {
-                ns.ip(&[
-                    "-6",
-                    "neigh",
-                    "replace",
-                    ip,
-                    "lladdr",
-                    mac,
-                    "dev",
-                    dev,
-                    "nud",
-                    "permanent",
-                ]);
-            };
-            neigh(&pod, "fd00:198:18:1::1", &mac(&node, "pod0"), "eth0");
-            neigh(&node, POD6, &mac(&pod, "eth0"), "pod0");
-            neigh(&node, DNS6, &mac(&ext, "eth0"), "ext0");
-            neigh(&ext, "fd00:198:18:100::1", &mac(&node, "ext0"), "eth0");
+            // Permanent neighbours (discovery right after link-up is slow).
+            pod.neigh6_permanent("fd00:198:18:1::1", &node.mac("pod0"), "eth0");
+            node.neigh6_permanent(POD6, &pod.mac("eth0"), "pod0");
+            node.neigh6_permanent(DNS6, &ext.mac("eth0"), "ext0");
+            ext.neigh6_permanent("fd00:198:18:100::1", &node.mac("ext0"), "eth0");
 
             let mut tables = node
                 .run(|| {

@@ -28,11 +28,6 @@ pub struct Lab {
     pub pods: Vec<(Netns, String)>,
 }
 
-fn mac_of(ns: &Netns, dev: &str) -> String {
-    let v = ns.ip_json(&["link", "show", dev]);
-    v[0]["address"].as_str().expect("mac").to_string()
-}
-
 impl Lab {
     /// `pods`: their IPv4 addresses (198.19.1.x).
     pub fn new(pods: &[&str]) -> Lab {
@@ -71,7 +66,7 @@ impl Lab {
             node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if]);
             pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
             pod.ip(&["link", "set", "eth0", "up"]);
-            let mac = mac_of(&node, &host_if);
+            let mac = node.mac(&host_if);
             pod.ip(&[
                 "neigh",
                 "replace",
@@ -319,45 +314,14 @@ pub fn add_ipv6(lab: &Lab) {
     ]);
     // Permanent neighbours: neighbour discovery right after the links
     // came up (link-local addresses still tentative) takes seconds.
-    let mac = |ns: &meshward_testkit::Netns, dev: &str| {
-        ns.ip_json(&["link", "show", dev])[0]["address"]
-            .as_str()
-            .expect("mac")
-            .to_string()
-    };
-    let neigh = |ns: &meshward_testkit::Netns, ip: &str, mac: &str, dev: &str| {
-        ns.ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            ip,
-            "lladdr",
-            mac,
-            "dev",
-            dev,
-            "nud",
-            "permanent",
-        ]);
-    };
-    neigh(
-        lab.pod(0),
-        "fd00:198:18:1::1",
-        &mac(&lab.node, "pod0"),
-        "eth0",
-    );
-    neigh(&lab.node, POD6, &mac(lab.pod(0), "eth0"), "pod0");
-    neigh(
-        &lab.node,
-        "fd00:198:18:100::1",
-        &mac(&lab.ext, "eth0"),
-        "ext0",
-    );
-    neigh(
-        &lab.ext,
-        "fd00:198:18:100::254",
-        &mac(&lab.node, "ext0"),
-        "eth0",
-    );
+    lab.pod(0)
+        .neigh6_permanent("fd00:198:18:1::1", &lab.node.mac("pod0"), "eth0");
+    lab.node
+        .neigh6_permanent(POD6, &lab.pod(0).mac("eth0"), "pod0");
+    lab.node
+        .neigh6_permanent("fd00:198:18:100::1", &lab.ext.mac("eth0"), "ext0");
+    lab.ext
+        .neigh6_permanent("fd00:198:18:100::254", &lab.node.mac("ext0"), "eth0");
     // Bounded wait until the path answers.
     for attempt in 1..=15 {
         let (ok, out) = lab
