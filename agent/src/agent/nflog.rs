@@ -161,7 +161,12 @@ pub fn parse_packet(packet: &[u8]) -> Option<PacketHeader> {
 }
 
 /// The event for a packet a rule of ours dropped (or reset).
-pub fn drop_event(hub: &EventHub, rules: &NodeRules, rule: DropRule, h: &PacketHeader) -> FlowEvent {
+pub fn drop_event(
+    hub: &EventHub,
+    rules: &NodeRules,
+    rule: DropRule,
+    h: &PacketHeader,
+) -> FlowEvent {
     let (kind, direction) = match rule {
         DropRule::Policy(d) => (FlowType::L4, d),
         DropRule::DnsProxy => (FlowType::Dns, Direction::Egress),
@@ -445,12 +450,24 @@ mod tests {
     #[test]
     fn the_prefix_names_the_rule() {
         let cases: [(&[u8], Option<DropRule>); 12] = [
-            (b"meshward-drop egress", Some(DropRule::Policy(Direction::Egress))),
-            (b"meshward-drop ingress\0", Some(DropRule::Policy(Direction::Ingress))),
+            (
+                b"meshward-drop egress",
+                Some(DropRule::Policy(Direction::Egress)),
+            ),
+            (
+                b"meshward-drop ingress\0",
+                Some(DropRule::Policy(Direction::Ingress)),
+            ),
             (b"meshward-drop dns-proxy", Some(DropRule::DnsProxy)),
             (b"meshward-drop dns-proxy \0", Some(DropRule::DnsProxy)),
-            (b"meshward-drop l7-proxy egress", Some(DropRule::L7Proxy(Direction::Egress))),
-            (b"meshward-drop l7-proxy ingress\0", Some(DropRule::L7Proxy(Direction::Ingress))),
+            (
+                b"meshward-drop l7-proxy egress",
+                Some(DropRule::L7Proxy(Direction::Egress)),
+            ),
+            (
+                b"meshward-drop l7-proxy ingress\0",
+                Some(DropRule::L7Proxy(Direction::Ingress)),
+            ),
             (b"meshward-drop l7-proxy", None),
             (b"meshward-drop l7-proxyegress", None),
             (b"meshward-drop l7-proxy sideways", None),
@@ -459,7 +476,12 @@ mod tests {
             (&[0xff, 0xfe], None),
         ];
         for (prefix, rule) in cases {
-            assert_eq!(drop_rule_of(prefix), rule, "{:?}", String::from_utf8_lossy(prefix));
+            assert_eq!(
+                drop_rule_of(prefix),
+                rule,
+                "{:?}",
+                String::from_utf8_lossy(prefix)
+            );
         }
     }
 
@@ -499,8 +521,8 @@ mod tests {
     /// rules on port 80 from one of them.
     fn proxied_pod() -> NodeRules {
         use meshward_policy::{
-            DirectionRules, DnsAllow, DnsRules, EndpointRules, L4Protocol, L7Allow, L7Rule,
-            PodRef, PortMatch,
+            DirectionRules, DnsAllow, DnsRules, EndpointRules, L4Protocol, L7Allow, L7Rule, PodRef,
+            PortMatch,
         };
         let pod = PodRef {
             namespace: "default".into(),
@@ -579,10 +601,19 @@ mod tests {
             Some("no DNS proxy socket on the node took it (the proxy not listening on IPv4, or restarting): dropped")
         );
         let line = render_line(&e, false);
-        assert!(line.contains("DROPPED dns 198.19.1.2 -> 198.18.100.53:53/UDP egress"), "{line}");
+        assert!(
+            line.contains("DROPPED dns 198.19.1.2 -> 198.18.100.53:53/UDP egress"),
+            "{line}"
+        );
         // An ingress L7 port: the destination is the local pod.
-        let inbound = parse_packet(&ipv4_tcp([198, 18, 100, 11], [198, 19, 1, 2], 40000, 80)).unwrap();
-        let e = drop_event(&hub, &rules, DropRule::L7Proxy(Direction::Ingress), &inbound);
+        let inbound =
+            parse_packet(&ipv4_tcp([198, 18, 100, 11], [198, 19, 1, 2], 40000, 80)).unwrap();
+        let e = drop_event(
+            &hub,
+            &rules,
+            DropRule::L7Proxy(Direction::Ingress),
+            &inbound,
+        );
         assert_eq!(e.direction.as_deref(), Some("ingress"));
         assert!(e.policies.is_empty(), "no ingress rules");
         // Policy drops as before.
@@ -590,5 +621,122 @@ mod tests {
         assert_eq!(e.kind, FlowType::L4);
         assert_eq!(e.reason.as_deref(), Some("no egress rule allows it"));
         assert_eq!(e.policies.len(), 2);
+    }
+
+    /// The kernel's side, through a real nflog socket: with the DNS and L7
+    /// redirects installed and no proxy socket, a pod's UDP query is
+    /// dropped, its TCP query and L7 connection are refused at once
+    /// (reset), and each comes back from the group as a `dropped` event.
+    #[test]
+    fn the_kernel_logs_fail_closed_verdicts_to_the_group() {
+        use meshward_egress::{PolicyConfig, PolicyState, PolicyTables};
+        use meshward_testkit::{veth, Netns};
+        use std::io::ErrorKind;
+        use std::net::{SocketAddr, TcpStream, UdpSocket};
+        use std::time::{Duration, Instant};
+
+        const GROUP: u16 = 7;
+        let pod = Netns::new("p");
+        let node = Netns::new("n");
+        veth(
+            &pod,
+            "eth0",
+            "198.19.1.2/24",
+            &node,
+            "pod0",
+            "198.19.1.1/24",
+        );
+        pod.ip(&["route", "add", "default", "via", "198.19.1.1"]);
+        let rules = proxied_pod();
+        let mut tables = node
+            .run(|| {
+                PolicyTables::new(PolicyConfig {
+                    nflog_group: GROUP,
+                    dns_proxy_port: Some(15353),
+                    l7_proxy_port: Some(15001),
+                    ..PolicyConfig::default()
+                })
+            })
+            .expect("meshward's tables");
+        tables
+            .apply_policy(&PolicyState {
+                rules: rules.clone(),
+                fqdn: Vec::new(),
+            })
+            .expect("apply");
+        let socket = node.run(|| bind(GROUP)).expect("bind the nflog group");
+        socket.set_non_blocking(true).unwrap();
+
+        let dns: SocketAddr = "198.18.100.53:53".parse().unwrap();
+        let web: SocketAddr = "198.18.100.11:80".parse().unwrap();
+        pod.run(|| {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.send_to(b"query", dns).unwrap();
+        });
+        for dst in [dns, web] {
+            let connect = pod.run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(5)));
+            assert_eq!(
+                connect.map(drop).map_err(|e| e.kind()),
+                Err(ErrorKind::ConnectionRefused),
+                "{dst}"
+            );
+        }
+
+        let hub = EventHub::new("node1", 64);
+        let mut buf = vec![0u8; 1 << 16];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let summary = |hub: &EventHub| {
+            let mut seen: Vec<(FlowType, String, u16)> = hub
+                .recent(&super::super::events::Filter::default(), 64)
+                .iter()
+                .map(|e| {
+                    (
+                        e.kind,
+                        e.protocol.clone().unwrap_or_default(),
+                        e.destination.as_ref().and_then(|d| d.port).unwrap_or(0),
+                    )
+                })
+                .collect();
+            seen.sort_by_key(|(k, p, port)| (format!("{k:?}"), p.clone(), *port));
+            seen.dedup();
+            seen
+        };
+        let want = vec![
+            (FlowType::Dns, "TCP".to_string(), 53),
+            (FlowType::Dns, "UDP".to_string(), 53),
+            (FlowType::L7, "TCP".to_string(), 80),
+        ];
+        while summary(&hub) != want {
+            assert!(
+                Instant::now() < deadline,
+                "events so far: {:?}",
+                summary(&hub)
+            );
+            match socket.recv(&mut &mut buf[..], 0) {
+                Ok(n) => {
+                    handle_batch(&buf[..n], &hub, &rules);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("nflog recv: {e}"),
+            }
+        }
+        let events = hub.recent(&super::super::events::Filter::default(), 64);
+        assert!(events.iter().all(|e| e.verdict == Verdict::Dropped));
+        for e in &events {
+            let reason = e.reason.as_deref().unwrap_or_default();
+            let how = if e.protocol.as_deref() == Some("TCP") {
+                "connection reset"
+            } else {
+                "dropped"
+            };
+            assert!(reason.ends_with(how), "{e:?}");
+            assert_eq!(
+                e.source.as_ref().map(|s| s.ip.as_str()),
+                Some("198.19.1.2"),
+                "{e:?}"
+            );
+        }
     }
 }
