@@ -325,9 +325,8 @@ fn listen(socket: Socket, hub: &EventHub, rules: impl Fn() -> Arc<NodeRules>) {
 }
 
 /// Publishes the logged packets in one read of the nflog socket (several
-/// netlink messages); returns how many became events.
-fn handle_batch(batch: &[u8], hub: &EventHub, rules: &NodeRules) -> usize {
-    let mut published = 0;
+/// netlink messages).
+fn handle_batch(batch: &[u8], hub: &EventHub, rules: &NodeRules) {
     let mut at = 0;
     while at < batch.len() {
         let bytes = &batch[at..];
@@ -346,7 +345,6 @@ fn handle_batch(batch: &[u8], hub: &EventHub, rules: &NodeRules) -> usize {
         {
             if let Some(event) = packet_event(hub, rules, nlas) {
                 hub.publish(event);
-                published += 1;
             }
         }
         if len == 0 {
@@ -354,7 +352,6 @@ fn handle_batch(batch: &[u8], hub: &EventHub, rules: &NodeRules) -> usize {
         }
         at += (len + 3) & !3;
     }
-    published
 }
 
 fn packet_event(hub: &EventHub, rules: &NodeRules, nlas: &[PacketNla]) -> Option<FlowEvent> {
@@ -713,9 +710,7 @@ mod tests {
                 summary(&hub)
             );
             match socket.recv(&mut &mut buf[..], 0) {
-                Ok(n) => {
-                    handle_batch(&buf[..n], &hub, &rules);
-                }
+                Ok(n) => handle_batch(&buf[..n], &hub, &rules),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
