@@ -347,6 +347,18 @@ pub const INPUT_CHAIN: &str = "policy_input";
 pub const DNS_CHAIN: &str = "dns_prerouting";
 /// Prerouting (just after mangle): TCP on L7 ports to the L7 proxy.
 pub const L7_CHAIN: &str = "l7_prerouting";
+/// Regular chain of one family's redirected DNS: TPROXY to the DNS proxy,
+/// then the fail-closed verdict for what TPROXY did not take. Reached by a
+/// `goto` from [`DNS_CHAIN`], so the redirect set is looked up once.
+pub fn dns_tproxy_chain(fam: Family) -> String {
+    format!("dns_tproxy{}", fam.digit())
+}
+/// Regular chain of one family's and direction's L7 connections: TPROXY
+/// to the L7 proxy, then the fail-closed verdict. Reached by a `goto` from
+/// [`L7_CHAIN`], so the L7 set is looked up once.
+pub fn l7_tproxy_chain(dir: Direction, fam: Family) -> String {
+    format!("l7_tproxy_{}{}", dir.as_str(), fam.digit())
+}
 /// Regular chain for redirected (marked) packets reaching the input hook:
 /// DNS passes (the DNS proxy judges it), everything else (L7) is checked
 /// against the source's egress and the original destination's ingress.
@@ -364,6 +376,13 @@ pub const POLICY_PRIORITY: i32 = -5;
 /// Prefix of the nflog messages for dropped packets, followed by
 /// `egress` or `ingress`. The packet's addresses say which endpoint.
 pub const NFLOG_PREFIX: &str = "meshward-drop ";
+/// nflog prefix of redirected DNS that no DNS proxy socket took (the
+/// fail-closed rules of [`dns_tproxy_chain`]); the pod is the source.
+pub const NFLOG_DNS_PROXY_PREFIX: &str = "meshward-drop dns-proxy";
+/// nflog prefix of L7 connections that no L7 proxy socket took (the
+/// fail-closed rule of [`l7_tproxy_chain`]), followed by ` egress` or
+/// ` ingress`: which side's L7 port redirected it.
+pub const NFLOG_L7_PROXY_PREFIX: &str = "meshward-drop l7-proxy";
 
 /// Dynamic drop-counter elements disappear after this long without drops
 /// (bounds the sets when pod IPs are not reused, e.g. IPv6).
@@ -395,11 +414,19 @@ pub fn chains(s: &Structure) -> Vec<String> {
     }
     if s.dns_proxy_port.is_some() {
         out.push(DNS_CHAIN.to_string());
+        out.extend([Family::V4, Family::V6].map(dns_tproxy_chain));
     }
     if s.l7_proxy_port.is_some() {
         out.push(L7_CHAIN.to_string());
+        out.extend(l7_tproxy_chains());
     }
     out
+}
+
+fn l7_tproxy_chains() -> impl Iterator<Item = String> {
+    [Family::V4, Family::V6]
+        .into_iter()
+        .flat_map(|f| [Direction::Egress, Direction::Ingress].map(move |d| l7_tproxy_chain(d, f)))
 }
 
 /// The mask a per-prefix set's rule applies to the peer address.
@@ -546,12 +573,18 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
             out,
             "  chain {DNS_CHAIN} {{ type filter hook prerouting priority mangle; policy accept; }}"
         );
+        for fam in [Family::V4, Family::V6] {
+            let _ = writeln!(out, "  chain {} {{ }}", dns_tproxy_chain(fam));
+        }
     }
     if s.l7_proxy_port.is_some() {
         let _ = writeln!(
             out,
             "  chain {L7_CHAIN} {{ type filter hook prerouting priority {L7_PRIORITY}; policy accept; }}"
         );
+        for chain in l7_tproxy_chains() {
+            let _ = writeln!(out, "  chain {chain} {{ }}");
+        }
     }
     let _ = writeln!(out, "}}");
     for chain in chains(s) {
@@ -612,32 +645,56 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
             check_rules(&mut out, dir, fam, s.nflog_group, prefix_sets);
         }
     }
+    let group = s.nflog_group;
     if let Some(port) = s.dns_proxy_port {
-        // Fail closed: when TPROXY finds no socket (the proxy does not
-        // listen on that family's loopback, or is between restarts with no
-        // keeper holding its sockets) the expression breaks and the rule
-        // does not match, but the mark it set first stays: the policy
-        // routing delivers the query locally, where a socket on the node's
-        // wildcard address and port 53 (a node-local resolver) would take
-        // it past the DNS rules and the learning. Dropped instead; the
-        // client retries.
+        // One lookup of the redirect set per packet: a match goes to the
+        // family's chain, which TPROXYs and, failing that, fails closed.
         let _ = writeln!(out, "  chain {DNS_CHAIN} {{");
-        for (fam, to) in [
-            (Family::V4, format!("ip to 127.0.0.1:{port}")),
-            (Family::V6, format!("ip6 to [::1]:{port}")),
-        ] {
-            let matched = format!(
-                "{} saddr @{} meta l4proto {{ tcp, udp }} th dport 53",
+        for fam in [Family::V4, Family::V6] {
+            let _ = writeln!(
+                out,
+                "    {} saddr @{} meta l4proto {{ tcp, udp }} th dport 53 goto {}",
                 fam.nft_payload(),
                 SetId::DnsRedirect(fam).name(),
+                dns_tproxy_chain(fam),
+            );
+        }
+        let _ = writeln!(out, "  }}");
+        for fam in [Family::V4, Family::V6] {
+            // Fail closed: when TPROXY finds no socket (the proxy does not
+            // listen on that family's loopback, or is between restarts with
+            // no keeper holding its sockets) the expression breaks and the
+            // rule does not match, but the mark it set first stays: the
+            // policy routing would deliver the query locally, where a
+            // socket on the node's wildcard address and port 53 (a
+            // node-local resolver) would take it past the DNS rules and the
+            // learning. Logged (a flow event) and refused instead.
+            //
+            // TCP gets a reset: the client fails at once rather than
+            // retransmitting its SYN into nothing. UDP is dropped, as
+            // Cilium and Calico drop what they deny: the usual cause is an
+            // agent restart, which the resolver's retry (glibc: after 5 s)
+            // rides through, while an ICMP port unreachable would fail the
+            // lookup at once for a pod with one nameserver (Kubernetes'
+            // cluster DNS), the usual case, gaining nothing from "try the
+            // next server".
+            //
+            // nft takes TPROXY only with a transport protocol match in
+            // the rule: the `meta l4proto` repeats the caller's.
+            let log = format!("log prefix \"{NFLOG_DNS_PROXY_PREFIX}\" group {group}");
+            let _ = writeln!(out, "  chain {} {{", dns_tproxy_chain(fam));
+            let _ = writeln!(
+                out,
+                "    meta l4proto {{ tcp, udp }} meta mark set meta mark | {mark:#010x} tproxy {} accept",
+                tproxy_to(fam, port)
             );
             let _ = writeln!(
                 out,
-                "    {matched} meta mark set meta mark | {mark:#010x} tproxy {to} accept",
+                "    meta l4proto tcp counter {log} reject with tcp reset"
             );
-            let _ = writeln!(out, "    {matched} counter drop");
+            let _ = writeln!(out, "    counter {log} drop");
+            let _ = writeln!(out, "  }}");
         }
-        let _ = writeln!(out, "  }}");
     }
     if let Some(port) = s.l7_proxy_port {
         // Only the original direction: a pod serving on an L7 port answers
@@ -657,34 +714,55 @@ pub fn structure_ruleset(s: &Structure, prefix_sets: &BTreeSet<SetId>) -> String
             out,
             "    meta l4proto tcp socket transparent 1 meta mark set meta mark | {mark:#010x} accept"
         );
+        // One lookup of each L7 set per packet: a match goes to the
+        // (family, direction)'s chain.
         for fam in [Family::V4, Family::V6] {
-            let to = match fam {
-                Family::V4 => format!("ip to 127.0.0.1:{port}"),
-                Family::V6 => format!("ip6 to [::1]:{port}"),
-            };
             for dir in [Direction::Egress, Direction::Ingress] {
-                let matched = format!(
-                    "meta l4proto tcp ct direction original {} {} . tcp dport @{}",
+                let _ = writeln!(
+                    out,
+                    "    meta l4proto tcp ct direction original {} {} . tcp dport @{} goto {}",
                     fam.nft_payload(),
                     dir.local_field(),
                     SetId::L7(dir, fam).name(),
+                    l7_tproxy_chain(dir, fam),
                 );
-                let _ = writeln!(
-                    out,
-                    "    {matched} meta mark set meta mark | {mark:#010x} tproxy {to} accept"
-                );
+            }
+        }
+        let _ = writeln!(out, "  }}");
+        for fam in [Family::V4, Family::V6] {
+            for dir in [Direction::Egress, Direction::Ingress] {
                 // Fail closed, as for DNS: with no proxy socket (no [::1]
                 // listener, or between restarts) the mark set before
                 // TPROXY broke off would route the connection locally, to
                 // whatever node socket holds that port on the wildcard
-                // address, past the HTTP rules.
-                let _ = writeln!(out, "    {matched} counter drop");
+                // address, past the HTTP rules. Logged and reset: a new
+                // connection is refused at once, and one that predates the
+                // port's L7 rules ends instead of hanging.
+                let _ = writeln!(out, "  chain {} {{", l7_tproxy_chain(dir, fam));
+                let _ = writeln!(
+                    out,
+                    "    meta l4proto tcp meta mark set meta mark | {mark:#010x} tproxy {} accept",
+                    tproxy_to(fam, port)
+                );
+                let _ = writeln!(
+                    out,
+                    "    meta l4proto tcp counter log prefix \"{NFLOG_L7_PROXY_PREFIX} {}\" group {group} reject with tcp reset",
+                    dir.as_str()
+                );
+                let _ = writeln!(out, "  }}");
             }
         }
-        let _ = writeln!(out, "  }}");
     }
     let _ = writeln!(out, "}}");
     out
+}
+
+/// TPROXY's target on the proxy's loopback listener of `fam`.
+fn tproxy_to(fam: Family, port: u16) -> String {
+    match fam {
+        Family::V4 => format!("ip to 127.0.0.1:{port}"),
+        Family::V6 => format!("ip6 to [::1]:{port}"),
+    }
 }
 
 /// Removes our chains and sets (when their definitions changed, e.g. after
@@ -706,6 +784,8 @@ pub fn teardown(existing_chains: &[String], existing_sets: &[String]) -> String 
             .into_iter()
             .flat_map(|f| [Direction::Egress, Direction::Ingress].map(|d| check_chain(d, f))),
     )
+    .chain([Family::V4, Family::V6].map(dns_tproxy_chain))
+    .chain(l7_tproxy_chains())
     .collect::<Vec<_>>();
     let chains: Vec<&String> = ours_chains
         .iter()
@@ -839,21 +919,41 @@ mod tests {
             ),
             "{l7}"
         );
-        assert!(l7.contains(
-            "meta l4proto tcp ct direction original ip saddr . tcp dport @l7_egress4 meta mark set meta mark | 0x00400000 tproxy ip to 127.0.0.1:15001 accept"
-        ));
-        assert!(l7.contains("ip daddr . tcp dport @l7_ingress4"));
-        assert!(l7.contains("ip6 daddr . tcp dport @l7_ingress6 meta mark set meta mark | 0x00400000 tproxy ip6 to [::1]:15001 accept"));
-        // Each TPROXY rule is followed by a drop of what it did not take.
+        // One lookup per (family, direction): a match goes to its chain,
+        // nothing after it in this chain sees the packet.
         let lines: Vec<&str> = l7.lines().map(str::trim).collect();
-        let tproxy: Vec<usize> = (0..lines.len())
-            .filter(|&i| lines[i].contains(" tproxy "))
-            .collect();
-        assert_eq!(tproxy.len(), 4, "{l7}");
-        for i in tproxy {
-            let matched = lines[i].split(" meta mark set").next().unwrap();
-            let drop = format!("{matched} counter drop");
-            assert_eq!(lines.get(i + 1).copied(), Some(drop.as_str()), "{l7}");
+        assert_eq!(
+            lines[3..],
+            [
+                "meta l4proto tcp ct direction original ip saddr . tcp dport @l7_egress4 goto l7_tproxy_egress4",
+                "meta l4proto tcp ct direction original ip daddr . tcp dport @l7_ingress4 goto l7_tproxy_ingress4",
+                "meta l4proto tcp ct direction original ip6 saddr . tcp dport @l7_egress6 goto l7_tproxy_egress6",
+                "meta l4proto tcp ct direction original ip6 daddr . tcp dport @l7_ingress6 goto l7_tproxy_ingress6",
+            ],
+            "{l7}"
+        );
+        assert_eq!(l7.matches(" @l7_").count(), 4, "{l7}");
+        // Each of those: TPROXY, then a logged reset of what it did not take.
+        for (chain, to, log) in [
+            ("l7_tproxy_egress4", "ip to 127.0.0.1:15001", "egress"),
+            ("l7_tproxy_ingress4", "ip to 127.0.0.1:15001", "ingress"),
+            ("l7_tproxy_egress6", "ip6 to [::1]:15001", "egress"),
+            ("l7_tproxy_ingress6", "ip6 to [::1]:15001", "ingress"),
+        ] {
+            assert!(chains(&structure()).contains(&chain.to_string()));
+            let body = chain_body(&text, chain);
+            assert_eq!(
+                body,
+                [
+                    format!("meta l4proto tcp meta mark set meta mark | 0x00400000 tproxy {to} accept"),
+                    format!("meta l4proto tcp counter log prefix \"meshward-drop l7-proxy {log}\" group 109 reject with tcp reset"),
+                ],
+                "{chain}"
+            );
+            assert!(
+                text.contains(&format!("  chain {chain} {{ }}\n")),
+                "declared"
+            );
         }
         // Marked packets are no longer accepted blindly: DNS passes, the
         // rest is checked on egress (source) and ingress (destination).
@@ -886,28 +986,69 @@ mod tests {
         s.l7_proxy_port = None;
         let text = structure_ruleset(&s, &BTreeSet::new());
         assert!(!text.contains(L7_CHAIN));
+        assert!(!text.contains("l7_tproxy"));
         assert!(!chains(&s).contains(&L7_CHAIN.to_string()));
+        assert!(!chains(&s).iter().any(|c| c.starts_with("l7_tproxy")));
         assert!(text.contains(PROXIED_CHAIN));
     }
 
-    #[test]
-    fn dns_chain_drops_what_tproxy_did_not_take() {
-        let text = structure_ruleset(&structure(), &BTreeSet::new());
-        let dns = text
-            .split(&format!("chain {DNS_CHAIN} {{\n"))
+    /// The rules of regular chain `chain` in a ruleset, trimmed.
+    fn chain_body(text: &str, chain: &str) -> Vec<String> {
+        let body = text
+            .split(&format!("  chain {chain} {{\n"))
             .nth(1)
-            .unwrap();
-        let dns = dns.split("  }").next().unwrap();
-        let lines: Vec<&str> = dns.lines().map(str::trim).collect();
+            .unwrap_or_else(|| panic!("{chain} missing:\n{text}"));
+        let body = body.split("  }").next().unwrap();
+        body.lines().map(|l| l.trim().to_string()).collect()
+    }
+
+    #[test]
+    fn dns_chain_looks_up_once_and_fails_closed_with_a_log() {
+        let text = structure_ruleset(&structure(), &BTreeSet::new());
         assert_eq!(
-            lines,
-            vec![
-                "ip saddr @dns_redirect4 meta l4proto { tcp, udp } th dport 53 meta mark set meta mark | 0x00400000 tproxy ip to 127.0.0.1:5353 accept",
-                "ip saddr @dns_redirect4 meta l4proto { tcp, udp } th dport 53 counter drop",
-                "ip6 saddr @dns_redirect6 meta l4proto { tcp, udp } th dport 53 meta mark set meta mark | 0x00400000 tproxy ip6 to [::1]:5353 accept",
-                "ip6 saddr @dns_redirect6 meta l4proto { tcp, udp } th dport 53 counter drop",
+            chain_body(&text, DNS_CHAIN),
+            [
+                "ip saddr @dns_redirect4 meta l4proto { tcp, udp } th dport 53 goto dns_tproxy4",
+                "ip6 saddr @dns_redirect6 meta l4proto { tcp, udp } th dport 53 goto dns_tproxy6",
             ]
         );
+        for (chain, to) in [
+            ("dns_tproxy4", "ip to 127.0.0.1:5353"),
+            ("dns_tproxy6", "ip6 to [::1]:5353"),
+        ] {
+            assert!(chains(&structure()).contains(&chain.to_string()));
+            assert!(
+                text.contains(&format!("  chain {chain} {{ }}\n")),
+                "declared"
+            );
+            assert_eq!(
+                chain_body(&text, chain),
+                [
+                    format!("meta l4proto {{ tcp, udp }} meta mark set meta mark | 0x00400000 tproxy {to} accept"),
+                    "meta l4proto tcp counter log prefix \"meshward-drop dns-proxy\" group 109 reject with tcp reset".to_string(),
+                    "counter log prefix \"meshward-drop dns-proxy\" group 109 drop".to_string(),
+                ],
+                "{chain}"
+            );
+        }
+        // The fail-closed chains are flushed with the others (a rewrite
+        // never doubles their rules) and torn down with them.
+        for chain in [
+            "dns_tproxy4",
+            "dns_tproxy6",
+            "l7_tproxy_egress4",
+            "l7_tproxy_ingress6",
+        ] {
+            assert!(
+                text.contains(&format!("flush chain inet meshward {chain}\n")),
+                "{chain}"
+            );
+            let down = teardown(&[chain.to_string()], &[]);
+            assert_eq!(
+                down,
+                format!("flush chain inet meshward {chain}\ndelete chain inet meshward {chain}\n")
+            );
+        }
     }
 
     #[test]
@@ -916,7 +1057,9 @@ mod tests {
         s.dns_proxy_port = None;
         let text = structure_ruleset(&s, &BTreeSet::new());
         assert!(!text.contains(DNS_CHAIN));
+        assert!(!text.contains("dns_tproxy"));
         assert!(!chains(&s).contains(&DNS_CHAIN.to_string()));
+        assert!(!chains(&s).iter().any(|c| c.starts_with("dns_tproxy")));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -217,7 +217,8 @@ fn redirect_to(bind_ip: &str) {
     assert!(recv_with_orig_dst(udp.as_raw_fd()).is_none());
 }
 
-const DNS_CHAIN: &str = "dns_prerouting";
+/// The fail-closed chains (TPROXY, then the verdict), one per family.
+const DNS_TPROXY_CHAINS: [&str; 2] = ["dns_tproxy4", "dns_tproxy6"];
 const SERVER6: &str = "[fd00:198:18:100::1]:53";
 
 /// Whether `sink` gets a datagram sent from `ns` to `dst` (IPv4 or IPv6).
@@ -243,20 +244,24 @@ fn udp_reaches(ns: &meshward_testkit::Netns, sink: &UdpSocket, dst: SocketAddr) 
     false
 }
 
-fn tcp_connects(ns: &meshward_testkit::Netns, dst: SocketAddr) -> bool {
-    ns.run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(1)))
-        .is_ok()
+/// How a TCP connect from `ns` to `dst` ends (a generous limit: a reset
+/// answers at once, a drop lets it time out).
+fn tcp_connect(ns: &meshward_testkit::Netns, dst: SocketAddr) -> Result<(), ErrorKind> {
+    ns.run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+        .map(drop)
+        .map_err(|e| e.kind())
 }
 
 /// Fail closed: redirected DNS that no proxy socket takes (none listens on
-/// [::1], or on 127.0.0.1 between restarts) is dropped in the DNS chain:
-/// it reaches neither the server the pod asked nor a port-53 socket on the
-/// node — either would skip the DNS rules and the learning. The pod is not
-/// egress-isolated, so only the DNS chain stands in the way. With the drop
-/// rules deleted (the layout before them) the node's socket takes the
-/// queries (the control).
+/// [::1], or on 127.0.0.1 between restarts) ends in the DNS chain: UDP is
+/// dropped (no ICMP error either), TCP is reset (the connect is refused at
+/// once rather than timing out); it reaches neither the server the pod
+/// asked nor a port-53 socket on the node — either would skip the DNS
+/// rules and the learning. The pod is not egress-isolated, so only the DNS
+/// chain stands in the way. With the fail-closed rules deleted (the layout
+/// before them) the node's socket takes the queries (the control).
 #[test]
-fn redirected_dns_without_a_proxy_socket_is_dropped() {
+fn redirected_dns_without_a_proxy_socket_fails_closed() {
     let lab = Lab::new(&["198.19.1.2"]);
     add_ipv6(&lab);
     let mut t = lab
@@ -334,19 +339,63 @@ fn redirected_dns_without_a_proxy_socket_is_dropped() {
         assert!(!reached(&sink6, server6), "IPv6 UDP DNS got through");
         assert!(!reached(&sink4, server4), "IPv4 UDP DNS got through");
     }
-    assert!(!tcp_connects(lab.pod(0), server6), "IPv6 TCP DNS connected");
-    assert!(!tcp_connects(lab.pod(0), server4), "IPv4 TCP DNS connected");
+    // Dropped, not refused: a connected client gets no ICMP error, it
+    // waits and retries (across an agent restart, say).
+    for server in [server4, server6] {
+        let err = lab.pod(0).run(|| {
+            let any: SocketAddr = if server.is_ipv6() {
+                "[::]:0".parse().unwrap()
+            } else {
+                "0.0.0.0:0".parse().unwrap()
+            };
+            let s = UdpSocket::bind(any).unwrap();
+            s.connect(server).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(700)))
+                .unwrap();
+            s.send(b"q-connected").unwrap();
+            s.recv(&mut [0u8; 64]).unwrap_err().kind()
+        });
+        assert!(
+            matches!(err, ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "{server}: {err:?}"
+        );
+        assert!(!node_udp_got(&node_udp), "{server}: reached the node");
+    }
+    // TCP is reset: refused at once, not left to time out.
+    assert_eq!(
+        tcp_connect(lab.pod(0), server6),
+        Err(ErrorKind::ConnectionRefused),
+        "IPv6 TCP DNS"
+    );
+    assert_eq!(
+        tcp_connect(lab.pod(0), server4),
+        Err(ErrorKind::ConnectionRefused),
+        "IPv4 TCP DNS"
+    );
     assert!(node_tcp.accept().is_err(), "the node's listener took one");
-    let chain = lab.nft(&["list", "chain", "inet", TABLE, DNS_CHAIN]);
-    assert!(!chain.contains("counter packets 0 bytes 0 drop"), "{chain}");
+    // Both verdicts counted (and logged, which the agent's nflog tests
+    // follow) in each family's chain.
+    for chain in DNS_TPROXY_CHAINS {
+        let listed = lab.nft(&["list", "chain", "inet", TABLE, chain]);
+        let verdicts: Vec<&str> = listed
+            .lines()
+            .filter(|l| l.contains(" log prefix \"meshward-drop dns-proxy\" "))
+            .collect();
+        assert_eq!(verdicts.len(), 2, "{listed}");
+        assert!(
+            verdicts.iter().all(|l| !l.contains("counter packets 0 ")),
+            "a verdict not counted: {listed}"
+        );
+    }
 
-    // The control: without the drop rules TPROXY's miss falls through. The
+    // The control: without the fail-closed rules TPROXY's miss falls
+    // through (the family's chain ends, the hook's policy accepts). The
     // rule set the mark before TPROXY broke off, so the policy routing
     // still delivers the packet locally (it is not forwarded to the
     // server), where whatever listens on port 53 on the node's wildcard
     // address takes it: a node-local resolver would answer the pod past
     // the DNS rules and the learning.
-    assert_eq!(lab.delete_drop_rules(DNS_CHAIN), 2);
+    assert_eq!(lab.delete_fail_closed_rules(&DNS_TPROXY_CHAINS), 4);
     assert!(
         !udp_reaches(lab.pod(0), &sink6, server6),
         "control: IPv6 forwarded"
@@ -387,4 +436,126 @@ fn redirected_dns_without_a_proxy_socket_is_dropped() {
 fn node_udp_got(sock: &UdpSocket) -> bool {
     let mut buf = [0u8; 256];
     matches!(sock.recv_from(&mut buf), Ok((n, _)) if buf[..n].starts_with(b"q-"))
+}
+
+/// Loads an `nft -f` script into `ns` (bounded in time).
+fn nft_script(ns: &meshward_testkit::Netns, script: &str) {
+    let run = meshward_testkit::run(
+        ns.command("nft").args(["-f", "-"]),
+        script.as_bytes(),
+        Duration::from_secs(20),
+    )
+    .expect("run nft");
+    assert!(run.success(), "nft -f:\n{script}\n{run}");
+}
+
+/// Our chains' rules, as `nft list chain` shows them (without counters).
+fn rules_of(ns: &meshward_testkit::Netns, chain: &str) -> Vec<String> {
+    ns.must(&["nft", "list", "chain", "inet", TABLE, chain])
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("table") && !l.starts_with("chain") && *l != "}"
+        })
+        .filter(|l| !l.starts_with("type filter hook"))
+        .map(|l| {
+            l.replace(" counter packets 0 bytes 0", " counter")
+                .to_string()
+        })
+        .collect()
+}
+
+/// An agent restarting over its predecessor's layout: the old shape of the
+/// DNS and L7 chains (each TPROXY rule followed by a `counter drop` of the
+/// same match, no per-family chains) is rewritten in place, in the one
+/// transaction of a normal start; and when a set's definition changed (the
+/// teardown path) the fail-closed chains are removed and made anew with
+/// the rest. Either way every chain ends up with one copy of its rules.
+#[test]
+fn a_predecessors_layout_is_replaced_by_the_fail_closed_chains() {
+    let node = meshward_testkit::Netns::new("u");
+    let cfg = PolicyConfig {
+        dns_proxy_port: Some(PORT),
+        l7_proxy_port: Some(15001),
+        ..PolicyConfig::default()
+    };
+    let start = || {
+        node.run(|| PolicyTables::new(cfg.clone()))
+            .expect("install the structure")
+    };
+    drop(start());
+    let expected: Vec<(&str, Vec<String>)> = ["dns_prerouting", "l7_prerouting"]
+        .into_iter()
+        .chain(DNS_TPROXY_CHAINS)
+        .chain([
+            "l7_tproxy_egress4",
+            "l7_tproxy_ingress4",
+            "l7_tproxy_egress6",
+            "l7_tproxy_ingress6",
+        ])
+        .map(|c| (c, rules_of(&node, c)))
+        .collect();
+    assert!(
+        expected[0].1[0].ends_with("goto dns_tproxy4"),
+        "{expected:?}"
+    );
+
+    // The layout before the per-family chains.
+    let mut old = format!(
+        "flush chain inet {TABLE} dns_prerouting\nflush chain inet {TABLE} l7_prerouting\n"
+    );
+    for (chain, _) in &expected[2..] {
+        old.push_str(&format!(
+            "flush chain inet {TABLE} {chain}\ndelete chain inet {TABLE} {chain}\n"
+        ));
+    }
+    old.push_str(&format!(
+        r#"table inet {TABLE} {{
+  chain dns_prerouting {{
+    ip saddr @dns_redirect4 meta l4proto {{ tcp, udp }} th dport 53 meta mark set meta mark | 0x00400000 tproxy ip to 127.0.0.1:{PORT} accept
+    ip saddr @dns_redirect4 meta l4proto {{ tcp, udp }} th dport 53 counter drop
+    ip6 saddr @dns_redirect6 meta l4proto {{ tcp, udp }} th dport 53 meta mark set meta mark | 0x00400000 tproxy ip6 to [::1]:{PORT} accept
+    ip6 saddr @dns_redirect6 meta l4proto {{ tcp, udp }} th dport 53 counter drop
+  }}
+  chain l7_prerouting {{
+    meta mark & 0x00400000 == 0x00400000 return
+    iifname "lo" return
+    meta l4proto tcp socket transparent 1 meta mark set meta mark | 0x00400000 accept
+    meta l4proto tcp ct direction original ip saddr . tcp dport @l7_egress4 meta mark set meta mark | 0x00400000 tproxy ip to 127.0.0.1:15001 accept
+    meta l4proto tcp ct direction original ip saddr . tcp dport @l7_egress4 counter drop
+    meta l4proto tcp ct direction original ip6 daddr . tcp dport @l7_ingress6 meta mark set meta mark | 0x00400000 tproxy ip6 to [::1]:15001 accept
+    meta l4proto tcp ct direction original ip6 daddr . tcp dport @l7_ingress6 counter drop
+  }}
+}}
+"#
+    ));
+    nft_script(&node, &old);
+    let table = node.must(&["nft", "list", "table", "inet", TABLE]);
+    assert!(!table.contains("dns_tproxy") && !table.contains("l7_tproxy"));
+    // Its four fail-closed drops, and the four check chains' drops.
+    assert_eq!(table.matches(" drop").count(), 4 + 4, "{table}");
+
+    // A restart over it: rewritten in place.
+    let t = start();
+    for (chain, rules) in &expected {
+        assert_eq!(&rules_of(&node, chain), rules, "{chain} after the upgrade");
+    }
+    drop(t);
+
+    // A set whose definition changed: the first transaction fails on it,
+    // the teardown removes our chains (the fail-closed ones among them)
+    // and sets, and the structure is made anew.
+    nft_script(
+        &node,
+        &format!(
+            "flush chain inet {TABLE} egress4\ndelete set inet {TABLE} egress4_drops\n\
+             add set inet {TABLE} egress4_drops {{ type ipv6_addr; }}\n"
+        ),
+    );
+    let _t = start();
+    let drops = node.must(&["nft", "list", "set", "inet", TABLE, "egress4_drops"]);
+    assert!(drops.contains("type ipv4_addr"), "{drops}");
+    for (chain, rules) in &expected {
+        assert_eq!(&rules_of(&node, chain), rules, "{chain} after the rebuild");
+    }
 }

@@ -203,15 +203,24 @@ fn l7_ports_reach_the_proxy_after_l4_checks() {
 }
 
 /// Fail closed: a connection on an L7 port that no proxy socket takes (the
-/// proxy does not listen on that family, or is between restarts) is
-/// dropped in the L7 chain. Without the drop the rule's mark, set before
-/// TPROXY broke off, has the policy routing deliver the SYN to the node
-/// itself, where a socket on the wildcard address and that port takes the
-/// connection past the HTTP rules (the control). IPv6, where any such
-/// socket completes the handshake (over IPv4 only a transparent one could
-/// answer from the original destination's address).
+/// proxy does not listen on that family, or is between restarts) is reset
+/// in the L7 chain: the connect is refused at once instead of hanging.
+/// Without that rule the mark, set before TPROXY broke off, has the policy
+/// routing deliver the SYN to the node itself, where a socket on the
+/// wildcard address and that port takes the connection past the HTTP
+/// rules (the control). IPv6, where any such socket completes the
+/// handshake (over IPv4 only a transparent one could answer from the
+/// original destination's address).
+/// The fail-closed chains (TPROXY, then the reset), per family and direction.
+const L7_TPROXY_CHAINS: [&str; 4] = [
+    "l7_tproxy_egress4",
+    "l7_tproxy_ingress4",
+    "l7_tproxy_egress6",
+    "l7_tproxy_ingress6",
+];
+
 #[test]
-fn l7_connections_without_a_proxy_socket_are_dropped() {
+fn l7_connections_without_a_proxy_socket_are_reset() {
     let lab = Lab::new(&["198.19.1.2"]);
     add_ipv6(&lab);
     let mut t = lab
@@ -247,21 +256,40 @@ fn l7_connections_without_a_proxy_socket_are_dropped() {
             .map(drop)
             .map_err(|e| e.kind())
     };
-    // No proxy listener: the SYN is dropped (the connect times out) and
-    // the node's socket gets nothing.
-    assert_eq!(attempt(), Err(ErrorKind::TimedOut));
+    // No proxy listener: the SYN is answered with a reset (the connect is
+    // refused, well before its time limit) and the node's socket gets
+    // nothing.
+    assert_eq!(attempt(), Err(ErrorKind::ConnectionRefused));
     assert!(accepted(&node_socket, Duration::from_millis(300)).is_none());
-    let chain = lab.nft(&["list", "chain", "inet", "meshward", "l7_prerouting"]);
-    let drops: Vec<&str> = chain.lines().filter(|l| l.contains(" drop")).collect();
-    assert_eq!(drops.len(), 4, "{chain}");
-    assert!(
-        drops.iter().any(|l| !l.contains("counter packets 0 ")),
-        "no drop counted: {chain}"
-    );
+    // Counted (and logged) in the egress IPv6 chain only.
+    for chain in L7_TPROXY_CHAINS {
+        let listed = lab.nft(&["list", "chain", "inet", "meshward", chain]);
+        let resets: Vec<&str> = listed
+            .lines()
+            .filter(|l| l.contains(" reject with tcp reset"))
+            .collect();
+        assert_eq!(resets.len(), 1, "{listed}");
+        let direction = if chain.contains("egress") {
+            "egress"
+        } else {
+            "ingress"
+        };
+        assert!(
+            resets[0].contains(&format!(
+                "log prefix \"meshward-drop l7-proxy {direction}\" group "
+            )),
+            "{listed}"
+        );
+        assert_eq!(
+            !resets[0].contains("counter packets 0 "),
+            chain == "l7_tproxy_egress6",
+            "{listed}"
+        );
+    }
 
-    // The control: without the drop rules the connection falls through to
-    // the node's socket.
-    lab.delete_drop_rules("l7_prerouting");
+    // The control: without the fail-closed rules the connection falls
+    // through to the node's socket.
+    assert_eq!(lab.delete_fail_closed_rules(&L7_TPROXY_CHAINS), 4);
     assert_eq!(attempt(), Ok(()), "control: connect");
     let (peer, local) =
         accepted(&node_socket, Duration::from_secs(3)).expect("control: the node's socket");

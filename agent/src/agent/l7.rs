@@ -489,12 +489,12 @@ pub fn start(shared: Arc<L7Shared>, settings: &PolicySettings) -> Result<()> {
             .with_context(|| format!("the L7 proxy cannot start: binding {addr}"))?;
     for (addr, e) in &running.skipped {
         // As for the DNS proxy: only a kernel without IPv6 is a reason to
-        // go on without [::1] (the L7 chain then drops IPv6 connections on
-        // L7 ports); a taken port is an error to see, not a silent drop.
+        // go on without [::1] (the L7 chains then reset IPv6 connections on
+        // L7 ports); a taken port is an error to see, not a silent refusal.
         if !super::policy::ipv6_missing(e) {
             anyhow::bail!("the L7 proxy cannot listen on {addr}: {e}");
         }
-        warn!("the L7 proxy does not listen on {addr} ({e}): IPv6 connections on L7 ports are dropped (fail closed)");
+        warn!("the L7 proxy does not listen on {addr} ({e}): IPv6 connections on L7 ports are reset (fail closed)");
     }
     for handle in running.handles {
         std::thread::Builder::new()
@@ -559,7 +559,7 @@ spec:
     }
 
     /// [::1]:port already taken: the start fails (before, IPv6 L7
-    /// connections would silently be dropped by the fail-closed L7 chain).
+    /// connections would be refused by the fail-closed L7 chains).
     #[test]
     fn a_taken_ipv6_port_fails_the_start() {
         let ns = meshward_testkit::Netns::new("l7s");

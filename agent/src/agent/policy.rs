@@ -199,12 +199,13 @@ impl PolicyEngine {
     /// Starts the DNS proxy on its own thread, listening on 127.0.0.1:port
     /// and [::1]:port (where nftables TPROXYs the redirected pods' IPv4 and
     /// IPv6 DNS); IPv4 only when the kernel has no IPv6 (`ipv6.disable=1`;
-    /// the DNS chain then drops redirected IPv6 DNS).
+    /// the DNS chain then drops redirected IPv6 DNS, resetting TCP).
     pub async fn start_dns_proxy(&mut self, settings: &PolicySettings) -> Result<()> {
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), settings.dns_proxy_port);
         let addr6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), settings.dns_proxy_port);
         // Not kept by the socket keeper: across a restart the DNS chain
-        // drops redirected IPv6 DNS (the client retries), never forwards it.
+        // drops redirected IPv6 DNS (UDP: the client retries; TCP: reset),
+        // never forwards it.
         let listeners6 = bind_loopback6(addr6)?;
         // from the socket keeper when it held them while no agent ran; its
         // answers can take seconds: not on the agent's runtime
@@ -527,7 +528,7 @@ fn bind_loopback6(addr: SocketAddr) -> Result<Option<Listeners>> {
     match Listeners::bind(addr) {
         Ok(l) => Ok(Some(l)),
         Err(e) if ipv6_missing(&e) => {
-            warn!("the DNS proxy does not listen on {addr} ({e}): no IPv6 on this node; redirected IPv6 DNS is dropped");
+            warn!("the DNS proxy does not listen on {addr} ({e}): no IPv6 on this node; redirected IPv6 DNS is dropped (TCP reset)");
             Ok(None)
         }
         Err(e) => Err(e).with_context(|| format!("binding the DNS proxy to {addr} (udp and tcp)")),

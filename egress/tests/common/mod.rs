@@ -119,19 +119,24 @@ impl Lab {
         self.node.must(&cmd)
     }
 
-    /// Deletes the `drop` rules of our chain `chain` (the fail-closed rules,
-    /// for a test's control); returns how many there were.
-    pub fn delete_drop_rules(&self, chain: &str) -> usize {
-        let listed = self.nft(&["-a", "list", "chain", "inet", TABLE, chain]);
-        let handles: Vec<&str> = listed
-            .lines()
-            .filter(|l| l.contains(" drop "))
-            .filter_map(|l| l.rsplit("# handle ").next())
-            .collect();
-        for h in &handles {
-            self.nft(&["delete", "rule", "inet", TABLE, chain, "handle", h.trim()]);
+    /// Deletes the fail-closed rules (those ending in `drop` or a
+    /// `reject`) of our chains `chains`, for a test's control; returns how
+    /// many there were.
+    pub fn delete_fail_closed_rules(&self, chains: &[&str]) -> usize {
+        let mut deleted = 0;
+        for chain in chains {
+            let listed = self.nft(&["-a", "list", "chain", "inet", TABLE, chain]);
+            let handles: Vec<&str> = listed
+                .lines()
+                .filter(|l| l.contains(" drop ") || l.contains(" reject "))
+                .filter_map(|l| l.rsplit("# handle ").next())
+                .collect();
+            for h in &handles {
+                self.nft(&["delete", "rule", "inet", TABLE, chain, "handle", h.trim()]);
+            }
+            deleted += handles.len();
         }
-        handles.len()
+        deleted
     }
 
     /// Elements of one of our sets, as `nft` lists them (one per line).
