@@ -31,6 +31,11 @@ pub(crate) fn listener(
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
+    // As haproxy's tcp-smart-accept: the accepted connections start
+    // without quick ACKs, so a request is acknowledged by the response
+    // (or after the delayed-ACK timer) instead of by a segment of its own.
+    // After listen(), which resets the listener's ACK state.
+    sock.set_tcp_quickack(false)?;
     Ok(sock.into())
 }
 
@@ -85,6 +90,9 @@ pub(crate) async fn connect(
     if let Some(mark) = mark {
         SockRef::from(&sock).set_mark(mark)?;
     }
+    // As haproxy's tcp-smart-connect: the handshake's last ACK waits to
+    // leave with the request instead of as a segment of its own.
+    SockRef::from(&sock).set_tcp_quickack(false)?;
     let stream = tokio::time::timeout(timeout, sock.connect(dst))
         .await
         .map_err(|_| {
