@@ -320,6 +320,7 @@ impl Shared {
             self.source(peer),
             cfg.upstream_mark,
             cfg.connect_timeout,
+            !first.is_empty(),
         )
         .await
         else {
@@ -637,6 +638,7 @@ impl Shared {
             self.source(peer),
             cfg.upstream_mark,
             cfg.connect_timeout,
+            true,
         )
         .await
         .map(TokioIo::new)

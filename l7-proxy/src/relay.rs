@@ -518,6 +518,7 @@ impl Relay<'_> {
                         cfg.transparent_upstream.then_some(self.peer),
                         cfg.upstream_mark,
                         cfg.connect_timeout,
+                        true,
                     )
                     .await
                     {

@@ -40,7 +40,10 @@ pub(crate) fn listener(
 }
 
 /// Connects to `dst` within `timeout`, with SO_MARK `mark` when given and,
-/// with `client`, from the client's address (IP_TRANSPARENT).
+/// with `client`, from the client's address (IP_TRANSPARENT). With
+/// `data_follows` (the caller sends at once: a request, a ClientHello),
+/// the handshake's last ACK leaves with those bytes, as haproxy's
+/// tcp-smart-connect; otherwise (a server may speak first) at once.
 ///
 /// The source port is never the client's own: the onward connection must
 /// not have the 5-tuple of the intercepted one (conntrack would take both
@@ -53,6 +56,7 @@ pub(crate) async fn connect(
     client: Option<SocketAddr>,
     mark: Option<u32>,
     timeout: Duration,
+    data_follows: bool,
 ) -> io::Result<TcpStream> {
     let client = client.map(unmap).filter(|c| c.is_ipv4() == dst.is_ipv4());
     let new = || match dst {
@@ -90,9 +94,9 @@ pub(crate) async fn connect(
     if let Some(mark) = mark {
         SockRef::from(&sock).set_mark(mark)?;
     }
-    // As haproxy's tcp-smart-connect: the handshake's last ACK waits to
-    // leave with the request instead of as a segment of its own.
-    SockRef::from(&sock).set_tcp_quickack(false)?;
+    if data_follows {
+        SockRef::from(&sock).set_tcp_quickack(false)?;
+    }
     let stream = tokio::time::timeout(timeout, sock.connect(dst))
         .await
         .map_err(|_| {
