@@ -158,6 +158,10 @@ pub struct PolicySettings {
     pub l7_header_timeout: Duration,
     /// A proxied connection idle this long is closed.
     pub l7_idle_timeout: Duration,
+    /// An idle upstream HTTP/1.1 connection is kept this long for the next
+    /// client connection from the same pod to the same destination (0: not
+    /// kept).
+    pub l7_upstream_idle_timeout: Duration,
     /// Threads of the L7 proxy (each its own runtime and listener); 0: one
     /// per core.
     pub l7_proxy_threads: usize,
@@ -191,6 +195,7 @@ impl Default for PolicySettings {
             l7_max_header_bytes: 64 * 1024,
             l7_header_timeout: Duration::from_secs(10),
             l7_idle_timeout: Duration::from_secs(300),
+            l7_upstream_idle_timeout: Duration::from_secs(4),
             l7_proxy_threads: 0,
         }
     }
@@ -262,6 +267,8 @@ struct RawConfig {
     l7_header_timeout: Option<String>,
     #[serde(rename = "l7IdleTimeout")]
     l7_idle_timeout: Option<String>,
+    #[serde(rename = "l7UpstreamIdleTimeout")]
+    l7_upstream_idle_timeout: Option<String>,
     #[serde(rename = "l7ProxyThreads")]
     l7_proxy_threads: Option<usize>,
     health_address: Option<String>,
@@ -549,6 +556,17 @@ impl Config {
                 format!("{l7_idle_timeout:?} is less than 1s"),
             ));
         }
+        let l7_upstream_idle_timeout = duration(
+            "l7UpstreamIdleTimeout",
+            raw.l7_upstream_idle_timeout,
+            defaults.l7_upstream_idle_timeout,
+        )?;
+        if l7_upstream_idle_timeout > Duration::from_secs(3600) {
+            return Err(invalid(
+                "l7UpstreamIdleTimeout",
+                format!("{l7_upstream_idle_timeout:?} is more than 1h"),
+            ));
+        }
         let l7_proxy_threads = match raw.l7_proxy_threads {
             Some(n) if !(1..=256).contains(&n) => {
                 return Err(invalid(
@@ -564,6 +582,7 @@ impl Config {
             l7_max_header_bytes,
             l7_header_timeout,
             l7_idle_timeout,
+            l7_upstream_idle_timeout,
             dns_proxy_port,
             dns_deny_nxdomain,
             dns_hold_timeout,
@@ -826,10 +845,15 @@ mod tests {
         let off = parse(&format!("{MINIMAL}dnsSocketKeeper: off\n")).unwrap();
         assert_eq!(off.policy.dns_socket_keeper, DnsKeeperMode::Off);
         let c = parse(&format!(
-            "{MINIMAL}l7ProxyPort: 16001\nl7MaxHeaderBytes: 16384\nl7HeaderTimeout: 2s\nl7IdleTimeout: 1m\nl7ProxyThreads: 3\n"
+            "{MINIMAL}l7ProxyPort: 16001\nl7MaxHeaderBytes: 16384\nl7HeaderTimeout: 2s\nl7IdleTimeout: 1m\nl7ProxyThreads: 3\nl7UpstreamIdleTimeout: 0s\n"
         ))
         .unwrap();
         assert_eq!(c.policy.l7_proxy_threads, 3);
+        assert_eq!(c.policy.l7_upstream_idle_timeout, Duration::ZERO);
+        assert_eq!(
+            parse(MINIMAL).unwrap().policy.l7_upstream_idle_timeout,
+            Duration::from_secs(4)
+        );
         assert_eq!(parse(MINIMAL).unwrap().policy.l7_proxy_threads, 0);
         assert_eq!(
             (
@@ -859,6 +883,10 @@ mod tests {
             ),
             ("l7HeaderTimeout: 0s", "l7HeaderTimeout: 0ns is outside"),
             ("l7IdleTimeout: 10ms", "l7IdleTimeout: 10ms is less than 1s"),
+            (
+                "l7UpstreamIdleTimeout: 2h",
+                "l7UpstreamIdleTimeout: 7200s is more than 1h",
+            ),
             (
                 "dnsSocketKeeper: yes",
                 "dnsSocketKeeper: \"yes\": want spawn, external or off",

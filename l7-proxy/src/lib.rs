@@ -22,6 +22,7 @@ use std::time::SystemTime;
 pub mod decide;
 pub mod h1;
 pub mod path;
+mod pool;
 mod proxy;
 mod relay;
 pub mod rules;

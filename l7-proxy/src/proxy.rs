@@ -33,6 +33,7 @@ use tracing::{debug, warn};
 use crate::decide::{
     bad_request_response, decide, denied_response, is_grpc, path_and_query, Decision,
 };
+use crate::pool::Pool;
 use crate::relay::{self, idle_watch, Buf, End, Relay, H2_PREFACE};
 use crate::sni::{parse_client_hello, Hello, SniVerdict, MAX_CLIENT_HELLO};
 use crate::{sock, Direction, EventSink, L7Event, L7Protocol, PolicySource, PortPolicy, Verdict};
@@ -71,6 +72,10 @@ pub struct ProxyConfig {
     pub tls_hello_timeout: Duration,
     /// Concurrent HTTP/2 streams per client connection (default 256).
     pub max_concurrent_streams: u32,
+    /// How long an idle HTTP/1.1 upstream connection is kept for the next
+    /// client connection with the same source and destination (default
+    /// 4 s, under the 5 s keep-alive of common servers; zero keeps none).
+    pub upstream_idle_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -87,6 +92,7 @@ impl Default for ProxyConfig {
             transparent_upstream: false,
             tls_hello_timeout: Duration::from_secs(10),
             max_concurrent_streams: 256,
+            upstream_idle_timeout: Duration::from_secs(4),
         }
     }
 }
@@ -97,6 +103,8 @@ pub(crate) struct Shared {
     events: EventSink,
     local: SocketAddr,
     epoch: Instant,
+    /// Idle upstream connections of this listener's thread.
+    pub(crate) pool: Pool,
 }
 
 /// The proxy: a bound listener and what it needs to serve.
@@ -130,6 +138,7 @@ impl L7Proxy {
         Ok(L7Proxy {
             listener,
             shared: Arc::new(Shared {
+                pool: Pool::new(config.upstream_idle_timeout),
                 config,
                 policy,
                 events,
@@ -152,9 +161,15 @@ impl L7Proxy {
     /// own tasks).
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        // Idle upstream connections past their time (or closed by their
+        // server) are let go at least this often.
+        let sweep_every = (self.shared.pool.idle_timeout() / 2).max(Duration::from_millis(100));
+        let mut sweep = tokio::time::interval(sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
+                _ = sweep.tick() => self.shared.pool.sweep(),
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let shared = self.shared.clone();
@@ -305,6 +320,7 @@ impl Shared {
             self.source(peer),
             cfg.upstream_mark,
             cfg.connect_timeout,
+            !first.is_empty(),
         )
         .await
         else {
@@ -622,6 +638,7 @@ impl Shared {
             self.source(peer),
             cfg.upstream_mark,
             cfg.connect_timeout,
+            true,
         )
         .await
         .map(TokioIo::new)

@@ -24,6 +24,7 @@ use crate::h1::{
     header_slots, parse_request, parse_response, split_target, write_request_head,
     write_response_head, Body, BodyDecoder, FramingError, HeadError, ResponseError,
 };
+use crate::pool::PoolKey;
 use crate::proxy::Shared;
 use crate::rules::Headers;
 use crate::{sock, Direction, L7Event, L7Protocol, Verdict};
@@ -364,12 +365,66 @@ pub(crate) enum End {
     },
 }
 
+/// How [`Relay::serve`] ended; [`Relay::run`] turns it into an [`End`].
+enum Finish {
+    Closed,
+    Linger,
+    Tunnel {
+        upstream: TcpStream,
+        to_client: Vec<u8>,
+        to_upstream: Vec<u8>,
+    },
+}
+
+/// The relay's upstream connection: `idle` while no exchange is under way
+/// on it and nothing of it is unread (then it may serve another client).
+#[derive(Default)]
+struct Upstream {
+    conn: Option<TcpStream>,
+    idle: bool,
+}
+
 impl Relay<'_> {
     pub(crate) async fn run(mut self) -> End {
+        let mut up = Upstream::default();
+        let finish = self.serve(&mut up).await;
+        if let (Some(conn), true) = (up.conn.take(), up.idle) {
+            // Kept for the next client from the same source; when the pool
+            // is full it closes here (the rare TIME-WAIT on the node).
+            let _ = self.shared.pool.put(self.pool_key(), conn);
+        }
+        match finish {
+            Finish::Closed => End::Closed,
+            Finish::Linger => End::Linger(self.client),
+            Finish::Tunnel {
+                upstream,
+                to_client,
+                to_upstream,
+            } => End::Tunnel {
+                client: self.client,
+                upstream,
+                to_client,
+                to_upstream,
+            },
+        }
+    }
+
+    fn pool_key(&self) -> PoolKey {
+        PoolKey {
+            source: self
+                .shared
+                .config
+                .transparent_upstream
+                .then(|| self.peer.ip()),
+            dst: self.dst,
+        }
+    }
+
+    async fn serve(&mut self, upstream: &mut Upstream) -> Finish {
         let shared = self.shared;
         let cfg = &shared.config;
         let max_head = cfg.max_header_bytes.max(8192);
-        let mut up: Option<TcpStream> = None;
+        let up = &mut upstream.conn;
         let mut ubuf: Option<Buf> = None;
         let mut out: Vec<u8> = Vec::with_capacity(1024);
         let mut rout: Vec<u8> = Vec::with_capacity(1024);
@@ -398,7 +453,7 @@ impl Relay<'_> {
                         Ok(r) => r,
                         Err(_) => {
                             debug!(peer = %self.peer, "l7 request head timed out");
-                            return End::Closed;
+                            return Finish::Closed;
                         }
                     },
                     None => read.await,
@@ -406,7 +461,7 @@ impl Relay<'_> {
                 bump(self.activity);
                 match n {
                     Ok(n) if n > 0 => {}
-                    _ => return End::Closed,
+                    _ => return Finish::Closed,
                 }
             };
             first = false;
@@ -415,15 +470,15 @@ impl Relay<'_> {
             let (body, upgrade, client_close, head_request) = match plan {
                 Plan::Refuse => {
                     let _ = self.client.write_all(&out).await;
-                    return End::Linger(self.client);
+                    return Finish::Linger;
                 }
                 Plan::Answer { body, close } => {
                     if self.client.write_all(&out).await.is_err() {
-                        return End::Closed;
+                        return Finish::Closed;
                     }
                     bump(self.activity);
                     if close || !self.skip_body(body).await {
-                        return End::Linger(self.client);
+                        return Finish::Linger;
                     }
                     continue;
                 }
@@ -434,9 +489,26 @@ impl Relay<'_> {
                     head_request,
                 } => (body, upgrade, close, head_request),
             };
-            // 2. The upstream connection (kept, or dialled now).
-            let mut reused = up.is_some();
+            // 2. The upstream connection (kept, from the pool for a
+            // bodiless request, or dialled now).
             let ubuf = ubuf.get_or_insert_with(Buf::new);
+            if up.is_none() && body == Body::None {
+                // Never one from the client's own port: its 5-tuple would
+                // be the client connection's (as for a fresh one, see
+                // `sock::connect`).
+                let own_port = |c: &TcpStream| {
+                    cfg.transparent_upstream
+                        && c.local_addr().map(|a| a.port()).ok() == Some(self.peer.port())
+                };
+                if let Some(conn) = shared.pool.take(&self.pool_key()) {
+                    if !own_port(&conn) {
+                        *up = Some(conn);
+                        ubuf.clear();
+                    }
+                }
+            }
+            upstream.idle = false;
+            let mut reused = up.is_some();
             let mut attempt = 0;
             let result = loop {
                 attempt += 1;
@@ -446,11 +518,12 @@ impl Relay<'_> {
                         cfg.transparent_upstream.then_some(self.peer),
                         cfg.upstream_mark,
                         cfg.connect_timeout,
+                        true,
                     )
                     .await
                     {
                         Ok(s) => {
-                            up = Some(s);
+                            *up = Some(s);
                             ubuf.clear();
                         }
                         Err(e) => {
@@ -462,12 +535,12 @@ impl Relay<'_> {
                                 true,
                             );
                             let _ = self.client.write_all(&rout).await;
-                            return End::Linger(self.client);
+                            return Finish::Linger;
                         }
                     }
                 }
                 let Some(upstream) = up.as_mut() else {
-                    return End::Closed;
+                    return Finish::Closed;
                 };
                 let r = exchange(
                     &mut self.client,
@@ -493,7 +566,7 @@ impl Relay<'_> {
                     Err((Failure::UpstreamClosed { any: false } | Failure::Upstream(_), false))
                         if reused && attempt == 1 && body == Body::None =>
                     {
-                        up = None;
+                        *up = None;
                         reused = false;
                     }
                     r => break r,
@@ -501,19 +574,21 @@ impl Relay<'_> {
             };
             match result {
                 Ok(Outcome::Done { close, reuse }) => {
-                    if !reuse {
-                        up = None;
+                    if !reuse || !ubuf.filled().is_empty() {
+                        if let Some(u) = up.take() {
+                            tokio::spawn(await_upstream_close(u));
+                        }
                     }
+                    upstream.idle = up.is_some();
                     if close {
-                        return End::Linger(self.client);
+                        return Finish::Linger;
                     }
                 }
                 Ok(Outcome::Switched) => {
                     let Some(upstream) = up.take() else {
-                        return End::Closed;
+                        return Finish::Closed;
                     };
-                    return End::Tunnel {
-                        client: self.client,
+                    return Finish::Tunnel {
                         upstream,
                         to_client: ubuf.filled().to_vec(),
                         to_upstream: self.cbuf.filled().to_vec(),
@@ -531,7 +606,7 @@ impl Relay<'_> {
                         simple_response(&mut rout, status, text, true);
                         let _ = self.client.write_all(&rout).await;
                     }
-                    return End::Linger(self.client);
+                    return Finish::Linger;
                 }
             }
         }
@@ -815,6 +890,30 @@ pub(crate) async fn linger(mut client: TcpStream) {
     })
     .await;
 }
+
+/// Ends an upstream connection that is not reused, after its response:
+/// the server closes first when it said it would (or was told to), so its
+/// FIN is awaited briefly before ours. Closing first would leave the
+/// TIME-WAIT on the node, holding one of its ports to that server for a
+/// minute: with a new connection per request that runs a node out of
+/// ephemeral ports within seconds, where a direct client never would.
+async fn await_upstream_close(mut upstream: TcpStream) {
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(UPSTREAM_CLOSE_WAIT, async {
+        let mut left = 64 * 1024usize;
+        while let Ok(n) = upstream.read(&mut sink).await {
+            if n == 0 || n >= left {
+                break;
+            }
+            left -= n;
+        }
+    })
+    .await;
+}
+
+/// How long an unused upstream connection may take to close after its
+/// response.
+const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// The HTTP/2 connection preface (prior knowledge).
 pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -31,11 +31,19 @@ pub(crate) fn listener(
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
+    // As haproxy's tcp-smart-accept: the accepted connections start
+    // without quick ACKs, so a request is acknowledged by the response
+    // (or after the delayed-ACK timer) instead of by a segment of its own.
+    // After listen(), which resets the listener's ACK state.
+    sock.set_tcp_quickack(false)?;
     Ok(sock.into())
 }
 
 /// Connects to `dst` within `timeout`, with SO_MARK `mark` when given and,
-/// with `client`, from the client's address (IP_TRANSPARENT).
+/// with `client`, from the client's address (IP_TRANSPARENT). With
+/// `data_follows` (the caller sends at once: a request, a ClientHello),
+/// the handshake's last ACK leaves with those bytes, as haproxy's
+/// tcp-smart-connect; otherwise (a server may speak first) at once.
 ///
 /// The source port is never the client's own: the onward connection must
 /// not have the 5-tuple of the intercepted one (conntrack would take both
@@ -48,6 +56,7 @@ pub(crate) async fn connect(
     client: Option<SocketAddr>,
     mark: Option<u32>,
     timeout: Duration,
+    data_follows: bool,
 ) -> io::Result<TcpStream> {
     let client = client.map(unmap).filter(|c| c.is_ipv4() == dst.is_ipv4());
     let new = || match dst {
@@ -84,6 +93,9 @@ pub(crate) async fn connect(
     };
     if let Some(mark) = mark {
         SockRef::from(&sock).set_mark(mark)?;
+    }
+    if data_follows {
+        SockRef::from(&sock).set_tcp_quickack(false)?;
     }
     let stream = tokio::time::timeout(timeout, sock.connect(dst))
         .await

@@ -50,7 +50,9 @@ impl Drop for Lab {
     }
 }
 
-fn lab() -> Lab {
+/// The lab, with the proxy keeping idle upstream connections for
+/// `upstream_idle` (zero: none).
+fn lab(upstream_idle: Duration) -> Lab {
     let client = Netns::new("c");
     let node = Netns::new("n");
     let server = Netns::new("s");
@@ -152,6 +154,7 @@ fn lab() -> Lab {
     };
     let v4 = ProxyConfig {
         transparent_upstream: true,
+        upstream_idle_timeout: upstream_idle,
         ..ProxyConfig::default()
     };
     let v6 = ProxyConfig {
@@ -185,7 +188,7 @@ fn lab() -> Lab {
 
 #[test]
 fn ipv6_requests_judged_and_forwarded_from_the_client_address() {
-    let lab = lab();
+    let lab = lab(Duration::from_secs(4));
     let url = format!("http://[{SERVER6}]:8080");
     // Several connections, so both proxy threads are likely to serve some.
     for _ in 0..4 {
@@ -229,7 +232,9 @@ fn ipv6_requests_judged_and_forwarded_from_the_client_address() {
 
 #[test]
 fn onward_source_port_is_never_the_clients_own() {
-    let lab = lab();
+    // Fresh onward connections only (a kept one would have an earlier
+    // round's port).
+    let lab = lab(Duration::ZERO);
     // Two ephemeral ports on the node: a bind to port 0 tries the second
     // (odd offset) first, the port the client connects from. A new pair
     // each time (the client's port stays in TIME_WAIT).
@@ -254,6 +259,56 @@ fn onward_source_port_is_never_the_clients_own() {
         assert!(
             out.contains(&seen),
             "the onward connection must leave from the client's address on another port ({seen:?}): {out}"
+        );
+    }
+}
+
+/// The server's view of one request: the peer it saw.
+fn peer_of(lab: &Lab, args: &[&str]) -> SocketAddr {
+    let (status, out) = curl(&lab.client, args);
+    assert_eq!(status, 200, "{out}");
+    let peer = out
+        .lines()
+        .find_map(|l| l.strip_prefix("peer "))
+        .unwrap_or_else(|| panic!("no peer in {out}"));
+    peer.trim().parse().unwrap()
+}
+
+#[test]
+fn short_client_connections_share_upstream_connections_of_their_source() {
+    let lab = lab(Duration::from_secs(2));
+    lab.client
+        .ip(&["addr", "add", "198.18.1.3/24", "dev", "c0"]);
+    let url = format!("http://{SERVER4}:8080/api/v1/products/1");
+    // A new client connection per request (curl closes at exit; every
+    // other one also says so): the proxy's onward connections are kept and
+    // reused, at most one per proxy thread, all from the client's address.
+    let mut ports = std::collections::BTreeSet::new();
+    for i in 0..8 {
+        let args: &[&str] = if i % 2 == 0 {
+            &[&url]
+        } else {
+            &["-H", "Connection: close", &url]
+        };
+        let peer = peer_of(&lab, args);
+        assert_eq!(peer.ip().to_string(), "198.18.1.2");
+        ports.insert(peer.port());
+    }
+    assert!(
+        ports.len() <= 2,
+        "8 short connections used {} onward connections: {ports:?}",
+        ports.len()
+    );
+    // Another source never gets them: the server sees its own address.
+    let other = peer_of(&lab, &["--interface", "198.18.1.3", &url]);
+    assert_eq!(other.ip().to_string(), "198.18.1.3");
+    // Idle for longer than the limit: let go, a fresh one is dialled.
+    std::thread::sleep(Duration::from_millis(3500));
+    for _ in 0..2 {
+        let peer = peer_of(&lab, &[&url]);
+        assert!(
+            !ports.contains(&peer.port()),
+            "a connection idle past its limit was used again: {peer}"
         );
     }
 }

@@ -470,6 +470,7 @@ pub fn start(shared: Arc<L7Shared>, settings: &PolicySettings) -> Result<()> {
         max_header_bytes: settings.l7_max_header_bytes,
         header_read_timeout: settings.l7_header_timeout,
         idle_timeout: settings.l7_idle_timeout,
+        upstream_idle_timeout: settings.l7_upstream_idle_timeout,
         transparent_upstream: true,
         ..ProxyConfig::default()
     };
