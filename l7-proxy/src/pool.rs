@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -128,13 +129,20 @@ impl Pool {
 }
 
 /// An idle connection is usable when reading would block: no FIN, no
-/// reset, no bytes the server was not asked for.
+/// reset, no bytes the server was not asked for. Asked of the kernel (a
+/// peek), not of the runtime's readiness, which lags until its next turn.
 fn quiet(stream: &TcpStream) -> bool {
     let mut probe = [0u8; 1];
-    match stream.try_read(&mut probe) {
-        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-        Ok(_) => false,
-    }
+    // SAFETY: a valid open socket and a one-byte buffer we own.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            probe.as_mut_ptr().cast(),
+            probe.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
 }
 
 #[cfg(test)]
@@ -171,10 +179,12 @@ mod tests {
         pool.put(key, c).unwrap();
         assert_eq!(pool.len(), 3);
         assert!(pool.take(&other).is_none(), "another source's key");
-        // c's server closed, b's sent bytes nobody asked for: both skipped.
+        // c's server closed, b's sent bytes nobody asked for: both skipped,
+        // even before the runtime has seen either (no await in between; a
+        // thread sleep lets loopback deliver without a reactor turn).
         drop(c_server);
         b_server.write_all(b"stray").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::thread::sleep(Duration::from_millis(20));
         let got = pool.take(&key).expect("a usable one");
         assert_eq!(got.local_addr().unwrap().port(), a_port);
         assert_ne!(a_port, c_port);

@@ -328,6 +328,10 @@ enum Plan {
         upgrade: bool,
         close: bool,
         head_request: bool,
+        /// A method a proxy may send again (RFC 9110 9.2.2).
+        idempotent: bool,
+        /// HTTP/1.0: forwarded as 1.0, after which the server closes.
+        http10: bool,
     },
     /// Answered by the proxy (`out` holds the response); its body (if
     /// any) is skipped; `close` ends the connection after it.
@@ -467,7 +471,7 @@ impl Relay<'_> {
             first = false;
             let (head_len, plan) = plan;
             self.cbuf.consume(head_len);
-            let (body, upgrade, client_close, head_request) = match plan {
+            let (body, upgrade, client_close, head_request, idempotent, http10) = match plan {
                 Plan::Refuse => {
                     let _ = self.client.write_all(&out).await;
                     return Finish::Linger;
@@ -487,12 +491,16 @@ impl Relay<'_> {
                     upgrade,
                     close,
                     head_request,
-                } => (body, upgrade, close, head_request),
+                    idempotent,
+                    http10,
+                } => (body, upgrade, close, head_request, idempotent, http10),
             };
             // 2. The upstream connection (kept, from the pool for a
-            // bodiless request, or dialled now).
+            // bodiless idempotent request — the one kind sent again when a
+            // kept connection turns out closed —, or dialled now).
             let ubuf = ubuf.get_or_insert_with(Buf::new);
-            if up.is_none() && body == Body::None {
+            let resendable = body == Body::None && idempotent;
+            if up.is_none() && resendable {
                 // Never one from the client's own port: its 5-tuple would
                 // be the client connection's (as for a fresh one, see
                 // `sock::connect`).
@@ -560,11 +568,12 @@ impl Relay<'_> {
                 )
                 .await;
                 match r {
-                    // A kept connection the upstream had closed: nothing
-                    // of the request can have been processed; once more on
-                    // a fresh one (bodiless requests only).
+                    // A kept connection the upstream had closed: once more
+                    // on a fresh one, only for a bodiless idempotent
+                    // request of which no response byte came (a proxy must
+                    // not send others again, RFC 9112 9.3.1).
                     Err((Failure::UpstreamClosed { any: false } | Failure::Upstream(_), false))
-                        if reused && attempt == 1 && body == Body::None =>
+                        if reused && attempt == 1 && resendable && ubuf.filled().is_empty() =>
                     {
                         *up = None;
                         reused = false;
@@ -574,7 +583,13 @@ impl Relay<'_> {
             };
             match result {
                 Ok(Outcome::Done { close, reuse }) => {
-                    if !reuse || !ubuf.filled().is_empty() {
+                    if !ubuf.filled().is_empty() {
+                        // Bytes after the response: never read as the
+                        // next one.
+                        *up = None;
+                    } else if !reuse || http10 {
+                        // The server closes (it said so, or the request
+                        // was HTTP/1.0): after its FIN, ours.
                         if let Some(u) = up.take() {
                             tokio::spawn(await_upstream_close(u));
                         }
@@ -702,6 +717,11 @@ impl Relay<'_> {
                         upgrade: head.upgrade,
                         close: head.close,
                         head_request: head.method == "HEAD",
+                        idempotent: matches!(
+                            head.method,
+                            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+                        ),
+                        http10: head.minor == 0,
                     },
                 )
             }

@@ -276,7 +276,7 @@ fn peer_of(lab: &Lab, args: &[&str]) -> SocketAddr {
 
 #[test]
 fn short_client_connections_share_upstream_connections_of_their_source() {
-    let lab = lab(Duration::from_secs(2));
+    let lab = lab(Duration::from_secs(5));
     lab.client
         .ip(&["addr", "add", "198.18.1.3/24", "dev", "c0"]);
     let url = format!("http://{SERVER4}:8080/api/v1/products/1");
@@ -303,7 +303,7 @@ fn short_client_connections_share_upstream_connections_of_their_source() {
     let other = peer_of(&lab, &["--interface", "198.18.1.3", &url]);
     assert_eq!(other.ip().to_string(), "198.18.1.3");
     // Idle for longer than the limit: let go, a fresh one is dialled.
-    std::thread::sleep(Duration::from_millis(3500));
+    std::thread::sleep(Duration::from_millis(6500));
     for _ in 0..2 {
         let peer = peer_of(&lab, &[&url]);
         assert!(
