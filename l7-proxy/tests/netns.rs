@@ -735,6 +735,48 @@ fn keep_alive_reuses_upstream_connections() {
     }
 }
 
+/// Upstream connections of the server, established now.
+fn upstream_established(lab: &Lab) -> usize {
+    let (_, ss) = lab
+        .server
+        .exec(&["ss", "-Htn", "state", "established", "sport", "= :8080"]);
+    ss.lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+#[test]
+fn only_idempotent_bodiless_requests_take_kept_upstream_connections() {
+    let lab = lab();
+    // A client connection per request (curl exits). The GET's upstream
+    // connection is kept (4 s) for the next client.
+    let (status, out) = curl(&lab.client, &[&format!("{URL}/healthz")]);
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(upstream_established(&lab), 1);
+    // A bodiless POST is not one a proxy may send twice: it must not ride a
+    // kept connection (which could turn out closed), so it gets its own.
+    let (status, out) = curl(
+        &lab.client,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "content-length: 0",
+            &format!("{URL}/api/v1/orders"),
+        ],
+    );
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(
+        upstream_established(&lab),
+        2,
+        "the POST took the kept connection"
+    );
+    // A GET takes a kept one: still two.
+    let (status, out) = curl(&lab.client, &[&format!("{URL}/healthz")]);
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(upstream_established(&lab), 2, "the GET did not reuse one");
+}
+
 #[test]
 fn tls_server_name_checked() {
     let lab = lab();
