@@ -898,30 +898,26 @@ pub(crate) async fn tunnel(
 /// not answer it with a reset that could destroy the response in flight.
 pub(crate) async fn linger(mut client: TcpStream) {
     let _ = client.shutdown().await;
-    let mut sink = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut left = 256 * 1024usize;
-        while let Ok(n) = client.read(&mut sink).await {
-            if n == 0 || n >= left {
-                break;
-            }
-            left -= n;
-        }
-    })
-    .await;
+    drain_to_end(&mut client, 256 * 1024, Duration::from_secs(2)).await;
 }
 
 /// Ends an upstream connection that is not reused, after its response:
-/// the server closes first when it said it would (or was told to), so its
-/// FIN is awaited briefly before ours. Closing first would leave the
-/// TIME-WAIT on the node, holding one of its ports to that server for a
-/// minute: with a new connection per request that runs a node out of
-/// ephemeral ports within seconds, where a direct client never would.
+/// the server closes first when it said it would (or the request was
+/// HTTP/1.0), so its FIN is awaited briefly before ours. Closing first
+/// would leave the TIME-WAIT on the node, holding one of its ports to that
+/// server for a minute: with a new connection per request that runs a node
+/// out of ephemeral ports within seconds, where a direct client never
+/// would.
 async fn await_upstream_close(mut upstream: TcpStream) {
-    let mut sink = [0u8; 1024];
-    let _ = tokio::time::timeout(UPSTREAM_CLOSE_WAIT, async {
-        let mut left = 64 * 1024usize;
-        while let Ok(n) = upstream.read(&mut sink).await {
+    drain_to_end(&mut upstream, 64 * 1024, UPSTREAM_CLOSE_WAIT).await;
+}
+
+/// Reads and drops until the peer's FIN, at most `limit` bytes and `wait`.
+async fn drain_to_end(stream: &mut TcpStream, limit: usize, wait: Duration) {
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(wait, async {
+        let mut left = limit;
+        while let Ok(n) = stream.read(&mut sink).await {
             if n == 0 || n >= left {
                 break;
             }
