@@ -221,29 +221,6 @@ fn redirect_to(bind_ip: &str) {
 const DNS_TPROXY_CHAINS: [&str; 2] = ["dns_tproxy4", "dns_tproxy6"];
 const SERVER6: &str = "[fd00:198:18:100::1]:53";
 
-/// Whether `sink` gets a datagram sent from `ns` to `dst` (IPv4 or IPv6).
-fn udp_reaches(ns: &meshward_testkit::Netns, sink: &UdpSocket, dst: SocketAddr) -> bool {
-    let tag = format!("q-{:?}", std::time::Instant::now());
-    ns.run(|| {
-        let any: SocketAddr = if dst.is_ipv6() {
-            "[::]:0".parse().unwrap()
-        } else {
-            "0.0.0.0:0".parse().unwrap()
-        };
-        let s = UdpSocket::bind(any).unwrap();
-        s.send_to(tag.as_bytes(), dst).unwrap();
-    });
-    let mut buf = [0u8; 256];
-    for _ in 0..5 {
-        match sink.recv_from(&mut buf) {
-            Ok((n, _)) if buf[..n] == *tag.as_bytes() => return true,
-            Ok(_) => continue,
-            Err(_) => return false,
-        }
-    }
-    false
-}
-
 /// How a TCP connect from `ns` to `dst` ends (a generous limit: a reset
 /// answers at once, a drop lets it time out).
 fn tcp_connect(ns: &meshward_testkit::Netns, dst: SocketAddr) -> Result<(), ErrorKind> {
@@ -293,11 +270,7 @@ fn redirected_dns_without_a_proxy_socket_fails_closed() {
     let _tcp4 = lab.ext.run(|| TcpListener::bind(server4)).unwrap();
     // The paths work: other ports are forwarded on both families.
     let other6 = udp_sink(&lab.ext, "[fd00:198:18:100::1]:5353");
-    assert!(udp_reaches(
-        lab.pod(0),
-        &other6,
-        "[fd00:198:18:100::1]:5353".parse().unwrap()
-    ));
+    assert!(udp_passes(lab.pod(0), &other6, "[fd00:198:18:100::1]:5353"));
     assert!(udp_passes(
         lab.pod(0),
         &udp_sink(&lab.ext, &format!("{EXT}:5353")),
@@ -332,7 +305,7 @@ fn redirected_dns_without_a_proxy_socket_fails_closed() {
     let node_tcp = lab.node.run(|| TcpListener::bind("[::]:53")).unwrap();
     node_tcp.set_nonblocking(true).unwrap();
     let reached = |sink: &UdpSocket, to: SocketAddr| -> bool {
-        let direct = udp_reaches(lab.pod(0), sink, to);
+        let direct = udp_passes(lab.pod(0), sink, &to.to_string());
         direct || node_udp_got(&node_udp)
     };
     for _ in 0..2 {
@@ -397,7 +370,7 @@ fn redirected_dns_without_a_proxy_socket_fails_closed() {
     // the DNS rules and the learning.
     assert_eq!(lab.delete_fail_closed_rules(&DNS_TPROXY_CHAINS), 4);
     assert!(
-        !udp_reaches(lab.pod(0), &sink6, server6),
+        !udp_passes(lab.pod(0), &sink6, &server6.to_string()),
         "control: IPv6 forwarded"
     );
     assert!(
@@ -405,7 +378,7 @@ fn redirected_dns_without_a_proxy_socket_fails_closed() {
         "control: IPv6 UDP not delivered on the node"
     );
     assert!(
-        !udp_reaches(lab.pod(0), &sink4, server4),
+        !udp_passes(lab.pod(0), &sink4, &server4.to_string()),
         "control: IPv4 forwarded"
     );
     assert!(
@@ -435,7 +408,9 @@ fn redirected_dns_without_a_proxy_socket_fails_closed() {
 /// Whether a datagram (from the test's probes) waits on the node's socket.
 fn node_udp_got(sock: &UdpSocket) -> bool {
     let mut buf = [0u8; 256];
-    matches!(sock.recv_from(&mut buf), Ok((n, _)) if buf[..n].starts_with(b"q-"))
+    // `udp_passes` probes and the connected client's query.
+    matches!(sock.recv_from(&mut buf),
+        Ok((n, _)) if buf[..n].starts_with(b"probe-") || buf[..n].starts_with(b"q-"))
 }
 
 /// Loads an `nft -f` script into `ns` (bounded in time).

@@ -243,12 +243,17 @@ pub fn udp_sink(ns: &Netns, addr: &str) -> UdpSocket {
     s
 }
 
-/// Whether `sink` gets a datagram `pod` sends to it.
+/// Whether `sink` gets a datagram `pod` sends to it (IPv4 or IPv6).
 pub fn udp_passes(pod: &Netns, sink: &UdpSocket, dst: &str) -> bool {
     let dst: SocketAddr = dst.parse().unwrap();
     let tag = format!("probe-{}", Instant::now().elapsed().as_nanos());
     pod.run(|| {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let any: SocketAddr = if dst.is_ipv6() {
+            "[::]:0".parse().unwrap()
+        } else {
+            "0.0.0.0:0".parse().unwrap()
+        };
+        let s = UdpSocket::bind(any).unwrap();
         s.send_to(tag.as_bytes(), dst).unwrap();
     });
     let mut buf = [0u8; 256];
