@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -129,20 +128,9 @@ impl Pool {
 }
 
 /// An idle connection is usable when reading would block: no FIN, no
-/// reset, no bytes the server was not asked for. Asked of the kernel (a
-/// peek), not of the runtime's readiness, which lags until its next turn.
+/// reset, no bytes the server was not asked for.
 fn quiet(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    // SAFETY: a valid open socket and a one-byte buffer we own.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            probe.as_mut_ptr().cast(),
-            probe.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+    crate::sock::pending(stream) == crate::sock::Pending::Nothing
 }
 
 #[cfg(test)]

@@ -148,8 +148,14 @@ impl std::fmt::Display for Failure {
 /// How an exchange ended.
 enum Outcome {
     /// Response relayed; `close`: the client connection ends (it was told
-    /// so); `reuse`: the upstream connection may carry the next request.
-    Done { close: bool, reuse: bool },
+    /// so); `reuse`: the upstream connection may carry the next request;
+    /// `body_unread`: the response came before the request body was read
+    /// whole (the client may still be sending it).
+    Done {
+        close: bool,
+        reuse: bool,
+        body_unread: bool,
+    },
     /// 101 relayed: both sides are joined byte for byte.
     Switched,
 }
@@ -294,6 +300,7 @@ where
         return Ok(Outcome::Done {
             close: close || body == Body::Close,
             reuse: !up_close && body != Body::Close,
+            body_unread: false,
         });
     }
 }
@@ -582,7 +589,11 @@ impl Relay<'_> {
                 }
             };
             match result {
-                Ok(Outcome::Done { close, reuse }) => {
+                Ok(Outcome::Done {
+                    close,
+                    reuse,
+                    body_unread,
+                }) => {
                     if !ubuf.filled().is_empty() {
                         // Bytes after the response: never read as the
                         // next one.
@@ -596,7 +607,18 @@ impl Relay<'_> {
                     }
                     upstream.idle = up.is_some();
                     if close {
-                        return Finish::Linger;
+                        // Everything the client sent has been read and
+                        // nothing more has come: closing sends a FIN, not
+                        // a reset, so close at once (as nginx does when
+                        // nothing is left to read); else linger.
+                        let nothing_left = !body_unread
+                            && self.cbuf.filled().is_empty()
+                            && sock::pending(&self.client) != sock::Pending::Input;
+                        return if nothing_left {
+                            Finish::Closed
+                        } else {
+                            Finish::Linger
+                        };
                     }
                 }
                 Ok(Outcome::Switched) => {
@@ -857,9 +879,13 @@ async fn exchange(
                     // started before, so its head said `Connection:
                     // close`): the client connection cannot be kept in
                     // step; it closes, and the upstream one is not reused.
-                    Ok(Outcome::Done { close, reuse }) => {
+                    Ok(Outcome::Done { close, reuse, .. }) => {
                         let done = request_done.load(Ordering::Relaxed);
-                        Ok(Outcome::Done { close: close || !done, reuse: reuse && done })
+                        Ok(Outcome::Done {
+                            close: close || !done,
+                            reuse: reuse && done,
+                            body_unread: !done,
+                        })
                     }
                     Ok(o) => Ok(o),
                     Err(e) => Err((e, responded(&started))),

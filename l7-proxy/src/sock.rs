@@ -109,6 +109,29 @@ pub(crate) async fn connect(
     Ok(stream)
 }
 
+/// What reading `stream` would give now, asked of the kernel (a peek
+/// that takes nothing), not of the runtime's readiness, which lags until
+/// its next turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pending {
+    /// Nothing: a read would block.
+    Nothing,
+    /// The peer's FIN, with no byte before it.
+    End,
+    /// Bytes, or an error (a reset).
+    Input,
+}
+
+pub(crate) fn pending(stream: &TcpStream) -> Pending {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    // The socket is non-blocking (the runtime's), so a peek never waits.
+    match SockRef::from(stream).peek(&mut probe) {
+        Ok(0) => Pending::End,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Pending::Nothing,
+        _ => Pending::Input,
+    }
+}
+
 /// Closes with a TCP reset instead of a FIN.
 pub(crate) fn reset(stream: TcpStream) {
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));

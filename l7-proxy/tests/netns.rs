@@ -892,3 +892,61 @@ fn early_response_says_connection_close() {
         "{out}"
     );
 }
+
+#[test]
+fn close_after_the_last_request_lingers_only_for_unread_input() {
+    let lab = lab();
+    let dst: SocketAddr = format!("{SERVER}:8080").parse().unwrap();
+    let request = b"GET /healthz HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n";
+    let (after_close, pipelined) = lab.client.run(move || {
+        // 1. The client said close and sent nothing more: once the
+        // response is out the proxy closes its socket at once (a FIN), not
+        // after a lingering wait for the client's FIN. Bytes the client
+        // sends afterwards then meet a closed socket, which resets.
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        assert!(
+            String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"),
+            "{out:?}"
+        );
+        let mut after_close = Ok(());
+        for _ in 0..3 {
+            after_close = s.write_all(b"x");
+            if after_close.is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        // 2. Bytes past the last request, more than the proxy reads at
+        // once: it must not close with them unread in the kernel (which
+        // would reset the connection, and a reset can destroy the response
+        // on its way); it lingers, and the client reads the whole response
+        // and a clean end.
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut bytes = request.to_vec();
+        bytes.extend_from_slice(&[b'y'; 64 * 1024]);
+        s.write_all(&bytes).unwrap();
+        let mut out = Vec::new();
+        let end = s.read_to_end(&mut out).map(|_| ());
+        (
+            after_close,
+            (end, String::from_utf8_lossy(&out).into_owned()),
+        )
+    });
+    let err = after_close.expect_err("the proxy kept the closed connection open (lingered)");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "{err}"
+    );
+    let (end, text) = pipelined;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(text.ends_with("ok GET /healthz 0\n"), "{text:?}");
+    end.expect("reset after the response, not a clean end");
+}
