@@ -149,12 +149,12 @@ impl std::fmt::Display for Failure {
 enum Outcome {
     /// Response relayed; `close`: the client connection ends (it was told
     /// so); `reuse`: the upstream connection may carry the next request;
-    /// `body_unread`: the response came before the request body was read
-    /// whole (the client may still be sending it).
+    /// `body_not_relayed`: the response came before the request body had
+    /// gone onward whole (the client may still be sending it).
     Done {
         close: bool,
         reuse: bool,
-        body_unread: bool,
+        body_not_relayed: bool,
     },
     /// 101 relayed: both sides are joined byte for byte.
     Switched,
@@ -300,7 +300,7 @@ where
         return Ok(Outcome::Done {
             close: close || body == Body::Close,
             reuse: !up_close && body != Body::Close,
-            body_unread: false,
+            body_not_relayed: false,
         });
     }
 }
@@ -592,7 +592,7 @@ impl Relay<'_> {
                 Ok(Outcome::Done {
                     close,
                     reuse,
-                    body_unread,
+                    body_not_relayed,
                 }) => {
                     if !ubuf.filled().is_empty() {
                         // Bytes after the response: never read as the
@@ -607,13 +607,17 @@ impl Relay<'_> {
                     }
                     upstream.idle = up.is_some();
                     if close {
-                        // Everything the client sent has been read and
-                        // nothing more has come: closing sends a FIN, not
-                        // a reset, so close at once (as nginx does when
-                        // nothing is left to read); else linger.
-                        let nothing_left = !body_unread
+                        // The client said this was its last request
+                        // (RFC 9112 9.6: it sends no more), everything it
+                        // sent has been read and the kernel holds nothing
+                        // more from it: closing sends a FIN, not a reset,
+                        // so close at once, as nginx does when nothing is
+                        // left to read. Else linger: a keep-alive client
+                        // the server's close surprised may be pipelining.
+                        let nothing_left = client_close
+                            && !body_not_relayed
                             && self.cbuf.filled().is_empty()
-                            && sock::pending(&self.client) != sock::Pending::Input;
+                            && sock::pending(&self.client) != sock::Pending::DataOrError;
                         return if nothing_left {
                             Finish::Closed
                         } else {
@@ -884,7 +888,7 @@ async fn exchange(
                         Ok(Outcome::Done {
                             close: close || !done,
                             reuse: reuse && done,
-                            body_unread: !done,
+                            body_not_relayed: !done,
                         })
                     }
                     Ok(o) => Ok(o),

@@ -109,9 +109,7 @@ pub(crate) async fn connect(
     Ok(stream)
 }
 
-/// What reading `stream` would give now, asked of the kernel (a peek
-/// that takes nothing), not of the runtime's readiness, which lags until
-/// its next turn.
+/// What [`pending`] found on a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pending {
     /// Nothing: a read would block.
@@ -119,16 +117,19 @@ pub(crate) enum Pending {
     /// The peer's FIN, with no byte before it.
     End,
     /// Bytes, or an error (a reset).
-    Input,
+    DataOrError,
 }
 
+/// What reading `stream` would give now, asked of the kernel (a peek that
+/// takes nothing), not of the runtime's readiness, which lags until its
+/// next turn.
 pub(crate) fn pending(stream: &TcpStream) -> Pending {
     let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
     // The socket is non-blocking (the runtime's), so a peek never waits.
     match SockRef::from(stream).peek(&mut probe) {
         Ok(0) => Pending::End,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Pending::Nothing,
-        _ => Pending::Input,
+        _ => Pending::DataOrError,
     }
 }
 
@@ -146,5 +147,65 @@ pub(crate) fn unmap(addr: SocketAddr) -> SocketAddr {
             None => addr,
         },
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::Instant;
+
+    /// `pending` once it is no longer `Nothing` (loopback delivers within
+    /// the sender's call, but a loaded machine may defer it), within 5 s.
+    fn settled(s: &TcpStream) -> Pending {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let p = pending(s);
+            if p != Pending::Nothing || Instant::now() > deadline {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn pending_tells_nothing_a_bare_fin_and_data_or_a_reset_apart() {
+        let ns = meshward_testkit::Netns::new("k");
+        ns.run(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = l.local_addr().unwrap();
+                let mut accepted = Vec::new();
+                for _ in 0..4 {
+                    let c = std::net::TcpStream::connect(addr).unwrap();
+                    let (s, _) = l.accept().await.unwrap();
+                    accepted.push((c, s));
+                }
+                let mut pairs = accepted.into_iter();
+
+                let (_quiet, s) = pairs.next().unwrap();
+                assert_eq!(pending(&s), Pending::Nothing);
+
+                let (c, s) = pairs.next().unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                assert_eq!(settled(&s), Pending::End);
+                assert_eq!(pending(&s), Pending::End, "a peek takes nothing");
+
+                let (mut c, s) = pairs.next().unwrap();
+                c.write_all(b"x").unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                assert_eq!(settled(&s), Pending::DataOrError, "a byte before the FIN");
+
+                let (c, s) = pairs.next().unwrap();
+                SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+                drop(c);
+                assert_eq!(settled(&s), Pending::DataOrError, "a reset");
+            });
+        });
     }
 }

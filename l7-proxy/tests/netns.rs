@@ -54,6 +54,14 @@ type Log = Arc<Mutex<Vec<Seen>>>;
 
 async fn upstream(req: Request<Incoming>, log: Log) -> Result<Response<Full<Bytes>>, Infallible> {
     let (mut parts, body) = req.into_parts();
+    // A test's way to hold the response back for a while.
+    if let Some(ms) = parts
+        .headers
+        .get("x-delay-ms")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms.min(5000))).await;
+    }
     let upgrade = parts.headers.contains_key("upgrade");
     let mut req = Request::from_parts(parts.clone(), body);
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -208,8 +216,9 @@ fn spawn_in(
     tx
 }
 
-/// Answers 413 once a request head is in, without waiting for its body;
-/// then reads whatever comes (bounded) until the peer closes.
+/// Answers 413 once a request head is in and what came with it (within
+/// 300 ms) is read, without waiting for the rest of its body; then reads
+/// whatever comes (bounded) until the peer closes.
 async fn early_responder(mut s: tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 64 * 1024];
@@ -220,6 +229,14 @@ async fn early_responder(mut s: tokio::net::TcpStream) {
             _ => return,
         }
     }
+    let _ = tokio::time::timeout(Duration::from_millis(300), async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
     let resp = format!(
         "HTTP/1.1 413 Content Too Large\r\ncontent-length: {}\r\n\r\n{EARLY_BODY}",
         EARLY_BODY.len()
@@ -867,6 +884,33 @@ fn early_response_says_connection_close() {
     assert!(text.ends_with(EARLY_BODY), "{text:?}");
     assert!(closed, "the proxy did not close the connection: {text:?}");
 
+    // The same from a client that said close: its last request, but the
+    // rest of its body may still come, so the proxy lingers (reading it
+    // away) instead of closing, which would answer it with a reset.
+    let (text, more) = lab.client.run(|| {
+        let dst: SocketAddr = format!("{SERVER}:{EARLY_PORT}").parse().unwrap();
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(
+            b"POST /api/v1/orders HTTP/1.1\r\nHost: s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 1000000\r\n\r\n",
+        )
+        .unwrap();
+        s.write_all(&[b'x'; 1000]).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let mut more = Ok(());
+        for _ in 0..5 {
+            more = s.write_all(&[b'x'; 1000]);
+            if more.is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (String::from_utf8_lossy(&out).into_owned(), more)
+    });
+    assert!(text.starts_with("HTTP/1.1 413"), "{text:?}");
+    more.expect("the rest of the body met a reset: the proxy closed instead of lingering");
+
     // A body sent whole before the response keeps the connection open:
     // two requests on one connection, both answered, no close.
     let url = format!("{URL}/api/v1/orders");
@@ -898,13 +942,18 @@ fn close_after_the_last_request_lingers_only_for_unread_input() {
     let lab = lab();
     let dst: SocketAddr = format!("{SERVER}:8080").parse().unwrap();
     let request = b"GET /healthz HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n";
-    let (after_close, pipelined) = lab.client.run(move || {
+    let connect = move || {
+        let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let (after_close, buffered, unread) = lab.client.run(move || {
         // 1. The client said close and sent nothing more: once the
         // response is out the proxy closes its socket at once (a FIN), not
-        // after a lingering wait for the client's FIN. Bytes the client
-        // sends afterwards then meet a closed socket, which resets.
-        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // after a lingering wait (up to 2 s) for the client's FIN. Bytes
+        // the client sends afterwards then meet a closed socket, which
+        // resets.
+        let mut s = connect();
         s.write_all(request).unwrap();
         let mut out = Vec::new();
         s.read_to_end(&mut out).unwrap();
@@ -912,30 +961,41 @@ fn close_after_the_last_request_lingers_only_for_unread_input() {
             String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"),
             "{out:?}"
         );
-        let mut after_close = Ok(());
-        for _ in 0..3 {
-            after_close = s.write_all(b"x");
-            if after_close.is_err() {
-                break;
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        let after_close = loop {
+            let w = s.write_all(b"x");
+            if w.is_err() || Instant::now() > deadline {
+                break w;
             }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        // 2. Bytes past the last request, more than the proxy reads at
-        // once: it must not close with them unread in the kernel (which
-        // would reset the connection, and a reset can destroy the response
-        // on its way); it lingers, and the client reads the whole response
-        // and a clean end.
-        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        // The proxy must not close with the client's bytes unread in the
+        // kernel: that resets the connection, and a reset can destroy the
+        // response on its way. It lingers instead, and the client reads
+        // the whole response and a clean end.
+        let finish = |mut s: TcpStream| {
+            let mut out = Vec::new();
+            let end = s.read_to_end(&mut out).map(|_| ());
+            (end, String::from_utf8_lossy(&out).into_owned())
+        };
+        // 2. More bytes past the request than the proxy reads at once.
+        let mut s = connect();
         let mut bytes = request.to_vec();
         bytes.extend_from_slice(&[b'y'; 64 * 1024]);
         s.write_all(&bytes).unwrap();
-        let mut out = Vec::new();
-        let end = s.read_to_end(&mut out).map(|_| ());
-        (
-            after_close,
-            (end, String::from_utf8_lossy(&out).into_owned()),
+        let buffered = finish(s);
+        // 3. Bytes that come after the proxy has read the request, while
+        // the server holds its response back: only the kernel knows of
+        // them when the response is out.
+        let mut s = connect();
+        s.write_all(
+            b"GET /healthz HTTP/1.1\r\nHost: s\r\nConnection: close\r\nx-delay-ms: 600\r\n\r\n",
         )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(b"zz").unwrap();
+        let unread = finish(s);
+        (after_close, buffered, unread)
     });
     let err = after_close.expect_err("the proxy kept the closed connection open (lingered)");
     assert!(
@@ -945,8 +1005,9 @@ fn close_after_the_last_request_lingers_only_for_unread_input() {
         ),
         "{err}"
     );
-    let (end, text) = pipelined;
-    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
-    assert!(text.ends_with("ok GET /healthz 0\n"), "{text:?}");
-    end.expect("reset after the response, not a clean end");
+    for (what, (end, text)) in [("buffered", buffered), ("unread", unread)] {
+        assert!(text.starts_with("HTTP/1.1 200"), "{what}: {text:?}");
+        assert!(text.ends_with("ok GET /healthz 0\n"), "{what}: {text:?}");
+        end.unwrap_or_else(|e| panic!("{what}: a reset after the response, not a clean end: {e}"));
+    }
 }
