@@ -860,15 +860,21 @@ fn early_response_says_connection_close() {
     // A POST whose body (1 MB announced) has barely begun when the
     // upstream answers 413: the proxy must tell the client it closes the
     // connection, then close it.
-    let out = lab.client.run(|| {
+    // The head of that POST, with `extra` headers, and its first 1000
+    // bytes, on a new connection.
+    let early_post = |extra: &str| {
         let dst: SocketAddr = format!("{SERVER}:{EARLY_PORT}").parse().unwrap();
         let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(
-            b"POST /api/v1/orders HTTP/1.1\r\nHost: s\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\n\r\n",
-        )
-        .unwrap();
+        let head = format!(
+            "POST /api/v1/orders HTTP/1.1\r\nHost: s\r\ncontent-type: application/json\r\n{extra}content-length: 1000000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).unwrap();
         s.write_all(&[b'x'; 1000]).unwrap();
+        s
+    };
+    let out = lab.client.run(|| {
+        let mut s = early_post("");
         // Everything until the proxy closes (it must: nothing more is sent).
         let mut out = Vec::new();
         let closed = s.read_to_end(&mut out).is_ok();
@@ -888,14 +894,7 @@ fn early_response_says_connection_close() {
     // rest of its body may still come, so the proxy lingers (reading it
     // away) instead of closing, which would answer it with a reset.
     let (text, more) = lab.client.run(|| {
-        let dst: SocketAddr = format!("{SERVER}:{EARLY_PORT}").parse().unwrap();
-        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(
-            b"POST /api/v1/orders HTTP/1.1\r\nHost: s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 1000000\r\n\r\n",
-        )
-        .unwrap();
-        s.write_all(&[b'x'; 1000]).unwrap();
+        let mut s = early_post("connection: close\r\n");
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out);
         let mut more = Ok(());
